@@ -1,0 +1,45 @@
+"""The dataset card: a README.md beside the shards that says what the folder holds and how it was made."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from engine.config import EngineConfig
+
+_TABLES = {
+    "videos": "one row per video: content hash id, source, duration, fps, frames decoded, sizes",
+    "clips": "contiguous clips covering each video; `method` says which cut it (content / siglip-hac / single)",
+    "masklets": "one row per referring expression: per-frame COCO RLE masks and boxes, start frame, "
+    "detector score, assignment evidence; `method` strefer or grounded-sam2 (baseline)",
+    "rejections": "every input or entity that produced nothing, with the stage and the reason",
+}
+
+
+def dataset_card(manifest: dict[str, Any], config: EngineConfig) -> str:
+    lines = [
+        "# Masklet dataset",
+        "",
+        f"Written by video-data-engine {manifest['engine_version']} with profile `{config.profile}` "
+        f"(config hash `{config.hash}`), last updated {manifest['updated_at']}.",
+        "",
+    ]
+    if config.is_tiny:
+        lines += [
+            "**Made with the `tiny` profile: random-weight models. The masks, boxes and assignments are "
+            "meaningless; this dataset only checks the wiring.**",
+            "",
+        ]
+    lines += ["| table | shards | rows | contents |", "|---|---|---|---|"]
+    for table, info in manifest["tables"].items():
+        lines.append(f"| `{table}` | {info['shards']} | {info['rows']} | {_TABLES.get(table, '')} |")
+    lines += [
+        "",
+        "Models: " + ", ".join(f"{role} `{spec.model}`" for role, spec in config.roles.items()),
+        "",
+        "Masks are COCO RLE (`{size: [h, w], counts}`; decode with `pycocotools.mask.decode`) at the video's "
+        "`decode_width` x `decode_height`; boxes are xyxy pixels; times are seconds from the first frame.",
+        f"Complete videos: {len(manifest['complete_videos'])}. Read with `pyarrow.parquet.read_table('<dir>/masklets')` "
+        "or `engine dataset show <dir>`.",
+        "",
+    ]
+    return "\n".join(lines)

@@ -1,0 +1,74 @@
+"""Drawing on frames: numbered boxes for Set-of-Mark prompts (and, later, mask overlays for rendering)."""
+
+from __future__ import annotations
+
+import colorsys
+from typing import Sequence
+
+import numpy as np
+
+Color = tuple[int, int, int]
+
+_GOLDEN = 0.618033988749895
+
+
+def palette(n: int) -> list[Color]:
+    """`n` distinct bright RGB colors; color i is the same whatever n is, so an object keeps its color."""
+    if n < 0:
+        raise ValueError(f"palette size must be >= 0, got {n}")
+    colors = []
+    for i in range(n):
+        # Golden-ratio hue steps keep neighbours far apart on the hue circle for any n.
+        hue = (0.02 + i * _GOLDEN) % 1.0
+        value = 1.0 if (i // 6) % 2 == 0 else 0.85
+        r, g, b = colorsys.hsv_to_rgb(hue, 0.9, value)
+        colors.append((round(r * 255), round(g * 255), round(b * 255)))
+    return colors
+
+
+def _text_color(color: Color) -> Color:
+    # Black on light fills, white on dark ones (ITU-R BT.601 luma).
+    r, g, b = color
+    return (0, 0, 0) if 0.299 * r + 0.587 * g + 0.114 * b > 140 else (255, 255, 255)
+
+
+def draw_numbered_boxes(
+    image: np.ndarray,
+    boxes: Sequence[Sequence[float]] | np.ndarray,
+    labels: Sequence[str] | None = None,
+) -> np.ndarray:
+    """A copy of `image` (RGB uint8, H x W x 3) with each xyxy box outlined in its own color and its label
+    (default: its 0-based index) written in a filled tag at the box's top-left corner."""
+    import cv2
+
+    if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
+        raise ValueError(f"image must be RGB uint8 of shape (H, W, 3), got {image.dtype} {image.shape}")
+    boxes_arr = np.asarray(boxes, dtype=np.float64).reshape(-1, 4)
+    if labels is None:
+        labels = [str(i) for i in range(len(boxes_arr))]
+    if len(labels) != len(boxes_arr):
+        raise ValueError(f"got {len(labels)} labels for {len(boxes_arr)} boxes")
+
+    out = np.ascontiguousarray(image.copy())
+    h, w = out.shape[:2]
+    # Line width and font grow with the image so the marks stay legible after a VLM's resize.
+    thickness = max(1, round(min(h, w) / 200))
+    font = cv2.FONT_HERSHEY_SIMPLEX
+    scale = max(0.35, min(h, w) / 700)
+    for (x0, y0, x1, y1), label, color in zip(boxes_arr, labels, palette(len(boxes_arr))):
+        x0, x1 = sorted((int(np.clip(round(x0), 0, w - 1)), int(np.clip(round(x1), 0, w - 1))))
+        y0, y1 = sorted((int(np.clip(round(y0), 0, h - 1)), int(np.clip(round(y1), 0, h - 1))))
+        cv2.rectangle(out, (x0, y0), (x1, y1), color, thickness, lineType=cv2.LINE_AA)
+
+        (tw, th), baseline = cv2.getTextSize(label, font, scale, max(1, thickness // 2))
+        pad = max(1, thickness)
+        tag_w, tag_h = tw + 2 * pad, th + baseline + 2 * pad
+        # Tag sits above the box; where there is no room above, it goes just inside the top edge.
+        top = y0 - tag_h if y0 - tag_h >= 0 else y0
+        left = min(x0, max(0, w - tag_w))
+        cv2.rectangle(out, (left, top), (left + tag_w, top + tag_h), color, thickness=-1)
+        cv2.putText(
+            out, label, (left + pad, top + pad + th), font, scale, _text_color(color),
+            max(1, thickness // 2), lineType=cv2.LINE_AA,
+        )
+    return out

@@ -1,0 +1,21 @@
+"""Errors a user can act on. The CLI prints their message on one line and exits non-zero."""
+
+
+class EngineError(Exception):
+    """Base class: the message says what is wrong and how to fix it."""
+
+
+class BadInputError(EngineError):
+    """A video, caption or argument that cannot be used as given."""
+
+
+class VideoError(BadInputError):
+    """A file that is missing, not a video, corrupt, truncated, empty or out of bounds."""
+
+
+class MissingWeightsError(EngineError):
+    """Model weights are neither on disk nor reachable."""
+
+
+class ConfigError(EngineError):
+    """A config file or profile that does not validate."""

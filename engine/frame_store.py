@@ -1,0 +1,93 @@
+"""Frames held JPEG-compressed in memory, squash-resized to a model's square input (a `FrameSource`).
+
+One decode of a video fills a store; the tracker (and anything else that wants the frames again, such as the
+detector through `resized`) reads them back from it. A frame at 1024x1024 costs about 100-300 KB here instead
+of the 12 MiB of fp32 that sam2's own loader holds per frame for a whole video.
+"""
+
+from __future__ import annotations
+
+from typing import Iterator
+
+import cv2
+import numpy as np
+
+
+class FrameStore:
+    """Append RGB uint8 frames of any size; read them back as RGB uint8 `(size, size, 3)` squares."""
+
+    def __init__(self, *, size: int, quality: int = 95) -> None:
+        if not isinstance(size, int) or isinstance(size, bool) or size < 1:
+            raise ValueError(f"size must be a positive int (the model's square input side), got {size!r}")
+        if not isinstance(quality, int) or isinstance(quality, bool) or not 1 <= quality <= 100:
+            raise ValueError(f"quality must be an int JPEG quality in 1..100, got {quality!r}")
+        self.size = size
+        self.quality = quality
+        self._encoded: list[np.ndarray] = []
+        self._nbytes = 0
+
+    def append(self, frame: np.ndarray) -> int:
+        """Squash-resize `frame` (RGB uint8, (H, W, 3)) to size x size, compress it, return its position."""
+        frame = _check_rgb_uint8(frame, "frame")
+        h, w = frame.shape[:2]
+        if (h, w) != (self.size, self.size):
+            # INTER_AREA when shrinking (what a loader does against aliasing), INTER_LINEAR when enlarging.
+            shrinking = h * w > self.size * self.size
+            interpolation = cv2.INTER_AREA if shrinking else cv2.INTER_LINEAR
+            frame = cv2.resize(frame, (self.size, self.size), interpolation=interpolation)
+        ok, encoded = cv2.imencode(
+            ".jpg", cv2.cvtColor(frame, cv2.COLOR_RGB2BGR), [cv2.IMWRITE_JPEG_QUALITY, self.quality]
+        )
+        if not ok:  # pragma: no cover - cv2 only fails here on a broken build
+            raise RuntimeError("cv2.imencode failed to JPEG-encode a frame")
+        self._encoded.append(encoded)
+        self._nbytes += encoded.nbytes
+        return len(self._encoded) - 1
+
+    def __len__(self) -> int:
+        return len(self._encoded)
+
+    def __getitem__(self, position: int) -> np.ndarray:
+        """The frame at `position` (negative counts from the end) as RGB uint8 (size, size, 3)."""
+        encoded = self._encoded[self._index(position)]
+        bgr = cv2.imdecode(encoded, cv2.IMREAD_COLOR)
+        return cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)
+
+    def __iter__(self) -> Iterator[np.ndarray]:
+        for position in range(len(self)):
+            yield self[position]
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of compressed frame data held."""
+        return self._nbytes
+
+    def resized(self, position: int, width: int, height: int) -> np.ndarray:
+        """The frame at `position` un-squashed to width x height (e.g. the source's aspect), RGB uint8."""
+        if not all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in (width, height)):
+            raise ValueError(f"width and height must be positive ints, got {width!r} x {height!r}")
+        frame = self[position]
+        if (height, width) == (self.size, self.size):
+            return frame
+        shrinking = width * height < self.size * self.size
+        interpolation = cv2.INTER_AREA if shrinking else cv2.INTER_LINEAR
+        return cv2.resize(frame, (width, height), interpolation=interpolation)
+
+    def _index(self, position: int) -> int:
+        n = len(self._encoded)
+        if not isinstance(position, (int, np.integer)) or isinstance(position, bool):
+            raise TypeError(f"frame position must be an int, got {type(position).__name__}")
+        if not -n <= position < n:
+            # IndexError (not ValueError) so the sequence protocol keeps working.
+            raise IndexError(f"frame position {position} is out of range for a store of {n} frames")
+        return int(position) % n
+
+
+def _check_rgb_uint8(image: np.ndarray, name: str) -> np.ndarray:
+    if not isinstance(image, np.ndarray):
+        raise ValueError(f"{name} must be a numpy array, got {type(image).__name__}")
+    if image.ndim != 3 or image.shape[2] != 3 or image.shape[0] == 0 or image.shape[1] == 0:
+        raise ValueError(f"{name} must be RGB with shape (H, W, 3), got shape {image.shape}")
+    if image.dtype != np.uint8:
+        raise ValueError(f"{name} must be uint8, got {image.dtype}")
+    return np.ascontiguousarray(image)

@@ -1,0 +1,531 @@
+"""SAM 2 video tracker backend (`Tracker`) on `sam2.SAM2VideoPredictor`, fed frames from a `FrameSource`.
+
+sam2's public `init_state` takes a path and loads every frame as fp32 (12 MiB a frame at 1024), and its mp4
+reader needs decord. Here the session state is built directly (see `_new_inference_state`) around frames our
+own decoder stored compressed; sam2 converts one frame at a time when it indexes them.
+
+torch and sam2 are imported inside functions so importing this module stays light.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections import OrderedDict
+from typing import TYPE_CHECKING, Any, Iterator, Sequence
+
+import numpy as np
+
+from engine.errors import MissingWeightsError
+from engine.models.interfaces import Box, FrameSource
+from engine.stats import Stats
+
+if TYPE_CHECKING:
+    import torch
+
+log = logging.getLogger(__name__)
+
+# The sam2 release whose `init_state` `_new_inference_state` mirrors.
+SAM2_MIRRORED_VERSION = "1.1.0"
+# ImageNet statistics, as in sam2.utils.misc.load_video_frames.
+IMG_MEAN = (0.485, 0.456, 0.406)
+IMG_STD = (0.229, 0.224, 0.225)
+DTYPES = ("bfloat16", "float16", "float32")
+TINY_CONFIG = "configs/sam2.1/sam2.1_hiera_t.yaml"
+TINY_MODEL_ID = "tiny-random/sam2.1-hiera-t"
+# Frames of non-conditioning memory kept behind the current frame. sam2 reads at most num_maskmem-1 = 6
+# memory frames and max_obj_ptrs_in_encoder-1 = 15 object pointers behind it, so 16 changes no result.
+DEFAULT_KEEP_WINDOW = 16
+
+
+def resolve_sam2_weights(model: str, config: str | None) -> tuple[str, str]:
+    """(sam2 config name, local checkpoint path) for a local .pt file or a Hugging Face id.
+
+    A Hugging Face id is mapped to its config and file name with sam2's own table and downloaded (or read
+    from the cache) with `huggingface_hub.hf_hub_download`.
+    """
+    from sam2.build_sam import HF_MODEL_ID_TO_FILENAMES
+
+    if model.endswith(".pt") or os.path.isfile(model):
+        if not os.path.isfile(model):
+            raise MissingWeightsError(
+                f"SAM 2 checkpoint {model!r} does not exist; give a local .pt file or a Hugging Face id "
+                f"such as 'facebook/sam2.1-hiera-small'"
+            )
+        if config is None:
+            by_file = {ckpt: cfg for cfg, ckpt in HF_MODEL_ID_TO_FILENAMES.values()}
+            config = by_file.get(os.path.basename(model))
+            if config is None:
+                raise ValueError(
+                    f"cannot tell the sam2 config of checkpoint {model!r} from its file name; pass config=, "
+                    f"one of {sorted(by_file.values())}"
+                )
+        return config, model
+    if model not in HF_MODEL_ID_TO_FILENAMES:
+        raise ValueError(
+            f"unknown SAM 2 model {model!r}: give a local .pt checkpoint or one of "
+            f"{sorted(HF_MODEL_ID_TO_FILENAMES)}"
+        )
+    hf_config, filename = HF_MODEL_ID_TO_FILENAMES[model]
+    from huggingface_hub import hf_hub_download
+
+    try:
+        ckpt_path = hf_hub_download(repo_id=model, filename=filename)
+    except Exception as exc:  # offline, hub down, gated, disk full: all mean "no weights here"
+        raise MissingWeightsError(
+            f"SAM 2 weights {model}/{filename} are not in the Hugging Face cache and could not be downloaded "
+            f"({type(exc).__name__}: {exc}); download them where there is network "
+            f"(`huggingface-cli download {model} {filename}`) or pass a local .pt path"
+        ) from exc
+    return config or hf_config, ckpt_path
+
+
+def check_dtype(dtype: str) -> str:
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype must be one of {DTYPES}, got {dtype!r}")
+    return dtype
+
+
+def tiny_overrides(image_size: int) -> list[str]:
+    if not isinstance(image_size, int) or image_size < 64 or image_size % 32:
+        # Hiera's last stage has stride 32 and sam2's mask path expects image_size // 16 features.
+        raise ValueError(f"image_size must be a multiple of 32 and at least 64, got {image_size!r}")
+    return [f"++model.image_size={image_size}"]
+
+
+def load_checkpoint_message(exc: BaseException, ckpt_path: str | None, config: str) -> str:
+    return (
+        f"SAM 2 checkpoint {ckpt_path!r} does not load into config {config!r} "
+        f"({type(exc).__name__}: {exc or 'missing or unexpected keys'}); pass the matching config="
+    )
+
+
+class _NormalizedFrames:
+    """The `images` entry of a sam2 inference state, made lazy.
+
+    sam2 only does `len(images)` and `images[i].to(device).float()`; here `images[i]` converts the stored
+    uint8 frame to the normalized fp32 [3, S, S] tensor on the model's device at that moment and keeps
+    nothing, so the only fp32 frame alive is the one in sam2's single-entry `cached_features`.
+    """
+
+    def __init__(self, frames: FrameSource, *, image_size: int, device: "torch.device") -> None:
+        import torch
+
+        self._frames = frames
+        self._num_frames = len(frames)
+        self._image_size = image_size
+        self._device = device
+        self._mean = torch.tensor(IMG_MEAN, dtype=torch.float32, device=device).view(3, 1, 1)
+        self._std = torch.tensor(IMG_STD, dtype=torch.float32, device=device).view(3, 1, 1)
+        self.conversions = 0  # frames converted so far (a frame revisited is converted again)
+
+    def __len__(self) -> int:
+        return self._num_frames
+
+    def __getitem__(self, index: int) -> "torch.Tensor":
+        import torch
+
+        if not 0 <= index < self._num_frames:
+            raise IndexError(f"frame {index} is out of range for a video of {self._num_frames} frames")
+        frame = self._frames[index]
+        s = self._image_size
+        if not isinstance(frame, np.ndarray) or frame.shape != (s, s, 3) or frame.dtype != np.uint8:
+            raise ValueError(
+                f"frame {index} of the FrameSource must be RGB uint8 of shape ({s}, {s}, 3) (squash-resized "
+                f"to the tracker's image_size), got {getattr(frame, 'shape', None)} "
+                f"{getattr(frame, 'dtype', type(frame).__name__)}"
+            )
+        # Move uint8 (4x smaller than fp32) to the device, then convert there.
+        pixels = torch.from_numpy(np.ascontiguousarray(frame)).to(self._device, non_blocking=True)
+        image = pixels.permute(2, 0, 1).float().div_(255.0)
+        self.conversions += 1
+        return image.sub_(self._mean).div_(self._std)
+
+
+def _new_inference_state(
+    predictor: Any,
+    images: _NormalizedFrames,
+    *,
+    height: int,
+    width: int,
+    offload_state_to_cpu: bool,
+) -> dict[str, Any]:
+    """The dict `SAM2VideoPredictor.init_state` builds in sam2 1.1.0, with `images` supplied by us.
+
+    Differences from init_state: frames come from `images` instead of `load_video_frames`, and the warm-up
+    backbone pass on frame 0 is skipped (features are computed on first use anyway).
+    """
+    import torch
+
+    device = predictor.device
+    return {
+        "images": images,
+        "num_frames": len(images),
+        "offload_video_to_cpu": False,  # unused by sam2 after init_state; frames are converted on demand
+        "offload_state_to_cpu": offload_state_to_cpu,
+        "video_height": height,
+        "video_width": width,
+        "device": device,
+        "storage_device": torch.device("cpu") if offload_state_to_cpu else device,
+        "point_inputs_per_obj": {},
+        "mask_inputs_per_obj": {},
+        "cached_features": {},
+        "constants": {},
+        "obj_id_to_idx": OrderedDict(),
+        "obj_idx_to_id": OrderedDict(),
+        "obj_ids": [],
+        "output_dict_per_obj": {},
+        "temp_output_dict_per_obj": {},
+        "frames_tracked_per_obj": {},
+    }
+
+
+def _warn_if_other_sam2() -> None:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        installed = version("sam2")
+    except PackageNotFoundError:  # a source checkout
+        return
+    if installed != SAM2_MIRRORED_VERSION:
+        log.warning(
+            "sam2 %s is installed; Sam2Tracker builds the inference state as sam2 %s does: check "
+            "_new_inference_state against SAM2VideoPredictor.init_state",
+            installed,
+            SAM2_MIRRORED_VERSION,
+        )
+
+
+class Sam2Session:
+    """One video's tracking state: every object of the video in one sam2 inference state."""
+
+    def __init__(
+        self,
+        *,
+        predictor: Any,
+        frames: FrameSource,
+        height: int,
+        width: int,
+        dtype: str = "bfloat16",
+        keep_window: int | None = DEFAULT_KEEP_WINDOW,
+        offload_state_to_cpu: bool = False,
+    ) -> None:
+        if not all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in (height, width)):
+            raise ValueError(f"height and width must be positive ints, got {height!r} x {width!r}")
+        if keep_window is not None and (not isinstance(keep_window, int) or keep_window < 1):
+            raise ValueError(f"keep_window must be a positive int or None (keep everything), got {keep_window!r}")
+        num_frames = len(frames)
+        if num_frames == 0:
+            raise ValueError("cannot track over an empty FrameSource: append frames first")
+        self._predictor = predictor
+        self._device = predictor.device
+        self._dtype = check_dtype(dtype)
+        self.height = height
+        self.width = width
+        self.num_frames = num_frames
+        self.keep_window = keep_window
+        self.stats = Stats()
+        self._propagating = False
+        self._images = _NormalizedFrames(frames, image_size=predictor.image_size, device=self._device)
+        self._state: dict[str, Any] | None = _new_inference_state(
+            predictor, self._images, height=height, width=width, offload_state_to_cpu=offload_state_to_cpu
+        )
+
+    # -- prompts ---------------------------------------------------------------------------------------
+
+    def add_box(self, position: int, obj_id: int, box: Box) -> None:
+        """Prompt `obj_id` with an xyxy pixel box at frame `position`; parts outside the frame are clipped."""
+        state = self._open_state()
+        self._check_position(position, "add_box")
+        self._check_obj_id(obj_id)
+        x0, y0, x1, y1 = self._check_box(box)
+        with self._inference():
+            self._predictor.add_new_points_or_box(
+                state, frame_idx=position, obj_id=obj_id, box=np.array([x0, y0, x1, y1], dtype=np.float32)
+            )
+        self.stats.count("tracker_prompts")
+
+    def add_mask(self, position: int, obj_id: int, mask: np.ndarray) -> None:
+        """Prompt `obj_id` with a boolean (height, width) mask at frame `position`."""
+        state = self._open_state()
+        self._check_position(position, "add_mask")
+        self._check_obj_id(obj_id)
+        mask = np.asarray(mask)
+        if mask.shape != (self.height, self.width):
+            raise ValueError(
+                f"mask for object {obj_id} must have the output shape ({self.height}, {self.width}), "
+                f"got {mask.shape}"
+            )
+        if mask.dtype != np.bool_:
+            if not np.issubdtype(mask.dtype, np.number) or not np.isin(mask, (0, 1)).all():
+                raise ValueError(f"mask for object {obj_id} must be boolean (or 0/1), got dtype {mask.dtype}")
+            mask = mask.astype(bool)
+        if not mask.any():
+            raise ValueError(f"mask for object {obj_id} at frame {position} is empty: nothing to track")
+        import torch
+
+        with self._inference():
+            self._predictor.add_new_mask(state, frame_idx=position, obj_id=obj_id, mask=torch.from_numpy(mask))
+        self.stats.count("tracker_prompts")
+
+    # -- propagation -----------------------------------------------------------------------------------
+
+    def propagate(self, start: int, *, reverse: bool = False) -> Iterator[tuple[int, dict[int, np.ndarray]]]:
+        """Yield (position, {obj_id: bool mask (height, width)}) from `start`, inclusive, to the last frame
+        (or, reversed, to frame 0). Validates before the first frame is asked for."""
+        state = self._open_state()
+        self._check_position(start, "propagate")
+        if not state["obj_ids"]:
+            raise ValueError("propagate called before any prompt: add_box or add_mask first")
+        if self._propagating:
+            raise RuntimeError("this session is already propagating; finish or close that iterator first")
+        return self._propagate(state, start, reverse)
+
+    def _propagate(
+        self, state: dict[str, Any], start: int, reverse: bool
+    ) -> Iterator[tuple[int, dict[int, np.ndarray]]]:
+        if reverse and start == 0:
+            # sam2 yields nothing for a reverse pass from frame 0; the contract includes `start`, so track
+            # that one frame (a prompted frame 0 returns its prompt output unchanged).
+            steps = self._predictor.propagate_in_video(state, start_frame_idx=0, max_frame_num_to_track=0)
+        else:
+            steps = self._predictor.propagate_in_video(state, start_frame_idx=start, reverse=reverse)
+        self._propagating = True
+        self.stats.count("tracker_passes")
+        try:
+            while True:
+                # Enter inference mode and autocast per step, not around the generator: held across a
+                # `yield` they would leak into the caller's code between frames.
+                with self._inference():
+                    try:
+                        frame_idx, obj_ids, mask_logits = next(steps)
+                    except StopIteration:
+                        return
+                    masks = (mask_logits[:, 0] > 0).cpu().numpy()
+                    self._prune(state, frame_idx, reverse)
+                self.stats.count("tracker_frames")
+                yield frame_idx, {int(obj_id): masks[i] for i, obj_id in enumerate(obj_ids)}
+        finally:
+            steps.close()
+            self._propagating = False
+
+    def _prune(self, state: dict[str, Any], frame_idx: int, reverse: bool) -> None:
+        """Drop per-object non-conditioning outputs more than `keep_window` frames behind `frame_idx`.
+
+        sam2 keeps every tracked frame's memory (about 0.75 MiB per object per frame at 1024) for the whole
+        session, though it only attends to the last num_maskmem-1 frames, the last max_obj_ptrs_in_encoder-1
+        object pointers, and the conditioning (prompted) frames, which are never dropped here. Upstream
+        suggests this pruning for long videos (sam2 issues 196, 545).
+        """
+        if self.keep_window is not None:
+            if reverse:
+                is_stale = lambda t: t > frame_idx + self.keep_window  # noqa: E731
+            else:
+                is_stale = lambda t: t < frame_idx - self.keep_window  # noqa: E731
+            dropped = 0
+            for obj_idx, obj_outputs in state["output_dict_per_obj"].items():
+                non_cond = obj_outputs["non_cond_frame_outputs"]
+                # Also forget that sam2 tracked the frame, so a later prompt there starts a fresh
+                # conditioning frame instead of "correcting" an output that is gone.
+                tracked = state["frames_tracked_per_obj"][obj_idx]
+                for t in [t for t in non_cond if is_stale(t)]:
+                    del non_cond[t]
+                    tracked.pop(t, None)
+                    dropped += 1
+            if dropped:
+                self.stats.count("tracker_pruned_outputs", dropped)
+        cached = state["cached_features"]
+        if len(cached) > 1:  # sam2 1.1.0 keeps one entry; hold it to that if a later version caches more
+            for t in list(cached)[:-1]:
+                del cached[t]
+
+    # -- lifecycle -------------------------------------------------------------------------------------
+
+    def close(self) -> None:
+        """Free the session's tensors; the session cannot be used afterwards. Safe to call twice."""
+        state, self._state = self._state, None
+        if state is None:
+            return
+        with self._inference():
+            self._predictor.reset_state(state)
+        state["cached_features"].clear()
+        state["constants"].clear()
+        state["images"] = None
+
+    def __enter__(self) -> "Sam2Session":
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    # -- introspection (tests, benchmarks) -------------------------------------------------------------
+
+    @property
+    def obj_ids(self) -> list[int]:
+        return list(self._open_state()["obj_ids"])
+
+    def stored_outputs(self) -> dict[str, int]:
+        """How many per-object frame outputs the state holds, by kind."""
+        state = self._open_state()
+        per_obj = state["output_dict_per_obj"].values()
+        return {
+            "cond": sum(len(o["cond_frame_outputs"]) for o in per_obj),
+            "non_cond": sum(len(o["non_cond_frame_outputs"]) for o in per_obj),
+            "cached_features": len(state["cached_features"]),
+        }
+
+    # -- helpers ---------------------------------------------------------------------------------------
+
+    def _inference(self) -> Any:
+        import contextlib
+
+        import torch
+
+        from engine.device import autocast
+
+        stack = contextlib.ExitStack()
+        stack.enter_context(torch.inference_mode())
+        # bf16 autocast also on CPU: without it, reverse propagation from an unprompted frame fails with
+        # "mat1 and mat2 must have the same dtype" (sam2 stores memories in bf16; sam2 issue 308).
+        stack.enter_context(autocast(str(self._device), self._dtype))
+        return stack
+
+    def _open_state(self) -> dict[str, Any]:
+        if self._state is None:
+            raise RuntimeError("this tracking session is closed; start a new one")
+        return self._state
+
+    def _check_position(self, position: int, what: str) -> None:
+        if not isinstance(position, (int, np.integer)) or isinstance(position, bool):
+            raise ValueError(f"{what}: frame position must be an int, got {type(position).__name__}")
+        if not 0 <= position < self.num_frames:
+            raise ValueError(
+                f"{what}: frame position {position} is out of range for a video of {self.num_frames} frames"
+            )
+
+    @staticmethod
+    def _check_obj_id(obj_id: int) -> None:
+        if not isinstance(obj_id, (int, np.integer)) or isinstance(obj_id, bool):
+            raise ValueError(f"obj_id must be an int, got {obj_id!r}")
+
+    def _check_box(self, box: Sequence[float]) -> tuple[float, float, float, float]:
+        values = np.asarray(box, dtype=np.float64).reshape(-1)
+        if values.shape != (4,) or not np.isfinite(values).all():
+            raise ValueError(f"box must be four finite numbers x0, y0, x1, y1, got {box!r}")
+        x0, y0, x1, y1 = values.tolist()
+        if x1 <= x0 or y1 <= y0:
+            raise ValueError(f"box {box!r} is empty or not xyxy (need x0 < x1 and y0 < y1)")
+        cx0, cy0 = max(x0, 0.0), max(y0, 0.0)
+        cx1, cy1 = min(x1, float(self.width)), min(y1, float(self.height))
+        if cx1 <= cx0 or cy1 <= cy0:
+            raise ValueError(f"box {box!r} lies outside the {self.width}x{self.height} frame")
+        return cx0, cy0, cx1, cy1
+
+
+class Sam2Tracker:
+    """`Tracker` on sam2's video predictor. Load once per worker; `start` a session per video."""
+
+    def __init__(
+        self,
+        *,
+        predictor: Any,
+        model_id: str,
+        dtype: str = "bfloat16",
+        keep_window: int | None = DEFAULT_KEEP_WINDOW,
+        offload_state_to_cpu: bool = False,
+    ) -> None:
+        from sam2.sam2_video_predictor import SAM2VideoPredictor
+
+        if not isinstance(predictor, SAM2VideoPredictor):
+            raise ValueError(f"predictor must be a sam2 SAM2VideoPredictor, got {type(predictor).__name__}")
+        if keep_window is not None and (not isinstance(keep_window, int) or keep_window < 1):
+            raise ValueError(f"keep_window must be a positive int or None (keep everything), got {keep_window!r}")
+        _warn_if_other_sam2()
+        self.predictor = predictor
+        self.model_id = model_id
+        self.image_size: int = int(predictor.image_size)
+        self.dtype = check_dtype(dtype)
+        self.keep_window = keep_window
+        self.offload_state_to_cpu = offload_state_to_cpu
+
+    @property
+    def device(self) -> str:
+        return str(self.predictor.device)
+
+    @property
+    def exact_keep_window(self) -> int:
+        """A keep_window at least this large changes no mask: the farthest frame behind the current one that
+        sam2 reads (memory frames at the eval stride, or object pointers)."""
+        p = self.predictor
+        stride = max(1, int(p.memory_temporal_stride_for_eval))
+        # See SAM2Base._prepare_memory_conditioned_features: memory frames reach 1 + stride*(num_maskmem-2)
+        # frames back, object pointers max_obj_ptrs_in_encoder-1.
+        memory_reach = 1 + stride * (p.num_maskmem - 2) if p.num_maskmem >= 2 else 0
+        pointer_reach = p.max_obj_ptrs_in_encoder - 1 if p.use_obj_ptrs_in_encoder else 0
+        return max(memory_reach, pointer_reach, 1)
+
+    def start(self, frames: FrameSource, *, height: int, width: int) -> Sam2Session:
+        return Sam2Session(
+            predictor=self.predictor,
+            frames=frames,
+            height=height,
+            width=width,
+            dtype=self.dtype,
+            keep_window=self.keep_window,
+            offload_state_to_cpu=self.offload_state_to_cpu,
+        )
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        model: str,
+        *,
+        config: str | None = None,
+        device: str = "auto",
+        dtype: str = "bfloat16",
+        keep_window: int | None = DEFAULT_KEEP_WINDOW,
+    ) -> "Sam2Tracker":
+        """Load a local .pt checkpoint (config from its file name unless given) or a Hugging Face id such as
+        "facebook/sam2.1-hiera-small" (downloaded into the Hugging Face cache on first use)."""
+        from sam2.build_sam import build_sam2_video_predictor
+
+        from engine.device import pick_device
+
+        check_dtype(dtype)
+        config, ckpt_path = resolve_sam2_weights(model, config)
+        try:
+            # vos_optimized=False: the VOS variant torch.compiles for minutes, which a batch job rarely repays.
+            predictor = build_sam2_video_predictor(config, ckpt_path, device=pick_device(device), vos_optimized=False)
+        except RuntimeError as exc:  # sam2 raises a bare RuntimeError() on a key mismatch
+            raise ValueError(load_checkpoint_message(exc, ckpt_path, config)) from exc
+        return cls(predictor=predictor, model_id=model, dtype=dtype, keep_window=keep_window)
+
+    @classmethod
+    def tiny(
+        cls,
+        *,
+        image_size: int = 256,
+        seed: int = 0,
+        device: str = "cpu",
+        dtype: str = "bfloat16",
+        keep_window: int | None = DEFAULT_KEEP_WINDOW,
+    ) -> "Sam2Tracker":
+        """sam2.1 hiera-t with random weights at a small image_size: for tests and wiring; masks are noise."""
+        import torch
+        from sam2.build_sam import build_sam2_video_predictor
+
+        from engine.device import pick_device
+
+        overrides = tiny_overrides(image_size)
+        with torch.random.fork_rng(devices=[]):  # leave the caller's RNG state alone
+            torch.manual_seed(seed)
+            predictor = build_sam2_video_predictor(
+                TINY_CONFIG,
+                ckpt_path=None,
+                device=pick_device(device),
+                hydra_overrides_extra=overrides,
+                vos_optimized=False,
+            )
+        log.warning("SAM 2 tracker %s has random weights: its masks are meaningless", TINY_MODEL_ID)
+        return cls(predictor=predictor, model_id=TINY_MODEL_ID, dtype=dtype, keep_window=keep_window)
+

@@ -1,0 +1,120 @@
+"""Records exchanged between agents and written to disk, one pydantic model per row type.
+
+Frame indexes are 0-based positions in the decoded video stream; times are seconds from the first frame.
+Boxes are xyxy pixels and masks are COCO RLE, both in the decode resolution recorded on the video row
+(the source resolution unless the source exceeded the decode bound).
+"""
+
+from __future__ import annotations
+
+from typing import Literal, Optional
+
+from pydantic import BaseModel, ConfigDict, Field
+
+
+class Record(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class Provenance(Record):
+    """What produced a row: enough to reproduce it or to tell two runs apart."""
+
+    engine_version: str
+    profile: str
+    models: dict[str, str] = Field(description="model id per role that contributed to the row")
+    prompt_hashes: dict[str, str] = Field(default_factory=dict, description="template name -> content hash")
+    config_hash: str
+
+
+class VideoRecord(Record):
+    video_id: str = Field(description="content hash of the file (sha256, 16 hex digits)")
+    source: str = Field(description="path or URL the video was read from")
+    content_sha256: str
+    duration_s: float
+    fps: float
+    num_frames: int = Field(description="frames actually decoded")
+    width: int = Field(description="display width of the source, rotation applied")
+    height: int
+    rotation: int = Field(description="rotation metadata in degrees, already applied to width/height")
+    codec: str
+    decode_width: int = Field(description="width masks and boxes refer to")
+    decode_height: int
+
+
+class ClipRecord(Record):
+    clip_id: str
+    video_id: str
+    clip_index: int
+    start_frame: int
+    end_frame: int = Field(description="exclusive")
+    start_time: float
+    end_time: float
+    method: Literal["content", "siglip-hac", "single"] = Field(
+        description="content: PySceneDetect cut; siglip-hac: SigLIP embeddings + agglomerative clustering; "
+        "single: no boundary found, the clip is the whole video"
+    )
+    provenance: Provenance
+
+
+class Rle(Record):
+    size: list[int] = Field(description="[height, width]")
+    counts: str = Field(description="COCO compressed RLE string")
+
+
+class FrameMask(Record):
+    frame_index: int
+    timestamp: float
+    rle: Rle
+    box: list[float] = Field(description="xyxy pixels, tight box of the mask")
+
+
+class Assignment(Record):
+    """Why this masklet carries this referring expression."""
+
+    method: Literal["sole-candidate", "grounder", "detector-phrase"]
+    candidate_index: int = Field(description="index of the chosen box among its noun's candidates")
+    num_candidates: int
+    score: float = Field(description="assignment score used by the one-to-one matching")
+    grounder_answer: Optional[str] = Field(default=None, description="raw grounder answer, when asked")
+
+
+class MaskletRecord(Record):
+    masklet_id: str
+    video_id: str
+    expression: str
+    noun: str
+    method: Literal["strefer", "grounded-sam2"]
+    start_frame: int = Field(description="frame the tracker was prompted on")
+    start_time: float
+    detector_score: float
+    detector_box: list[float]
+    assignment: Assignment
+    num_frames_tracked: int = Field(description="frames the tracker ran on; frames lists those with a mask")
+    frames: list[FrameMask]
+    provenance: Provenance
+
+
+class EntityRef(Record):
+    """A referring expression and the generalized noun that prompts the detector ("girl in blue" -> "person")."""
+
+    expression: str = Field(min_length=1)
+    noun: str = Field(min_length=1)
+
+    @classmethod
+    def parse(cls, text: str) -> "EntityRef":
+        """`EXPRESSION[:NOUN]`; without a noun the expression itself prompts the detector."""
+        expression, _, noun = text.rpartition(":") if ":" in text else (text, "", "")
+        expression, noun = expression.strip(), noun.strip()
+        if not expression:
+            raise ValueError(f"entity {text!r} has an empty expression; use EXPRESSION[:NOUN]")
+        return cls(expression=expression, noun=noun or expression)
+
+
+class RejectionRecord(Record):
+    rejection_id: str
+    source: str
+    video_id: Optional[str] = None
+    stage: Literal["input", "decode", "clip", "detect", "track", "assign", "write"]
+    reason: str = Field(description="a short machine-friendly reason, e.g. no_detection")
+    detail: str = Field(description="what happened, for a person")
+    expression: Optional[str] = None
