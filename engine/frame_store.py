@@ -28,7 +28,7 @@ class FrameStore:
 
     def append(self, frame: np.ndarray) -> int:
         """Squash-resize `frame` (RGB uint8, (H, W, 3)) to size x size, compress it, return its position."""
-        frame = _check_rgb_uint8(frame, "frame")
+        frame = check_rgb_uint8(frame, "frame")
         h, w = frame.shape[:2]
         if (h, w) != (self.size, self.size):
             # INTER_AREA when shrinking (what a loader does against aliasing), INTER_LINEAR when enlarging.
@@ -83,7 +83,7 @@ class FrameStore:
         return int(position) % n
 
 
-def _check_rgb_uint8(image: np.ndarray, name: str) -> np.ndarray:
+def check_rgb_uint8(image: np.ndarray, name: str) -> np.ndarray:
     if not isinstance(image, np.ndarray):
         raise ValueError(f"{name} must be a numpy array, got {type(image).__name__}")
     if image.ndim != 3 or image.shape[2] != 3 or image.shape[0] == 0 or image.shape[1] == 0:

@@ -197,15 +197,20 @@ def run_batch(
     videos: Sequence[str],
     entities: Sequence[EntityRef],
     dataset: Dataset,
+    *,
+    transient: tuple[type[BaseException], ...] = (),
     **options,
 ) -> list[VideoOutcome]:
-    """Process videos one after another; one failing video never stops the others."""
+    """Process videos one after another; one failing video never stops the others. Exceptions of the
+    `transient` types propagate, so an orchestrator can retry the batch (completed videos are skipped)."""
     import logging
 
     outcomes = []
     for source in videos:
         try:
             outcomes.append(pipeline.process(source, entities, dataset, **options))
+        except transient:
+            raise
         except Exception as exc:  # a model fault on one video must not lose the batch
             logging.getLogger(__name__).exception("video %s failed", source)
             pipeline.stats.count("videos_failed")

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from functools import cache
 from typing import Any
 
 from engine.config import EngineConfig, RoleSpec
@@ -28,8 +27,17 @@ def _backend_class(role: str, spec: RoleSpec) -> Any:
     return getattr(importlib.import_module(module), name)
 
 
-@cache
+_LOADED: dict[tuple[str, str, str, str], Any] = {}
+
+
 def _build(role: str, spec: RoleSpec, device: str, dtype: str) -> Any:
+    key = (role, spec.model_dump_json(), device, dtype)
+    if key not in _LOADED:
+        _LOADED[key] = _load(role, spec, device, dtype)
+    return _LOADED[key]
+
+
+def _load(role: str, spec: RoleSpec, device: str, dtype: str) -> Any:
     cls = _backend_class(role, spec)
     options = dict(spec.options)
     if role == "tracker":

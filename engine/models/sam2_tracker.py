@@ -80,6 +80,31 @@ def resolve_sam2_weights(model: str, config: str | None) -> tuple[str, str]:
     return config or hf_config, ckpt_path
 
 
+def clip_boxes(boxes: np.ndarray, *, width: int, height: int) -> np.ndarray:
+    """Validate xyxy pixel boxes (N, 4) and clip them to the image; float32 (N, 4).
+
+    Detectors overshoot the border by a pixel or two, so parts outside are clipped; a box with nothing
+    inside the image, or that is empty or not xyxy, is a ValueError."""
+    arr = np.asarray(boxes, dtype=np.float64)
+    if arr.size == 0:
+        return np.zeros((0, 4), dtype=np.float32)
+    if arr.ndim != 2 or arr.shape[1] != 4:
+        raise ValueError(f"boxes must have shape (N, 4) as xyxy pixels, got {arr.shape}")
+    if not np.isfinite(arr).all():
+        raise ValueError("boxes must be finite numbers")
+    if (arr[:, 2] <= arr[:, 0]).any() or (arr[:, 3] <= arr[:, 1]).any():
+        bad = int(np.flatnonzero((arr[:, 2] <= arr[:, 0]) | (arr[:, 3] <= arr[:, 1]))[0])
+        raise ValueError(f"box {bad} {arr[bad].tolist()} is empty or not xyxy (need x0 < x1 and y0 < y1)")
+    clipped = arr.copy()
+    clipped[:, [0, 2]] = clipped[:, [0, 2]].clip(0, width)
+    clipped[:, [1, 3]] = clipped[:, [1, 3]].clip(0, height)
+    outside = (clipped[:, 2] <= clipped[:, 0]) | (clipped[:, 3] <= clipped[:, 1])
+    if outside.any():
+        bad = int(np.flatnonzero(outside)[0])
+        raise ValueError(f"box {bad} {arr[bad].tolist()} lies outside the {width}x{height} image")
+    return clipped.astype(np.float32)
+
+
 def check_dtype(dtype: str) -> str:
     if dtype not in DTYPES:
         raise ValueError(f"dtype must be one of {DTYPES}, got {dtype!r}")
@@ -196,6 +221,14 @@ def _warn_if_other_sam2() -> None:
         )
 
 
+def _has_sam2_extension() -> bool:
+    try:
+        from sam2 import _C  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
 class Sam2Session:
     """One video's tracking state: every object of the video in one sam2 inference state."""
 
@@ -238,11 +271,9 @@ class Sam2Session:
         state = self._open_state()
         self._check_position(position, "add_box")
         self._check_obj_id(obj_id)
-        x0, y0, x1, y1 = self._check_box(box)
+        clipped = self._check_box(box)
         with self._inference():
-            self._predictor.add_new_points_or_box(
-                state, frame_idx=position, obj_id=obj_id, box=np.array([x0, y0, x1, y1], dtype=np.float32)
-            )
+            self._predictor.add_new_points_or_box(state, frame_idx=position, obj_id=obj_id, box=clipped)
         self.stats.count("tracker_prompts")
 
     def add_mask(self, position: int, obj_id: int, mask: np.ndarray) -> None:
@@ -408,18 +439,12 @@ class Sam2Session:
         if not isinstance(obj_id, (int, np.integer)) or isinstance(obj_id, bool):
             raise ValueError(f"obj_id must be an int, got {obj_id!r}")
 
-    def _check_box(self, box: Sequence[float]) -> tuple[float, float, float, float]:
-        values = np.asarray(box, dtype=np.float64).reshape(-1)
-        if values.shape != (4,) or not np.isfinite(values).all():
-            raise ValueError(f"box must be four finite numbers x0, y0, x1, y1, got {box!r}")
-        x0, y0, x1, y1 = values.tolist()
-        if x1 <= x0 or y1 <= y0:
-            raise ValueError(f"box {box!r} is empty or not xyxy (need x0 < x1 and y0 < y1)")
-        cx0, cy0 = max(x0, 0.0), max(y0, 0.0)
-        cx1, cy1 = min(x1, float(self.width)), min(y1, float(self.height))
-        if cx1 <= cx0 or cy1 <= cy0:
-            raise ValueError(f"box {box!r} lies outside the {self.width}x{self.height} frame")
-        return cx0, cy0, cx1, cy1
+    def _check_box(self, box: Sequence[float]) -> np.ndarray:
+        try:
+            values = np.asarray(box, dtype=np.float64).reshape(1, 4)
+        except (TypeError, ValueError):
+            raise ValueError(f"box must be four numbers x0, y0, x1, y1, got {box!r}") from None
+        return clip_boxes(values, width=self.width, height=self.height)[0]
 
 
 class Sam2Tracker:
@@ -441,6 +466,10 @@ class Sam2Tracker:
         if keep_window is not None and (not isinstance(keep_window, int) or keep_window < 1):
             raise ValueError(f"keep_window must be a positive int or None (keep everything), got {keep_window!r}")
         _warn_if_other_sam2()
+        if predictor.fill_hole_area > 0 and not _has_sam2_extension():
+            # Without the optional CUDA extension sam2 skips hole filling anyway, after a long warning.
+            log.info("sam2's _C extension is not built: hole filling in tracked masks is off")
+            predictor.fill_hole_area = 0
         self.predictor = predictor
         self.model_id = model_id
         self.image_size: int = int(predictor.image_size)

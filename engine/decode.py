@@ -1,0 +1,143 @@
+"""The one streaming decode pass: each frame is decoded once and handed to every consumer that wants it.
+
+Consumers (cut detector, embedding sampler, detector sampler) never open the video themselves; several of them
+share one pass. Frames are never accumulated here: a consumer keeps what it needs.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable, Protocol, Sequence
+
+import numpy as np
+
+from engine.errors import VideoError
+from engine.probe import VideoInfo, one_line, open_container
+
+
+@dataclass(frozen=True)
+class DecodeLimits:
+    """Bounds on what an untrusted video may cost to decode."""
+
+    max_side: int = 1920  # frames are decoded with their long side scaled down to at most this
+    max_duration_s: float = 3600.0  # longer videos are rejected by the probe; decoding stops here
+    max_frames: int | None = None  # decode at most this many frames (None: all)
+
+    def __post_init__(self) -> None:
+        if self.max_side < 16:
+            raise ValueError(f"DecodeLimits.max_side must be at least 16 pixels, got {self.max_side}")
+        if not self.max_duration_s > 0:
+            raise ValueError(f"DecodeLimits.max_duration_s must be positive, got {self.max_duration_s}")
+        if self.max_frames is not None and self.max_frames < 1:
+            raise ValueError(f"DecodeLimits.max_frames must be None or at least 1, got {self.max_frames}")
+
+
+class FrameConsumer(Protocol):
+    def wants(self, index: int, time: float) -> bool:
+        """Whether `consume` should get this frame. Called for every frame before any conversion: keep it cheap."""
+        ...
+
+    def consume(self, index: int, time: float, frame: np.ndarray) -> None:
+        """`frame` is RGB uint8 (decode_height, decode_width, 3), upright, shared between consumers: do not
+        modify it in place."""
+        ...
+
+
+@dataclass(frozen=True)
+class DecodeResult:
+    frames_decoded: int
+    end_time: float  # end of the last decoded frame: its timestamp plus one frame duration (1 / fps)
+    error: str | None = None  # set when a corrupt or truncated stream stopped the pass early
+    limit_reached: str | None = None  # set when DecodeLimits stopped the pass early
+
+
+def decode_video(
+    info: VideoInfo,
+    consumers: Sequence[FrameConsumer],
+    *,
+    progress: Callable[[int, float], None] | None = None,
+) -> DecodeResult:
+    """Decode `info.path` once, front to back; `progress(frames_decoded, time)` is called after each frame.
+
+    Timestamps are seconds from the first frame (pts * time_base; index / fps where a frame has no pts).
+    A stream that breaks after at least one frame ends the pass with `DecodeResult.error` set; one that yields
+    no frame at all raises `VideoError`.
+    """
+    import av
+
+    limits = info.limits
+    # swscale works on the stored (unrotated) frame, so ask it for the rotated-back size.
+    turned = info.rotation in (90, 270)
+    out_w, out_h = (info.decode_height, info.decode_width) if turned else (info.decode_width, info.decode_height)
+
+    index, time, first_pts = 0, 0.0, None
+    error: str | None = None
+    limit_reached: str | None = None
+    try:
+        with open_container(info.path) as container:
+            stream = container.streams.video[0]
+            stream.thread_type = "AUTO"  # frame and slice threads: decoding is most of the cost
+            time_base = stream.time_base
+            color: dict[str, int] | None = None
+            for frame in container.decode(stream):
+                if limits.max_frames is not None and index >= limits.max_frames:
+                    limit_reached = f"stopped after DecodeLimits.max_frames={limits.max_frames} frames"
+                    break
+                if frame.pts is None or time_base is None:
+                    time = index / info.fps
+                else:
+                    first_pts = frame.pts if first_pts is None else first_pts
+                    time = float((frame.pts - first_pts) * time_base)
+                if time > limits.max_duration_s:
+                    limit_reached = f"stopped at DecodeLimits.max_duration_s={limits.max_duration_s:g} s"
+                    break
+                wanting = [c for c in consumers if c.wants(index, time)]
+                if wanting:
+                    if color is None:
+                        color = _color_conversion(frame)
+                    rgb = _upright(frame.to_ndarray(format="rgb24", width=out_w, height=out_h, **color), info.rotation)
+                    for consumer in wanting:
+                        consumer.consume(index, time, rgb)
+                index += 1
+                if progress is not None:
+                    progress(index, time)
+    except av.error.FFmpegError as exc:
+        if index == 0:
+            raise VideoError(f"{info.path} is corrupt: no frame could be decoded ({one_line(exc)})") from exc
+        error = f"decoding stopped after {index} frames ({time:.2f} s): {one_line(exc)}"
+    except OSError as exc:
+        if index == 0:
+            raise VideoError(f"{info.path} cannot be read: {one_line(exc)}") from exc
+        error = f"reading stopped after {index} frames ({time:.2f} s): {one_line(exc)}"
+    if index == 0:
+        raise VideoError(f"{info.path} has a video stream but no frames")
+    return DecodeResult(
+        frames_decoded=index,
+        end_time=time + 1.0 / info.fps,
+        error=error,
+        limit_reached=limit_reached,
+    )
+
+
+def _color_conversion(frame: Any) -> dict[str, int]:
+    """swscale arguments that convert with the frame's own YUV matrix and range.
+
+    Left alone, PyAV converts every frame with BT.601 limited range, which shifts colours of BT.709 (HD)
+    video by up to ~12 levels. PyAV only applies a colorspace when source and destination differ, hence the
+    explicit pair. This matches what OpenCV 4.10+/5 (and so PySceneDetect's default backend) produces.
+    """
+    # AVColorSpace -> SWS_CS_* (BT.709, FCC, SMPTE 240M, BT.2020); everything else is BT.601.
+    src = {1: 1, 4: 4, 7: 7, 9: 9, 10: 9}.get(int(frame.colorspace), 5)
+    kwargs: dict[str, int] = {}
+    if src != 5:
+        kwargs.update(src_colorspace=src, dst_colorspace=5)
+    if int(frame.color_range) == 2:  # AVCOL_RANGE_JPEG: full-range YUV in a non-"j" pixel format
+        kwargs.update(src_color_range=2, dst_color_range=1)
+    return kwargs
+
+
+def _upright(rgb: np.ndarray, rotation: int) -> np.ndarray:
+    if rotation == 0:
+        return rgb
+    turned = {90: np.rot90(rgb, k=-1), 180: rgb[::-1, ::-1], 270: np.rot90(rgb, k=1)}[rotation]
+    return np.ascontiguousarray(turned)

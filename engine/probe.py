@@ -1,0 +1,139 @@
+"""Probe a video before decoding it: what it is, how big, and whether it is within the decode bounds.
+
+Every failure is an `engine.errors.VideoError` with a one-line message that names the file and says what is
+wrong, so a batch can record it as a rejection and go on.
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Iterator
+
+from engine.errors import VideoError
+
+if TYPE_CHECKING:
+    from engine.decode import DecodeLimits
+
+
+@dataclass(frozen=True)
+class VideoInfo:
+    path: str
+    duration_s: float
+    fps: float  # the stream's average frame rate
+    num_frames: int  # the container's frame count, else duration * fps
+    width: int  # display size: rotation applied
+    height: int
+    rotation: int  # clockwise degrees (0, 90, 180, 270) to turn a stored frame upright; already applied
+    codec: str
+    decode_width: int  # the size frames are decoded to: display size bounded by limits.max_side, even
+    decode_height: int
+    limits: DecodeLimits
+
+
+def one_line(exc: BaseException) -> str:
+    """An exception's message on one line (FFmpeg and fsspec messages can span several)."""
+    return " ".join(str(exc).split()) or type(exc).__name__
+
+
+@contextmanager
+def open_container(path: str) -> Iterator[Any]:
+    """Open `path` (a local path or an fsspec URL) as a PyAV input container."""
+    import av
+
+    if "://" in path:
+        import fsspec
+
+        # PyAV reads (and seeks) through the file object, so remote storage needs no local copy.
+        with fsspec.open(path, "rb") as file, av.open(file, "r") as container:
+            yield container
+    else:
+        with av.open(path, "r") as container:
+            yield container
+
+
+def probe_video(path: str, *, limits: DecodeLimits) -> VideoInfo:
+    """Read the metadata of `path` and decode its first frame (for the rotation and to prove it decodes)."""
+    import av
+
+    _check_exists(path)
+    try:
+        with open_container(path) as container:
+            if not container.streams.video:
+                kinds = sorted({s.type for s in container.streams})
+                if "audio" in kinds:
+                    raise VideoError(f"{path} is audio-only: it has no video stream")
+                raise VideoError(f"{path} has no video stream (streams: {', '.join(kinds) or 'none'})")
+            stream = container.streams.video[0]
+            first = next(iter(container.decode(stream)), None)
+            if first is None:
+                raise VideoError(f"{path} has a video stream but no frames")
+            return _info(path, container, stream, first, limits)
+    except VideoError:
+        raise
+    except av.error.FFmpegError as exc:
+        raise VideoError(f"{path} is not a video PyAV can read: {one_line(exc)}") from exc
+    except OSError as exc:
+        raise VideoError(f"{path} cannot be read: {one_line(exc)}") from exc
+
+
+def _check_exists(path: str) -> None:
+    if "://" in path:
+        import fsspec
+
+        fs, fs_path = fsspec.core.url_to_fs(path)
+        exists, is_file = fs.exists(fs_path), fs.isfile(fs_path)
+    else:
+        import os
+
+        exists, is_file = os.path.exists(path), os.path.isfile(path)
+    if not exists:
+        raise VideoError(f"video not found: {path}")
+    if not is_file:
+        raise VideoError(f"{path} is not a file")
+
+
+def _info(path: str, container: Any, stream: Any, first: Any, limits: DecodeLimits) -> VideoInfo:
+    rate = stream.average_rate or stream.guessed_rate or stream.base_rate
+    if not rate or rate <= 0:
+        raise VideoError(f"{path} has no frame rate in its video stream")
+    fps = float(rate)
+
+    if stream.duration is not None and stream.time_base is not None:
+        duration = float(stream.duration * stream.time_base)
+    elif container.duration is not None:
+        duration = container.duration / 1_000_000  # AV_TIME_BASE units
+    else:
+        duration = stream.frames / fps
+    if duration > limits.max_duration_s:
+        raise VideoError(
+            f"{path} is {duration:.0f} s long, above the limit of {limits.max_duration_s:.0f} s "
+            "(raise DecodeLimits.max_duration_s to accept it)"
+        )
+    num_frames = stream.frames if stream.frames > 0 else max(1, round(duration * fps))
+
+    # PyAV reports the display matrix as a counter-clockwise angle; upright needs the opposite turn.
+    rotation = (-round(first.rotation / 90) * 90) % 360
+    width, height = first.width, first.height
+    if rotation in (90, 270):
+        width, height = height, width
+    decode_width, decode_height = decode_size(width, height, max_side=limits.max_side)
+    return VideoInfo(
+        path=path,
+        duration_s=duration,
+        fps=fps,
+        num_frames=num_frames,
+        width=width,
+        height=height,
+        rotation=rotation,
+        codec=stream.codec_context.name,
+        decode_width=decode_width,
+        decode_height=decode_height,
+        limits=limits,
+    )
+
+
+def decode_size(width: int, height: int, *, max_side: int) -> tuple[int, int]:
+    """Scale (width, height) down so the long side is at most max_side; both even (video encoders need it)."""
+    scale = min(1.0, max_side / max(width, height))
+    return max(2, int(width * scale) // 2 * 2), max(2, int(height * scale) // 2 * 2)

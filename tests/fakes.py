@@ -1,0 +1,129 @@
+"""Fake model backends for tests of the code around the models. Each reads flat colors off the frames, so
+its output is exact ground truth on the synthetic scenes the tests draw; none of them is a real model."""
+
+from __future__ import annotations
+
+from typing import Iterator, Sequence
+
+import numpy as np
+
+from engine.masks import mask_box
+from engine.models.interfaces import Box, Detection, FrameSource, GroundingAnswer
+
+TOLERANCE = 60  # JPEG and H.264 shift flat colors a little
+
+
+def color_mask(image: np.ndarray, color: Sequence[int]) -> np.ndarray:
+    return (np.abs(image.astype(np.int16) - np.array(color, dtype=np.int16)).max(axis=2) < TOLERANCE)
+
+
+class FakeColorDetector:
+    """'Detects' a phrase wherever a color registered for it covers enough pixels."""
+
+    model_id = "fake/color-detector"
+
+    def __init__(self, colors_by_phrase: dict[str, list[tuple[int, int, int]]], min_pixels: int = 20) -> None:
+        self.colors_by_phrase = colors_by_phrase
+        self.min_pixels = min_pixels
+        self.calls: list[int] = []  # batch sizes
+
+    def detect(self, images, phrases, *, box_threshold, text_threshold) -> list[list[Detection]]:
+        self.calls.append(len(images))
+        out = []
+        for image in images:
+            dets = []
+            for phrase in phrases:
+                for color in self.colors_by_phrase.get(phrase, []):
+                    mask = color_mask(image, color)
+                    if mask.sum() >= self.min_pixels:
+                        dets.append(Detection(box=tuple(mask_box(mask)), score=0.9, label=phrase))
+            out.append(dets)
+        return out
+
+
+class _FakeSession:
+    def __init__(self, tracker: "FakeColorTracker", frames: FrameSource, height: int, width: int) -> None:
+        self.tracker, self.frames, self.height, self.width = tracker, frames, height, width
+        self.colors: dict[int, np.ndarray] = {}
+
+    def _frame(self, position: int) -> np.ndarray:
+        import cv2
+
+        return cv2.resize(self.frames[position], (self.width, self.height), interpolation=cv2.INTER_NEAREST)
+
+    def add_box(self, position: int, obj_id: int, box: Box) -> None:
+        # The object's color is the median color inside the box on the prompt frame.
+        x0, y0, x1, y1 = (int(round(v)) for v in box)
+        patch = self._frame(position)[y0:y1, x0:x1].reshape(-1, 3)
+        self.colors[obj_id] = np.median(patch, axis=0)
+
+    def add_mask(self, position: int, obj_id: int, mask: np.ndarray) -> None:
+        self.colors[obj_id] = np.median(self._frame(position)[mask], axis=0)
+
+    def propagate(self, start: int, *, reverse: bool = False) -> Iterator[tuple[int, dict[int, np.ndarray]]]:
+        if not self.colors:
+            raise ValueError("propagate before any prompt")
+        self.tracker.passes.append((start, reverse))
+        positions = range(start, -1, -1) if reverse else range(start, len(self.frames))
+        for p in positions:
+            frame = self._frame(p)
+            yield p, {obj: color_mask(frame, color) for obj, color in self.colors.items()}
+
+    def close(self) -> None:
+        self.tracker.closed += 1
+
+
+class FakeColorTracker:
+    """'Tracks' each prompted object by the color it had on the prompt frame."""
+
+    model_id = "fake/color-tracker"
+
+    def __init__(self, image_size: int = 64) -> None:
+        self.image_size = image_size
+        self.sessions = 0
+        self.closed = 0
+        self.passes: list[tuple[int, bool]] = []
+
+    def start(self, frames: FrameSource, *, height: int, width: int) -> _FakeSession:
+        self.sessions += 1
+        return _FakeSession(self, frames, height, width)
+
+
+class FakeColorGrounder:
+    """Answers with the box whose center has the color registered for the expression."""
+
+    model_id = "fake/color-grounder"
+
+    def __init__(self, color_by_expression: dict[str, tuple[int, int, int]]) -> None:
+        self.color_by_expression = color_by_expression
+        self.calls = 0
+
+    def ground(self, image, boxes, expressions) -> list[GroundingAnswer]:
+        self.calls += 1
+        answers = []
+        for expression in expressions:
+            color = self.color_by_expression.get(expression)
+            hits = []
+            for i, (x0, y0, x1, y1) in enumerate(boxes):
+                cy, cx = int((y0 + y1) / 2), int((x0 + x1) / 2)
+                if color is not None and color_mask(image[cy : cy + 1, cx : cx + 1], color).all():
+                    hits.append(i)
+            answers.append(GroundingAnswer(indexes=hits, text=" ".join(map(str, hits)) or "none"))
+        return answers
+
+
+class FakeEmbedder:
+    """One-hot embedding of the frame's dominant background color among `palette`."""
+
+    model_id = "fake/embedder"
+
+    def __init__(self, palette: Sequence[tuple[int, int, int]], input_size: int = 32) -> None:
+        self.palette = np.array(palette, dtype=np.float64)
+        self.input_size = input_size
+
+    def embed(self, images) -> np.ndarray:
+        out = np.zeros((len(images), len(self.palette)), dtype=np.float32)
+        for i, image in enumerate(images):
+            mean = image.reshape(-1, 3).astype(np.float64).mean(axis=0)
+            out[i, np.argmin(((self.palette - mean) ** 2).sum(axis=1))] = 1.0
+        return out

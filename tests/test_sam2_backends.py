@@ -1,0 +1,255 @@
+"""SAM 2 backends with tiny random models on CPU: shapes, coverage and memory properties, never mask quality
+(random weights make mask content meaningless)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import cv2
+import numpy as np
+import pytest
+
+from engine.frame_store import FrameStore
+from engine.models.interfaces import BoxSegmenter, Tracker
+
+pytestmark = pytest.mark.integration
+
+SIZE = 128  # the smallest image_size at which hiera-t and sam2's mask path run cheaply
+H, W = 120, 160  # output resolution (the "video's" size)
+BOX_A = (10.0, 20.0, 50.0, 60.0)
+BOX_B = (100.0, 70.0, 140.0, 110.0)
+
+
+def synthetic_frame(i: int) -> np.ndarray:
+    """A smooth background with a red square moving right and a still green square."""
+    yy, xx = np.mgrid[0:H, 0:W]
+    frame = np.stack([xx * 255 // W, yy * 255 // H, np.full_like(xx, 90)], axis=-1).astype(np.uint8)
+    frame[20:60, 10 + 3 * i : 50 + 3 * i] = (230, 30, 30)
+    frame[70:110, 100:140] = (30, 200, 60)
+    return frame
+
+
+def make_store(n: int) -> FrameStore:
+    store = FrameStore(size=SIZE)
+    for i in range(n):
+        store.append(synthetic_frame(i))
+    return store
+
+
+@pytest.fixture(scope="module")
+def tracker():
+    from engine.models.sam2_tracker import Sam2Tracker
+
+    return Sam2Tracker.tiny(image_size=SIZE)
+
+
+@pytest.fixture(scope="module")
+def store8() -> FrameStore:
+    return make_store(8)
+
+
+def check_step(position: int, masks: dict[int, np.ndarray], obj_ids: set[int]) -> int:
+    assert set(masks) == obj_ids
+    for mask in masks.values():
+        assert mask.dtype == np.bool_ and mask.shape == (H, W)
+    return position
+
+
+# -- FrameStore ---------------------------------------------------------------------------------------
+
+
+def test_frame_store_round_trip_and_size() -> None:
+    store = make_store(4)
+    assert len(store) == 4
+    frame = store[2]
+    assert frame.shape == (SIZE, SIZE, 3) and frame.dtype == np.uint8
+    expected = cv2.resize(synthetic_frame(2), (SIZE, SIZE), interpolation=cv2.INTER_AREA)
+    assert np.abs(frame.astype(int) - expected).mean() < 2.0  # JPEG q95
+    assert np.array_equal(store[-2], frame)
+    # un-squashed back to the source aspect: close to the source, within resize + JPEG loss
+    back = store.resized(2, W, H)
+    assert back.shape == (H, W, 3)
+    assert np.abs(back.astype(int) - synthetic_frame(2)).mean() < 6.0
+    fp32_bytes = 4 * SIZE * SIZE * 3 * 4  # what sam2's loader would hold
+    assert store.nbytes < fp32_bytes / 20
+    assert [f.shape for f in store] == [(SIZE, SIZE, 3)] * 4
+
+
+def test_frame_store_rejects_bad_input() -> None:
+    store = FrameStore(size=SIZE)
+    with pytest.raises(ValueError, match="uint8"):
+        store.append(np.zeros((10, 10, 3), np.float32))
+    with pytest.raises(ValueError, match=r"\(H, W, 3\)"):
+        store.append(np.zeros((10, 10), np.uint8))
+    with pytest.raises(IndexError, match="out of range"):
+        store[0]
+    with pytest.raises(ValueError, match="quality"):
+        FrameStore(size=SIZE, quality=0)
+
+
+# -- tracker ------------------------------------------------------------------------------------------
+
+
+def test_tracker_is_a_tracker(tracker) -> None:
+    assert isinstance(tracker, Tracker)
+    assert tracker.model_id == "tiny-random/sam2.1-hiera-t" and tracker.image_size == SIZE
+
+
+def test_forward_then_reverse_cover_every_frame_once(tracker, store8) -> None:
+    with tracker.start(store8, height=H, width=W) as session:
+        session.add_box(4, 1, BOX_A)
+        session.add_box(4, 2, BOX_B)
+        forward = [check_step(p, m, {1, 2}) for p, m in session.propagate(4)]
+        # reverse from the prompted middle frame, after a forward pass (bf16 autocast; sam2 issue 308)
+        reverse = [check_step(p, m, {1, 2}) for p, m in session.propagate(4, reverse=True)]
+        assert forward == [4, 5, 6, 7]
+        assert reverse == [4, 3, 2, 1, 0]
+        assert sorted(set(forward) | set(reverse)) == list(range(8))
+        # reverse from a frame that was never prompted (the case sam2 issue 308 is about)
+        assert [p for p, _ in session.propagate(6, reverse=True)] == [6, 5, 4, 3, 2, 1, 0]
+        # the contract includes `start` also where sam2 would yield nothing (reverse from frame 0)
+        assert [p for p, _ in session.propagate(0, reverse=True)] == [0]
+        assert session.stats.counters["tracker_passes"] == 4
+
+
+def test_reverse_first_from_prompted_frame(tracker, store8) -> None:
+    with tracker.start(store8, height=H, width=W) as session:
+        session.add_box(3, 7, BOX_A)
+        assert [check_step(p, m, {7}) for p, m in session.propagate(3, reverse=True)] == [3, 2, 1, 0]
+
+
+def test_mask_prompt(tracker, store8) -> None:
+    mask = np.zeros((H, W), bool)
+    mask[70:110, 100:140] = True
+    with tracker.start(store8, height=H, width=W) as session:
+        session.add_mask(6, 3, mask)
+        session.add_box(6, 4, BOX_A)
+        assert [check_step(p, m, {3, 4}) for p, m in session.propagate(6)] == [6, 7]
+
+
+def test_pruning_bounds_stored_outputs(store8) -> None:
+    from engine.models.sam2_tracker import Sam2Tracker
+
+    # a second tracker on the same (shared) predictor, with a small window
+    base = Sam2Tracker.tiny(image_size=SIZE)
+    small = Sam2Tracker(predictor=base.predictor, model_id=base.model_id, keep_window=2)
+    store = make_store(10)
+    with small.start(store, height=H, width=W) as session:
+        session.add_box(0, 1, BOX_A)
+        session.add_box(0, 2, BOX_B)
+        peak = 0
+        for _ in session.propagate(0):
+            counts = session.stored_outputs()
+            peak = max(peak, counts["non_cond"])
+            assert counts["cond"] == 2 and counts["cached_features"] <= 1
+        assert peak <= 2 * (2 + 1)  # two objects, window + the current frame
+        assert session.stats.counters["tracker_pruned_outputs"] > 0
+        for _ in session.propagate(9, reverse=True):
+            assert session.stored_outputs()["non_cond"] <= 2 * (2 + 1) * 2  # this pass's and the last one's
+    with base.start(store, height=H, width=W) as unpruned:  # what sam2 would keep: every tracked frame
+        unpruned.add_box(0, 1, BOX_A)
+        for _ in unpruned.propagate(0):
+            pass
+        assert unpruned.stored_outputs()["non_cond"] == 9
+
+
+def test_exact_window_pruning_changes_no_mask(tracker) -> None:
+    from engine.models.sam2_tracker import Sam2Tracker
+
+    window = tracker.exact_keep_window
+    assert window == 15  # sam2.1: 16 object pointers (15 behind), 7 memory frames
+    store = make_store(window + 5)
+    results = []
+    for keep in (window, None):
+        t = Sam2Tracker(predictor=tracker.predictor, model_id=tracker.model_id, keep_window=keep)
+        with t.start(store, height=H, width=W) as session:
+            session.add_box(0, 1, BOX_A)
+            results.append([m[1] for _, m in session.propagate(0)])
+            if keep is not None:
+                assert session.stats.counters["tracker_pruned_outputs"] > 0
+    assert all(np.array_equal(a, b) for a, b in zip(*results))
+
+
+def test_frames_are_converted_lazily_and_normalized(tracker, store8) -> None:
+    import torch
+
+    with tracker.start(store8, height=H, width=W) as session:
+        images = session._state["images"]
+        assert len(images) == 8
+        tensor = images[5]
+        assert tensor.shape == (3, SIZE, SIZE) and tensor.dtype == torch.float32
+        assert tensor.device == tracker.predictor.device
+        rgb = store8[5].astype(np.float32) / 255.0
+        expected = (rgb - np.array([0.485, 0.456, 0.406])) / np.array([0.229, 0.224, 0.225])
+        np.testing.assert_allclose(tensor.cpu().numpy(), expected.transpose(2, 0, 1), atol=1e-5)
+        # the images object holds no frame: its only tensors are the 3-value mean and std
+        held = [v for v in vars(images).values() if isinstance(v, torch.Tensor)]
+        assert sum(v.numel() for v in held) == 6
+        session.add_box(2, 1, BOX_A)
+        before = images.conversions
+        for _ in session.propagate(2):
+            assert session.stored_outputs()["cached_features"] <= 1  # one fp32 frame alive in sam2
+        assert images.conversions - before == 6  # frames 2..7, each once (frame 2 was cached by the prompt)
+
+
+def test_state_mirrors_sam2_init_state(tracker, store8, tmp_path) -> None:
+    """Our hand-built inference state has the keys sam2's own init_state builds (catches sam2 drift)."""
+    for i in range(2):
+        cv2.imwrite(str(tmp_path / f"{i}.jpg"), cv2.cvtColor(store8[i], cv2.COLOR_RGB2BGR))
+    reference = tracker.predictor.init_state(str(tmp_path))
+    with tracker.start(store8, height=H, width=W) as session:
+        ours = session._state
+        assert set(ours) == set(reference)
+        for key, value in reference.items():
+            if key not in ("images", "cached_features"):
+                assert type(ours[key]) is type(value), key
+
+
+def test_session_validates_arguments(tracker, store8) -> None:
+    session = tracker.start(store8, height=H, width=W)
+    with pytest.raises(ValueError, match="before any prompt"):
+        session.propagate(0)
+    with pytest.raises(ValueError, match="out of range"):
+        session.add_box(8, 1, BOX_A)
+    with pytest.raises(ValueError, match="outside"):
+        session.add_box(0, 1, (200.0, 10.0, 260.0, 50.0))
+    with pytest.raises(ValueError, match="xyxy"):
+        session.add_box(0, 1, (50.0, 10.0, 20.0, 40.0))
+    with pytest.raises(ValueError, match="output shape"):
+        session.add_mask(0, 1, np.ones((SIZE, SIZE), bool))
+    with pytest.raises(ValueError, match="empty"):
+        session.add_mask(0, 1, np.zeros((H, W), bool))
+    session.add_box(0, 1, (-5.0, -5.0, 40.0, 40.0))  # partly outside: clipped, accepted
+    with pytest.raises(ValueError, match="out of range"):
+        session.propagate(-1)
+    session.close()
+    session.close()
+    with pytest.raises(RuntimeError, match="closed"):
+        session.add_box(0, 1, BOX_A)
+    with pytest.raises(ValueError, match="empty FrameSource"):
+        tracker.start(FrameStore(size=SIZE), height=H, width=W)
+
+
+# -- box segmenter ------------------------------------------------------------------------------------
+
+
+def test_box_segmenter_returns_one_bool_mask_per_box() -> None:
+    from engine.models.sam2_image import Sam2BoxSegmenter
+
+    segmenter = Sam2BoxSegmenter.tiny(image_size=SIZE)
+    assert isinstance(segmenter, BoxSegmenter)
+    image = synthetic_frame(0)
+    for boxes in (np.array([BOX_A, BOX_B]), np.array([BOX_A]), np.zeros((0, 4))):
+        masks = segmenter.segment(image, boxes)
+        assert masks.shape == (len(boxes), H, W) and masks.dtype == np.bool_
+    with pytest.raises(ValueError, match="outside"):
+        segmenter.segment(image, np.array([[170.0, 0.0, 180.0, 10.0]]))
+
+
+def test_importing_backends_does_not_import_torch() -> None:
+    code = (
+        "import sys, engine.models.sam2_tracker, engine.models.sam2_image, engine.frame_store;"
+        "sys.exit(int('torch' in sys.modules or 'sam2' in sys.modules))"
+    )
+    assert subprocess.run([sys.executable, "-c", code]).returncode == 0
