@@ -70,7 +70,7 @@ def decode_video(
     turned = info.rotation in (90, 270)
     out_w, out_h = (info.decode_height, info.decode_width) if turned else (info.decode_width, info.decode_height)
 
-    index, time, first_pts = 0, 0.0, None
+    index, last_time, first_pts = 0, 0.0, None
     error: str | None = None
     limit_reached: str | None = None
     try:
@@ -95,25 +95,26 @@ def decode_video(
                 if wanting:
                     if color is None:
                         color = _color_conversion(frame)
-                    rgb = _upright(frame.to_ndarray(format="rgb24", width=out_w, height=out_h, **color), info.rotation)
+                    rgb = frame.to_ndarray(format="rgb24", width=out_w, height=out_h, **color)
+                    rgb = _upright(rgb, info.rotation)
                     for consumer in wanting:
                         consumer.consume(index, time, rgb)
-                index += 1
+                index, last_time = index + 1, time
                 if progress is not None:
                     progress(index, time)
     except av.error.FFmpegError as exc:
         if index == 0:
             raise VideoError(f"{info.path} is corrupt: no frame could be decoded ({one_line(exc)})") from exc
-        error = f"decoding stopped after {index} frames ({time:.2f} s): {one_line(exc)}"
+        error = f"decoding stopped after {index} frames ({last_time:.2f} s): {one_line(exc)}"
     except OSError as exc:
         if index == 0:
             raise VideoError(f"{info.path} cannot be read: {one_line(exc)}") from exc
-        error = f"reading stopped after {index} frames ({time:.2f} s): {one_line(exc)}"
+        error = f"reading stopped after {index} frames ({last_time:.2f} s): {one_line(exc)}"
     if index == 0:
         raise VideoError(f"{info.path} has a video stream but no frames")
     return DecodeResult(
         frames_decoded=index,
-        end_time=time + 1.0 / info.fps,
+        end_time=last_time + 1.0 / info.fps,
         error=error,
         limit_reached=limit_reached,
     )

@@ -58,7 +58,7 @@ def draw_numbered_boxes(
     for (x0, y0, x1, y1), label, color in zip(boxes_arr, labels, palette(len(boxes_arr))):
         x0, x1 = sorted((int(np.clip(round(x0), 0, w - 1)), int(np.clip(round(x1), 0, w - 1))))
         y0, y1 = sorted((int(np.clip(round(y0), 0, h - 1)), int(np.clip(round(y1), 0, h - 1))))
-        cv2.rectangle(out, (x0, y0), (x1, y1), color, thickness, lineType=cv2.LINE_AA)
+        cv2.rectangle(out, (x0, y0), (x1, y1), color, thickness)  # axis-aligned: crisp, exact color
 
         (tw, th), baseline = cv2.getTextSize(label, font, scale, max(1, thickness // 2))
         pad = max(1, thickness)

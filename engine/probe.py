@@ -65,7 +65,12 @@ def probe_video(path: str, *, limits: DecodeLimits) -> VideoInfo:
                     raise VideoError(f"{path} is audio-only: it has no video stream")
                 raise VideoError(f"{path} has no video stream (streams: {', '.join(kinds) or 'none'})")
             stream = container.streams.video[0]
-            first = next(iter(container.decode(stream)), None)
+            try:
+                first = next(iter(container.decode(stream)), None)
+            except av.error.FFmpegError as exc:
+                raise VideoError(
+                    f"{path} is corrupt or truncated: its first frame does not decode ({one_line(exc)})"
+                ) from exc
             if first is None:
                 raise VideoError(f"{path} has a video stream but no frames")
             return _info(path, container, stream, first, limits)

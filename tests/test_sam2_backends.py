@@ -128,12 +128,11 @@ def test_mask_prompt(tracker, store8) -> None:
         assert [check_step(p, m, {3, 4}) for p, m in session.propagate(6)] == [6, 7]
 
 
-def test_pruning_bounds_stored_outputs(store8) -> None:
+def test_pruning_bounds_stored_outputs(tracker) -> None:
     from engine.models.sam2_tracker import Sam2Tracker
 
-    # a second tracker on the same (shared) predictor, with a small window
-    base = Sam2Tracker.tiny(image_size=SIZE)
-    small = Sam2Tracker(predictor=base.predictor, model_id=base.model_id, keep_window=2)
+    # a second tracker on the same predictor, with a small window
+    small = Sam2Tracker(predictor=tracker.predictor, model_id=tracker.model_id, keep_window=2)
     store = make_store(10)
     with small.start(store, height=H, width=W) as session:
         session.add_box(0, 1, BOX_A)
@@ -146,8 +145,9 @@ def test_pruning_bounds_stored_outputs(store8) -> None:
         assert peak <= 2 * (2 + 1)  # two objects, window + the current frame
         assert session.stats.counters["tracker_pruned_outputs"] > 0
         for _ in session.propagate(9, reverse=True):
-            assert session.stored_outputs()["non_cond"] <= 2 * (2 + 1) * 2  # this pass's and the last one's
-    with base.start(store, height=H, width=W) as unpruned:  # what sam2 would keep: every tracked frame
+            # this pass's window and what the last pass left within its window
+            assert session.stored_outputs()["non_cond"] <= 2 * 2 * (2 + 1)
+    with tracker.start(store, height=H, width=W) as unpruned:  # what sam2 would keep: every tracked frame
         unpruned.add_box(0, 1, BOX_A)
         for _ in unpruned.propagate(0):
             pass
@@ -190,7 +190,29 @@ def test_frames_are_converted_lazily_and_normalized(tracker, store8) -> None:
         before = images.conversions
         for _ in session.propagate(2):
             assert session.stored_outputs()["cached_features"] <= 1  # one fp32 frame alive in sam2
-        assert images.conversions - before == 6  # frames 2..7, each once (frame 2 was cached by the prompt)
+        # frames 3..7 once each; frame 2's features were still cached from the prompt
+        assert images.conversions - before == 5
+
+
+def test_each_frame_is_read_once_per_pass_with_prefetch(tracker, store8) -> None:
+    reads: list[int] = []
+
+    class CountingSource:
+        def __len__(self) -> int:
+            return len(store8)
+
+        def __getitem__(self, position: int) -> np.ndarray:
+            reads.append(position)
+            return store8[position]
+
+    with tracker.start(CountingSource(), height=H, width=W) as session:
+        session.add_box(2, 1, BOX_A)
+        reads.clear()
+        assert [p for p, _ in session.propagate(2)] == list(range(2, 8))
+        assert sorted(reads) == [3, 4, 5, 6, 7]  # frame 2 was cached by the prompt; prefetch wastes none
+        reads.clear()
+        assert [p for p, _ in session.propagate(7, reverse=True)] == list(range(7, -1, -1))
+        assert sorted(reads) == [0, 1, 2, 3, 4, 5, 6]  # frame 7 was still cached
 
 
 def test_state_mirrors_sam2_init_state(tracker, store8, tmp_path) -> None:
@@ -229,6 +251,48 @@ def test_session_validates_arguments(tracker, store8) -> None:
         session.add_box(0, 1, BOX_A)
     with pytest.raises(ValueError, match="empty FrameSource"):
         tracker.start(FrameStore(size=SIZE), height=H, width=W)
+    too_big = FrameStore(size=SIZE * 2)
+    too_big.append(synthetic_frame(0))
+    with pytest.raises(ValueError, match="image_size"):
+        tracker.start(too_big, height=H, width=W)
+
+
+def test_no_prompt_while_propagating(tracker, store8) -> None:
+    with tracker.start(store8, height=H, width=W) as session:
+        session.add_box(0, 1, BOX_A)
+        steps = session.propagate(0)
+        next(steps)
+        with pytest.raises(RuntimeError, match="while a propagation"):
+            session.add_box(3, 2, BOX_B)
+        steps.close()  # an abandoned pass frees the session
+        session.add_box(3, 2, BOX_B)
+
+
+def test_weights_resolution_fails_with_a_message(tmp_path, monkeypatch) -> None:
+    import huggingface_hub
+
+    from engine.errors import MissingWeightsError
+    from engine.models.sam2_tracker import resolve_sam2_weights
+
+    with pytest.raises(ValueError, match="unknown SAM 2 model"):
+        resolve_sam2_weights("facebook/not-a-sam2", None)
+    with pytest.raises(MissingWeightsError, match="does not exist"):
+        resolve_sam2_weights(str(tmp_path / "missing.pt"), None)
+    odd = tmp_path / "weights.pt"
+    odd.write_bytes(b"")
+    with pytest.raises(ValueError, match="pass config="):
+        resolve_sam2_weights(str(odd), None)
+    assert resolve_sam2_weights(str(odd), "configs/sam2.1/sam2.1_hiera_s.yaml")[1] == str(odd)
+    named = tmp_path / "sam2.1_hiera_small.pt"
+    named.write_bytes(b"")
+    assert resolve_sam2_weights(str(named), None)[0] == "configs/sam2.1/sam2.1_hiera_s.yaml"
+
+    def offline(**kwargs):
+        raise OSError("no network")
+
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", offline)
+    with pytest.raises(MissingWeightsError, match="sam2.1_hiera_small.pt"):
+        resolve_sam2_weights("facebook/sam2.1-hiera-small", None)
 
 
 # -- box segmenter ------------------------------------------------------------------------------------

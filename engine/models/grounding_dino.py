@@ -159,7 +159,7 @@ class GroundingDinoDetector:
                    nms_iou=nms_iou)
 
     @classmethod
-    def tiny(cls, *, seed: int = 0, device: str = "cpu") -> "GroundingDinoDetector":
+    def tiny(cls, *, seed: int = 0, device: str = "cpu", nms_iou: float = 0.7) -> "GroundingDinoDetector":
         """A randomly initialised miniature Grounding DINO (about 0.4M parameters) for tests and wiring
         checks: its detections are meaningless."""
         import torch
@@ -207,7 +207,9 @@ class GroundingDinoDetector:
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
             model = GroundingDinoForObjectDetection(config)
-        return cls(model=model.to(device), processor=processor, model_id=TINY_MODEL_ID, device=device)
+        return cls(
+            model=model.to(device), processor=processor, model_id=TINY_MODEL_ID, device=device, nms_iou=nms_iou
+        )
 
     def detect(
         self,

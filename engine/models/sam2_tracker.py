@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import os
 from collections import OrderedDict
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any, Iterator, Sequence
 
 import numpy as np
@@ -119,9 +120,10 @@ def tiny_overrides(image_size: int) -> list[str]:
 
 
 def load_checkpoint_message(exc: BaseException, ckpt_path: str | None, config: str) -> str:
+    detail = " ".join(str(exc).split())[:300] or "missing or unexpected keys"  # torch lists every key
     return (
-        f"SAM 2 checkpoint {ckpt_path!r} does not load into config {config!r} "
-        f"({type(exc).__name__}: {exc or 'missing or unexpected keys'}); pass the matching config="
+        f"SAM 2 checkpoint {ckpt_path!r} does not load into config {config!r} ({detail}); "
+        f"pass the config it was trained with as config="
     )
 
 
@@ -131,9 +133,15 @@ class _NormalizedFrames:
     sam2 only does `len(images)` and `images[i].to(device).float()`; here `images[i]` converts the stored
     uint8 frame to the normalized fp32 [3, S, S] tensor on the model's device at that moment and keeps
     nothing, so the only fp32 frame alive is the one in sam2's single-entry `cached_features`.
+
+    Propagation reads frames in order, so once two consecutive reads show the direction, the next frame is
+    fetched (decoded) in a background thread while the model works on this one: on a GPU a 1024 JPEG decode
+    (several ms) is a sizeable part of a frame's time. At most one uint8 frame is held ahead.
     """
 
-    def __init__(self, frames: FrameSource, *, image_size: int, device: "torch.device") -> None:
+    def __init__(
+        self, frames: FrameSource, *, image_size: int, device: "torch.device", prefetch: bool = True
+    ) -> None:
         import torch
 
         self._frames = frames
@@ -142,29 +150,58 @@ class _NormalizedFrames:
         self._device = device
         self._mean = torch.tensor(IMG_MEAN, dtype=torch.float32, device=device).view(3, 1, 1)
         self._std = torch.tensor(IMG_STD, dtype=torch.float32, device=device).view(3, 1, 1)
+        self._pool = ThreadPoolExecutor(1, thread_name_prefix="sam2-frames") if prefetch else None
+        self._ahead: tuple[int, Future[np.ndarray]] | None = None
+        self._last: int | None = None
         self.conversions = 0  # frames converted so far (a frame revisited is converted again)
 
     def __len__(self) -> int:
         return self._num_frames
 
-    def __getitem__(self, index: int) -> "torch.Tensor":
-        import torch
-
+    def frame(self, index: int) -> np.ndarray:
+        """The FrameSource's frame `index`, checked to be what sam2 needs."""
         if not 0 <= index < self._num_frames:
             raise IndexError(f"frame {index} is out of range for a video of {self._num_frames} frames")
         frame = self._frames[index]
         s = self._image_size
         if not isinstance(frame, np.ndarray) or frame.shape != (s, s, 3) or frame.dtype != np.uint8:
             raise ValueError(
-                f"frame {index} of the FrameSource must be RGB uint8 of shape ({s}, {s}, 3) (squash-resized "
-                f"to the tracker's image_size), got {getattr(frame, 'shape', None)} "
+                f"frame {index} of the FrameSource must be RGB uint8 of shape ({s}, {s}, 3), squash-resized "
+                f"to the tracker's image_size, got {getattr(frame, 'shape', None)} "
                 f"{getattr(frame, 'dtype', type(frame).__name__)}"
             )
-        # Move uint8 (4x smaller than fp32) to the device, then convert there.
-        pixels = torch.from_numpy(np.ascontiguousarray(frame)).to(self._device, non_blocking=True)
-        image = pixels.permute(2, 0, 1).float().div_(255.0)
+        return frame
+
+    def _fetch(self, index: int) -> np.ndarray:
+        ahead, self._ahead = self._ahead, None
+        if ahead is not None and ahead[0] == index:
+            frame = ahead[1].result()
+        else:
+            if ahead is not None:
+                ahead[1].cancel()
+            frame = self.frame(index)
+        if self._pool is not None and self._last is not None and abs(index - self._last) == 1:
+            following = 2 * index - self._last
+            if 0 <= following < self._num_frames:
+                self._ahead = (following, self._pool.submit(self.frame, following))
+        self._last = index
+        return frame
+
+    def __getitem__(self, index: int) -> "torch.Tensor":
+        import torch
+
+        frame = self._fetch(index)
+        # Move uint8 (4x smaller than fp32) to the device, then convert there; contiguous CHW as sam2's loader.
+        pixels = torch.from_numpy(np.ascontiguousarray(frame)).to(self._device)
+        image = pixels.permute(2, 0, 1).contiguous().float().div_(255.0)
         self.conversions += 1
         return image.sub_(self._mean).div_(self._std)
+
+    def close(self) -> None:
+        self._ahead = None
+        if self._pool is not None:
+            self._pool.shutdown(wait=False, cancel_futures=True)
+            self._pool = None
 
 
 def _new_inference_state(
@@ -260,6 +297,7 @@ class Sam2Session:
         self.stats = Stats()
         self._propagating = False
         self._images = _NormalizedFrames(frames, image_size=predictor.image_size, device=self._device)
+        self._images.frame(0)  # fail now, not mid-propagation, on frames of the wrong size
         self._state: dict[str, Any] | None = _new_inference_state(
             predictor, self._images, height=height, width=width, offload_state_to_cpu=offload_state_to_cpu
         )
@@ -268,17 +306,17 @@ class Sam2Session:
 
     def add_box(self, position: int, obj_id: int, box: Box) -> None:
         """Prompt `obj_id` with an xyxy pixel box at frame `position`; parts outside the frame are clipped."""
-        state = self._open_state()
+        state = self._prompt_state()
         self._check_position(position, "add_box")
         self._check_obj_id(obj_id)
         clipped = self._check_box(box)
         with self._inference():
-            self._predictor.add_new_points_or_box(state, frame_idx=position, obj_id=obj_id, box=clipped)
+            self._predictor.add_new_points_or_box(state, frame_idx=int(position), obj_id=int(obj_id), box=clipped)
         self.stats.count("tracker_prompts")
 
     def add_mask(self, position: int, obj_id: int, mask: np.ndarray) -> None:
         """Prompt `obj_id` with a boolean (height, width) mask at frame `position`."""
-        state = self._open_state()
+        state = self._prompt_state()
         self._check_position(position, "add_mask")
         self._check_obj_id(obj_id)
         mask = np.asarray(mask)
@@ -296,7 +334,9 @@ class Sam2Session:
         import torch
 
         with self._inference():
-            self._predictor.add_new_mask(state, frame_idx=position, obj_id=obj_id, mask=torch.from_numpy(mask))
+            self._predictor.add_new_mask(
+                state, frame_idx=int(position), obj_id=int(obj_id), mask=torch.from_numpy(mask)
+            )
         self.stats.count("tracker_prompts")
 
     # -- propagation -----------------------------------------------------------------------------------
@@ -310,7 +350,7 @@ class Sam2Session:
             raise ValueError("propagate called before any prompt: add_box or add_mask first")
         if self._propagating:
             raise RuntimeError("this session is already propagating; finish or close that iterator first")
-        return self._propagate(state, start, reverse)
+        return self._propagate(state, int(start), bool(reverse))
 
     def _propagate(
         self, state: dict[str, Any], start: int, reverse: bool
@@ -382,6 +422,7 @@ class Sam2Session:
         state["cached_features"].clear()
         state["constants"].clear()
         state["images"] = None
+        self._images.close()
 
     def __enter__(self) -> "Sam2Session":
         return self
@@ -425,6 +466,12 @@ class Sam2Session:
         if self._state is None:
             raise RuntimeError("this tracking session is closed; start a new one")
         return self._state
+
+    def _prompt_state(self) -> dict[str, Any]:
+        state = self._open_state()
+        if self._propagating:
+            raise RuntimeError("cannot prompt while a propagation of this session is running; finish it first")
+        return state
 
     def _check_position(self, position: int, what: str) -> None:
         if not isinstance(position, (int, np.integer)) or isinstance(position, bool):

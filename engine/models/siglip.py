@@ -28,7 +28,7 @@ def squash_resize(image: np.ndarray, size: int) -> np.ndarray:
     if (height, width) == (size, size):
         return image
     # INTER_AREA anti-aliases when shrinking; bicubic when enlarging, as SigLIP's own processor does.
-    interpolation = cv2.INTER_AREA if size < min(height, width) else cv2.INTER_CUBIC
+    interpolation = cv2.INTER_AREA if size * size < height * width else cv2.INTER_CUBIC
     return cv2.resize(image, (size, size), interpolation=interpolation)
 
 
