@@ -40,11 +40,12 @@ class ClipperConfig:
     hac_std_factor: float = 1.7  # f in the auto threshold min(mean + f * std, max) (Algorithm 2)
     min_video_s_for_hac: float = 3.0  # shorter videos without a content cut stay one clip
     min_clip_s: float = 1.0  # clustering fragments shorter than this merge into a neighbour
-    # Average linkage merges clusters at the mean of their pairwise distances, so merge heights are on the
-    # scale of the distances the auto threshold is computed from, and it accepts the cosine distances the
-    # embedder's space is built for. Ward's merge heights grow with cluster size (not comparable to pairwise
-    # distances) and need Euclidean ones; it remains selectable.
-    linkage: str = "average"
+    # Ward, as in scikit-learn's AgglomerativeClustering (its default linkage, and the usual way to cluster
+    # with a distance threshold). With average linkage, Algorithm 2's threshold min(mean + 1.7 std, max)
+    # reaches the max distance whenever two segments are of comparable length (the pairwise distances are
+    # then two equal groups), so it could only split off short outliers. Ward's merge heights grow with
+    # cluster size and do split them. Ward needs Euclidean distances (monotone in cosine on unit vectors).
+    linkage: str = "ward"
     use_hac: bool = True
     embed_batch: int = 32  # frames per embedder call
 

@@ -134,9 +134,9 @@ class _NormalizedFrames:
     uint8 frame to the normalized fp32 [3, S, S] tensor on the model's device at that moment and keeps
     nothing, so the only fp32 frame alive is the one in sam2's single-entry `cached_features`.
 
-    Propagation reads frames in order, so once two consecutive reads show the direction, the next frame is
-    fetched (decoded) in a background thread while the model works on this one: on a GPU a 1024 JPEG decode
-    (several ms) is a sizeable part of a frame's time. At most one uint8 frame is held ahead.
+    Propagation reads frames in order, so once two reads show the direction, the next frame is fetched
+    (decoded) in a background thread while the model works on this one: on a GPU a 1024 JPEG decode (about
+    7 ms here) is a sizeable part of a frame's time. At most one uint8 frame is held ahead.
     """
 
     def __init__(
@@ -180,8 +180,8 @@ class _NormalizedFrames:
             if ahead is not None:
                 ahead[1].cancel()
             frame = self.frame(index)
-        if self._pool is not None and self._last is not None and abs(index - self._last) == 1:
-            following = 2 * index - self._last
+        if self._pool is not None and self._last is not None and index != self._last:
+            following = index + (1 if index > self._last else -1)  # keep going the way reads went
             if 0 <= following < self._num_frames:
                 self._ahead = (following, self._pool.submit(self.frame, following))
         self._last = index
