@@ -11,11 +11,13 @@ from typer.testing import CliRunner
 
 from engine.probe import probe_video
 from engine.decode import DecodeLimits
+from flows import cli
 from flows.cli import app
 from tests import synthetic
 
 SHARED_VIDEOS = Path(__file__).resolve().parents[2] / "shared" / "videos"
 runner = CliRunner()
+cli.console.width = cli.err.width = 240  # rich tables would wrap cells at the runner's 80 columns
 
 
 def _run(*args: str):

@@ -13,8 +13,6 @@ import pytest
 from engine.frame_store import FrameStore
 from engine.models.interfaces import BoxSegmenter, Tracker
 
-pytestmark = pytest.mark.integration
-
 SIZE = 128  # the smallest image_size at which hiera-t and sam2's mask path run cheaply
 H, W = 120, 160  # output resolution (the "video's" size)
 BOX_A = (10.0, 20.0, 50.0, 60.0)
@@ -91,11 +89,13 @@ def test_frame_store_rejects_bad_input() -> None:
 # -- tracker ------------------------------------------------------------------------------------------
 
 
+@pytest.mark.integration
 def test_tracker_is_a_tracker(tracker) -> None:
     assert isinstance(tracker, Tracker)
     assert tracker.model_id == "tiny-random/sam2.1-hiera-t" and tracker.image_size == SIZE
 
 
+@pytest.mark.integration
 def test_forward_then_reverse_cover_every_frame_once(tracker, store8) -> None:
     with tracker.start(store8, height=H, width=W) as session:
         session.add_box(4, 1, BOX_A)
@@ -113,12 +113,28 @@ def test_forward_then_reverse_cover_every_frame_once(tracker, store8) -> None:
         assert session.stats.counters["tracker_passes"] == 4
 
 
+@pytest.mark.integration
+@pytest.mark.parametrize("dtype", ["bfloat16", "float32"])
+def test_pass_starting_beyond_the_prompt(tracker, dtype) -> None:
+    """The first frame of such a pass sees only the prompt's memory: sam2 issue 308 without autocast."""
+    from engine.models.sam2_tracker import Sam2Tracker
+
+    store = make_store(5)
+    t = Sam2Tracker(predictor=tracker.predictor, model_id=tracker.model_id, dtype=dtype)
+    for start, reverse, expected in ((3, True, [3, 2, 1, 0]), (1, False, [1, 2, 3, 4])):
+        with t.start(store, height=H, width=W) as session:
+            session.add_box(2, 1, BOX_A)
+            assert [check_step(p, m, {1}) for p, m in session.propagate(start, reverse=reverse)] == expected
+
+
+@pytest.mark.integration
 def test_reverse_first_from_prompted_frame(tracker, store8) -> None:
     with tracker.start(store8, height=H, width=W) as session:
         session.add_box(3, 7, BOX_A)
         assert [check_step(p, m, {7}) for p, m in session.propagate(3, reverse=True)] == [3, 2, 1, 0]
 
 
+@pytest.mark.integration
 def test_mask_prompt(tracker, store8) -> None:
     mask = np.zeros((H, W), bool)
     mask[70:110, 100:140] = True
@@ -128,6 +144,7 @@ def test_mask_prompt(tracker, store8) -> None:
         assert [check_step(p, m, {3, 4}) for p, m in session.propagate(6)] == [6, 7]
 
 
+@pytest.mark.integration
 def test_pruning_bounds_stored_outputs(tracker) -> None:
     from engine.models.sam2_tracker import Sam2Tracker
 
@@ -154,6 +171,7 @@ def test_pruning_bounds_stored_outputs(tracker) -> None:
         assert unpruned.stored_outputs()["non_cond"] == 9
 
 
+@pytest.mark.integration
 def test_exact_window_pruning_changes_no_mask(tracker) -> None:
     from engine.models.sam2_tracker import Sam2Tracker
 
@@ -171,6 +189,7 @@ def test_exact_window_pruning_changes_no_mask(tracker) -> None:
     assert all(np.array_equal(a, b) for a, b in zip(*results))
 
 
+@pytest.mark.integration
 def test_frames_are_converted_lazily_and_normalized(tracker, store8) -> None:
     import torch
 
@@ -194,6 +213,7 @@ def test_frames_are_converted_lazily_and_normalized(tracker, store8) -> None:
         assert images.conversions - before == 5
 
 
+@pytest.mark.integration
 def test_each_frame_is_read_once_per_pass_with_prefetch(tracker, store8) -> None:
     reads: list[int] = []
 
@@ -216,6 +236,7 @@ def test_each_frame_is_read_once_per_pass_with_prefetch(tracker, store8) -> None
         assert sorted(reads) == [0, 1, 2, 3, 4, 5, 6]
 
 
+@pytest.mark.integration
 def test_state_mirrors_sam2_init_state(tracker, store8, tmp_path) -> None:
     """Our hand-built inference state has the keys sam2's own init_state builds (catches sam2 drift)."""
     for i in range(2):
@@ -229,6 +250,7 @@ def test_state_mirrors_sam2_init_state(tracker, store8, tmp_path) -> None:
                 assert type(ours[key]) is type(value), key
 
 
+@pytest.mark.integration
 def test_session_validates_arguments(tracker, store8) -> None:
     session = tracker.start(store8, height=H, width=W)
     with pytest.raises(ValueError, match="before any prompt"):
@@ -258,6 +280,7 @@ def test_session_validates_arguments(tracker, store8) -> None:
         tracker.start(too_big, height=H, width=W)
 
 
+@pytest.mark.integration
 def test_no_prompt_while_propagating(tracker, store8) -> None:
     with tracker.start(store8, height=H, width=W) as session:
         session.add_box(0, 1, BOX_A)
@@ -299,6 +322,7 @@ def test_weights_resolution_fails_with_a_message(tmp_path, monkeypatch) -> None:
 # -- box segmenter ------------------------------------------------------------------------------------
 
 
+@pytest.mark.integration
 def test_box_segmenter_returns_one_bool_mask_per_box() -> None:
     from engine.models.sam2_image import Sam2BoxSegmenter
 

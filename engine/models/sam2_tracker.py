@@ -2,7 +2,7 @@
 
 sam2's public `init_state` takes a path and loads every frame as fp32 (12 MiB a frame at 1024), and its mp4
 reader needs decord. Here the session state is built directly (see `_new_inference_state`) around frames our
-own decoder stored compressed; sam2 converts one frame at a time when it indexes them.
+own decoder stored compressed, each converted to fp32 only when sam2 indexes it.
 
 torch and sam2 are imported inside functions so importing this module stays light.
 """
@@ -13,6 +13,7 @@ import logging
 import os
 from collections import OrderedDict
 from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any, Iterator, Sequence
 
 import numpy as np
@@ -364,7 +365,10 @@ class Sam2Session:
         self._propagating = True
         self.stats.count("tracker_passes")
         try:
-            while True:
+            if self._dtype == "float32":
+                with self._inference():
+                    self._upcast_prompt_memories(state)
+            while self._state is not None:  # closed mid-pass: stop
                 # Enter inference mode and autocast per step, not around the generator: held across a
                 # `yield` they would leak into the caller's code between frames.
                 with self._inference():
@@ -379,6 +383,20 @@ class Sam2Session:
         finally:
             steps.close()
             self._propagating = False
+
+    def _upcast_prompt_memories(self, state: dict[str, Any]) -> None:
+        """Make float32 (no autocast) work where sam2's own fp32 path fails (sam2 issue 308).
+
+        sam2 stores every memory in bf16. A frame whose memory holds only conditioning memories and no
+        object pointers (the first frame of a pass that starts beyond every prompt, e.g. reverse from a frame
+        after the prompt) then feeds bf16 alone into fp32 layers: "mat1 and mat2 must have the same dtype".
+        Conditioning memories in fp32 make every memory concatenation promote to fp32.
+        """
+        self._predictor.propagate_in_video_preflight(state)  # moves prompt outputs in; a no-op if done
+        for obj_outputs in state["output_dict_per_obj"].values():
+            for out in obj_outputs["cond_frame_outputs"].values():
+                if out["maskmem_features"] is not None:
+                    out["maskmem_features"] = out["maskmem_features"].float()
 
     def _prune(self, state: dict[str, Any], frame_idx: int, reverse: bool) -> None:
         """Drop per-object non-conditioning outputs more than `keep_window` frames behind `frame_idx`.
@@ -448,19 +466,16 @@ class Sam2Session:
 
     # -- helpers ---------------------------------------------------------------------------------------
 
-    def _inference(self) -> Any:
-        import contextlib
-
+    @contextmanager
+    def _inference(self) -> Iterator[None]:
         import torch
 
         from engine.device import autocast
 
-        stack = contextlib.ExitStack()
-        stack.enter_context(torch.inference_mode())
-        # bf16 autocast also on CPU: without it, reverse propagation from an unprompted frame fails with
+        # bf16 autocast also on CPU: without it, a pass that starts beyond every prompt fails with
         # "mat1 and mat2 must have the same dtype" (sam2 stores memories in bf16; sam2 issue 308).
-        stack.enter_context(autocast(str(self._device), self._dtype))
-        return stack
+        with torch.inference_mode(), autocast(str(self._device), self._dtype):
+            yield
 
     def _open_state(self) -> dict[str, Any]:
         if self._state is None:
