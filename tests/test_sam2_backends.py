@@ -272,6 +272,8 @@ def test_session_validates_arguments(tracker, store8) -> None:
     session.close()
     with pytest.raises(RuntimeError, match="closed"):
         session.add_box(0, 1, BOX_A)
+    with pytest.raises(ValueError, match="dtype"):
+        type(tracker)(predictor=tracker.predictor, model_id="x", dtype="float16")
     with pytest.raises(ValueError, match="empty FrameSource"):
         tracker.start(FrameStore(size=SIZE), height=H, width=W)
     too_big = FrameStore(size=SIZE * 2)

@@ -103,6 +103,7 @@ class Sam2BoxSegmenter:
 
         from engine.device import pick_device
 
+        check_dtype(dtype)
         overrides = tiny_overrides(image_size)
         with torch.random.fork_rng(devices=[]):  # leave the caller's RNG state alone
             torch.manual_seed(seed)

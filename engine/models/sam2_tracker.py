@@ -33,6 +33,9 @@ SAM2_MIRRORED_VERSION = "1.1.0"
 IMG_MEAN = (0.485, 0.456, 0.406)
 IMG_STD = (0.229, 0.224, 0.225)
 DTYPES = ("bfloat16", "float16", "float32")
+# sam2 stores video memories in bf16, which float16 autocast cannot mix with ("Unexpected floating ScalarType
+# in at::autocast::prioritize"), so the tracker offers bf16 autocast or plain float32.
+TRACKER_DTYPES = ("bfloat16", "float32")
 TINY_CONFIG = "configs/sam2.1/sam2.1_hiera_t.yaml"
 TINY_MODEL_ID = "tiny-random/sam2.1-hiera-t"
 # Frames of non-conditioning memory kept behind the current frame. sam2 reads at most num_maskmem-1 = 6
@@ -107,9 +110,9 @@ def clip_boxes(boxes: np.ndarray, *, width: int, height: int) -> np.ndarray:
     return clipped.astype(np.float32)
 
 
-def check_dtype(dtype: str) -> str:
-    if dtype not in DTYPES:
-        raise ValueError(f"dtype must be one of {DTYPES}, got {dtype!r}")
+def check_dtype(dtype: str, allowed: Sequence[str] = DTYPES) -> str:
+    if dtype not in allowed:
+        raise ValueError(f"dtype must be one of {tuple(allowed)}, got {dtype!r}")
     return dtype
 
 
@@ -290,7 +293,7 @@ class Sam2Session:
             raise ValueError("cannot track over an empty FrameSource: append frames first")
         self._predictor = predictor
         self._device = predictor.device
-        self._dtype = check_dtype(dtype)
+        self._dtype = check_dtype(dtype, TRACKER_DTYPES)
         self.height = height
         self.width = width
         self.num_frames = num_frames
@@ -509,6 +512,14 @@ class Sam2Session:
         return clip_boxes(values, width=self.width, height=self.height)[0]
 
 
+def _silence_sam2_progress_bar() -> None:
+    """sam2 wraps every propagation in a tqdm bar on stderr; the engine reports progress itself. Replaced in
+    sam2's module only, so other libraries' bars (downloads) stay."""
+    import sam2.sam2_video_predictor as video_predictor
+
+    video_predictor.tqdm = lambda iterable, *args, **kwargs: iterable
+
+
 class Sam2Tracker:
     """`Tracker` on sam2's video predictor. Load once per worker; `start` a session per video."""
 
@@ -532,10 +543,11 @@ class Sam2Tracker:
             # Without the optional CUDA extension sam2 skips hole filling anyway, after a long warning.
             log.info("sam2's _C extension is not built: hole filling in tracked masks is off")
             predictor.fill_hole_area = 0
+        _silence_sam2_progress_bar()
         self.predictor = predictor
         self.model_id = model_id
         self.image_size: int = int(predictor.image_size)
-        self.dtype = check_dtype(dtype)
+        self.dtype = check_dtype(dtype, TRACKER_DTYPES)
         self.keep_window = keep_window
         self.offload_state_to_cpu = offload_state_to_cpu
 
@@ -582,7 +594,7 @@ class Sam2Tracker:
 
         from engine.device import pick_device
 
-        check_dtype(dtype)
+        check_dtype(dtype, TRACKER_DTYPES)
         config, ckpt_path = resolve_sam2_weights(model, config)
         try:
             # vos_optimized=False: the VOS variant torch.compiles for minutes, which a batch job rarely repays.
@@ -607,6 +619,7 @@ class Sam2Tracker:
 
         from engine.device import pick_device
 
+        check_dtype(dtype, TRACKER_DTYPES)
         overrides = tiny_overrides(image_size)
         with torch.random.fork_rng(devices=[]):  # leave the caller's RNG state alone
             torch.manual_seed(seed)
