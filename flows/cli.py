@@ -195,13 +195,14 @@ def info(videos: Annotated[list[str], typer.Argument(help="Video files or fsspec
 
 
 def _info(videos) -> None:
-    from rich.table import Table
+    from rich.table import Column, Table
 
     from engine.decode import DecodeLimits
     from engine.errors import EngineError
     from engine.probe import probe_video
 
-    table = Table("video", "duration s", "fps", "frames", "size", "rotation", "codec", "decoded as")
+    table = Table("duration s", "fps", "frames", "size", "rotation", "codec", "decoded as")
+    table.columns.insert(0, Column("video", overflow="fold"))
     failed = 0
     for video in videos:
         try:

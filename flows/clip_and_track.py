@@ -112,6 +112,7 @@ class ClipAndTrack:
             return VideoOutcome(source, "skipped", video_id, "already complete with this config (use --force)")
 
         provenance = self.provenance()
+        counted_before = dict(self.stats.counters)
         clip_pass = self.clipper.start(
             video_id=video_id, fps=info.fps, width=info.decode_width, height=info.decode_height, provenance=provenance
         )
@@ -177,7 +178,13 @@ class ClipAndTrack:
             dataset.write_video(
                 video_id,
                 {"videos": [video], "clips": clips, "masklets": masklets, "rejections": rejections},
-                completion={"source": source, "config_hash": self.config.hash, "engine_version": __version__},
+                completion={
+                    "source": source,
+                    "config_hash": self.config.hash,
+                    "engine_version": __version__,
+                    # what this video cost: frames decoded, model calls, tracker passes
+                    "counters": {k: v - counted_before.get(k, 0) for k, v in self.stats.counters.items()},
+                },
             )
         self.stats.count("videos_done")
         return VideoOutcome(

@@ -67,6 +67,8 @@ def test_one_decode_feeds_clipper_and_masklets(entities_video, tmp_path):
     assert 24 in dog and 30 not in dog and 41 in dog  # leaves at 25, back at 40
     assert min(f.frame_index for f in masklets["red person"].frames) == 0 < start  # backward pass
     assert masklets["red person"].provenance.config_hash == pipeline.config.hash
+    cost = dataset.completion(outcome.video_id)["counters"]
+    assert cost["frames_decoded"] == n and cost["tracker_passes"] == 2 and cost["grounder_calls"] == 1
     videos = dataset.read_table("videos").to_pylist()
     assert videos[0]["num_frames"] == n and videos[0]["video_id"] == outcome.video_id
 
