@@ -36,6 +36,13 @@ class Dataset:
         self.fs, self.root = fsspec.core.url_to_fs(url)
 
     # -- writing -----------------------------------------------------------------------------------------
+    def prepare(self) -> None:
+        """Create the folder, or say why it cannot be, before any video is processed."""
+        try:
+            self.fs.makedirs(self.root, exist_ok=True)
+        except OSError as exc:
+            raise BadInputError(f"cannot write a dataset at {self.url}: {exc.strerror or exc}") from None
+
     def _temporary(self, path: str) -> str:
         """A hidden name beside `path` (readers skip names starting with `_`); its folder exists."""
         parent, _, name = path.rpartition("/")

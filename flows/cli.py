@@ -43,8 +43,10 @@ def _run_guarded(fn, *args, **kwargs):
 
     try:
         return fn(*args, **kwargs)
-    except (EngineError, ValueError) as exc:
+    except (EngineError, ValueError, OSError) as exc:
         _fail(str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
+    except KeyboardInterrupt:
+        _fail("interrupted; completed videos are kept, and a rerun resumes with the rest", code=130)
 
 
 @app.command("clip-and-track")
@@ -95,6 +97,7 @@ def _clip_and_track(videos, entity, out, profile, config_file, render, baseline,
             "(a wiring check, not data).[/]"
         )
     dataset = Dataset(out)
+    dataset.prepare()
 
     with Progress(
         TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), console=err

@@ -65,6 +65,7 @@ def clip_and_track_flow(
     if batch_size < 1:
         raise ValueError("batch_size must be >= 1")
     config = load_config(profile, config_file)  # validates before any task starts
+    Dataset(out).prepare()
     logger = get_run_logger()
     batches = [videos[i : i + batch_size] for i in range(0, len(videos), batch_size)]
     futures = [

@@ -50,6 +50,9 @@ def test_info_and_one_line_errors(entities_video, tmp_path):
     assert result.exit_code == 2 and "not found" in result.output and "Traceback" not in result.output
     result = _run("clip-and-track", str(entities_video), "--entity", ":x", "--out", str(tmp_path / "o"))
     assert result.exit_code == 2 and "empty expression" in result.output
+    (tmp_path / "file").write_text("")
+    result = _run("clip-and-track", str(entities_video), "-e", "x", "--profile", "tiny", "--out", str(tmp_path / "file" / "o"))
+    assert result.exit_code == 2 and "cannot write a dataset" in result.output and "Traceback" not in result.output
 
 
 def test_models_lists_roles_and_missing_weights_fail_fast(entities_video, tmp_path, monkeypatch):
