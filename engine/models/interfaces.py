@@ -83,7 +83,7 @@ class Grounder(Protocol):
 
 
 class FrameSource(Protocol):
-    """Frames the tracker runs on, already squash-resized to the tracker's image_size (uint8 RGB)."""
+    """Frames the tracker runs on: uint8 RGB, squash-resized to exactly the tracker's image_size."""
 
     def __len__(self) -> int: ...
 
@@ -94,7 +94,8 @@ class TrackingSession(Protocol):
     """sam2's session shape: prompt objects on frames, then propagate as a generator."""
 
     def add_box(self, position: int, obj_id: int, box: Box) -> None:
-        """Prompt object `obj_id` with an xyxy box (pixels of the output resolution) at frame `position`."""
+        """Prompt object `obj_id` with an xyxy box (pixels of the output resolution) at frame `position`;
+        parts outside the frame are clipped, a box wholly outside is a ValueError."""
         ...
 
     def add_mask(self, position: int, obj_id: int, mask: np.ndarray) -> None:
@@ -106,7 +107,9 @@ class TrackingSession(Protocol):
         to the last (or, reversed, the first) frame. All prompted objects advance together."""
         ...
 
-    def close(self) -> None: ...
+    def close(self) -> None:
+        """Free the session's state; safe to call twice."""
+        ...
 
 
 @runtime_checkable
