@@ -17,8 +17,13 @@ from engine.storage import Dataset
 from flows.clip_and_track import ClipAndTrack, finish_run, run_batch
 from schemas import EntityRef
 
-# Faults worth a retry of the whole batch (a model server restarting, a GPU momentarily out of memory).
-TRANSIENT = (ConnectionError, TimeoutError, MemoryError)
+
+def _transient() -> tuple[type[BaseException], ...]:
+    """Faults worth a retry of the whole batch: a model server restarting, a GPU momentarily out of memory.
+    Completed videos are skipped on the retry."""
+    import torch
+
+    return (ConnectionError, TimeoutError, MemoryError, torch.OutOfMemoryError)
 
 
 @cache
@@ -36,6 +41,7 @@ def track_batch(
     config_file: Optional[str],
     force: bool,
     baseline: bool,
+    render: bool,
 ) -> dict:
     pipeline = _pipeline(profile, config_file)
     outcomes = run_batch(
@@ -45,7 +51,8 @@ def track_batch(
         Dataset(out),
         force=force,
         baseline=baseline,
-        transient=TRANSIENT,
+        render=render,
+        transient=_transient(),
     )
     return {o.source: o.status for o in outcomes}
 
@@ -60,6 +67,7 @@ def clip_and_track_flow(
     batch_size: int = 8,
     force: bool = False,
     baseline: bool = False,
+    render: bool = False,
 ) -> dict:
     """Video Clipper + Referring Masklet Generator over many videos; entities as `EXPRESSION[:NOUN]`."""
     if batch_size < 1:
@@ -69,7 +77,7 @@ def clip_and_track_flow(
     logger = get_run_logger()
     batches = [videos[i : i + batch_size] for i in range(0, len(videos), batch_size)]
     futures = [
-        track_batch.submit(batch, entities, out, profile, config_file, force, baseline) for batch in batches
+        track_batch.submit(batch, entities, out, profile, config_file, force, baseline, render) for batch in batches
     ]
     statuses: dict[str, str] = {}
     for future in futures:
