@@ -35,6 +35,7 @@ class MaskletConfig:
     detect_batch: int = 4
     prompt: Literal["box", "mask"] = "box"
     frame_jpeg_quality: int = 95
+    frame_memory_mb: float = 1024  # tracked frames beyond this spill to a temporary folder
     max_candidates_per_noun: int = 8
 
     def __post_init__(self) -> None:
@@ -209,15 +210,21 @@ class MaskletPass:
         self.video_id, self.source = video_id, source
         self.width, self.height = width, height
         self.entities, self.provenance, self.methods = entities, provenance, methods
-        store = FrameStore(size=gen.tracker.image_size, quality=self.cfg.frame_jpeg_quality)
+        store = FrameStore(
+            size=gen.tracker.image_size, quality=self.cfg.frame_jpeg_quality, memory_budget_mb=self.cfg.frame_memory_mb
+        )
         self.frames = _TrackFrames(store, self.cfg.track_fps)
         self.consumers = [self.frames]
 
     # -- results -----------------------------------------------------------------------------------------
     def finish(self) -> dict[Method, MaskletResult]:
-        """Run each requested method over the stored frames."""
+        """Run each requested method over the stored frames, then free them."""
         runs = {"strefer": self._strefer, "grounded-sam2": self._grounded_sam2}
-        return {method: runs[method]() for method in self.methods}
+        try:
+            return {method: runs[method]() for method in self.methods}
+        finally:
+            self.stats.count("frames_spilled_to_disk", self.frames.store.spilled)
+            self.frames.store.close()
 
     def _reject(self, entity: EntityRef, stage: str, reason: str, detail: str, method: Method) -> RejectionRecord:
         self.stats.count(f"rejected_{reason}")

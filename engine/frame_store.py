@@ -2,11 +2,17 @@
 
 One decode of a video fills a store; the tracker (and anything else that wants the frames again, such as the
 detector through `resized`) reads them back from it. A frame at 1024x1024 costs about 100-300 KB here instead
-of the 12 MiB of fp32 that sam2's own loader holds per frame for a whole video.
+of the 12 MiB of fp32 that sam2's own loader holds per frame for a whole video. Past `memory_budget_mb`,
+further frames spill to a temporary folder (removed by `close` or when the store is collected), so memory
+stays bounded whatever the video's length.
 """
 
 from __future__ import annotations
 
+import shutil
+import tempfile
+import weakref
+from pathlib import Path
 from typing import Iterator
 
 import cv2
@@ -16,15 +22,20 @@ import numpy as np
 class FrameStore:
     """Append RGB uint8 frames of any size; read them back as RGB uint8 `(size, size, 3)` squares."""
 
-    def __init__(self, *, size: int, quality: int = 95) -> None:
+    def __init__(self, *, size: int, quality: int = 95, memory_budget_mb: float | None = 1024) -> None:
         if not isinstance(size, int) or isinstance(size, bool) or size < 1:
             raise ValueError(f"size must be a positive int (the model's square input side), got {size!r}")
         if not isinstance(quality, int) or isinstance(quality, bool) or not 1 <= quality <= 100:
             raise ValueError(f"quality must be an int JPEG quality in 1..100, got {quality!r}")
+        if memory_budget_mb is not None and memory_budget_mb < 0:
+            raise ValueError(f"memory_budget_mb must be >= 0 or None (no limit), got {memory_budget_mb!r}")
         self.size = size
         self.quality = quality
-        self._encoded: list[np.ndarray] = []
+        self.memory_budget = None if memory_budget_mb is None else int(memory_budget_mb * 2**20)
+        self._encoded: list[np.ndarray | Path] = []  # in memory, or the file it spilled to
         self._nbytes = 0
+        self._spill_dir: Path | None = None
+        self._cleanup: weakref.finalize | None = None
 
     def append(self, frame: np.ndarray) -> int:
         """Squash-resize `frame` (RGB uint8, (H, W, 3)) to size x size, compress it, return its position."""
@@ -40,9 +51,33 @@ class FrameStore:
         )
         if not ok:  # pragma: no cover - cv2 only fails here on a broken build
             raise RuntimeError("cv2.imencode failed to JPEG-encode a frame")
-        self._encoded.append(encoded)
-        self._nbytes += encoded.nbytes
+        if self.memory_budget is not None and self._nbytes + encoded.nbytes > self.memory_budget:
+            path = self._spill_folder() / f"{len(self._encoded)}.jpg"
+            encoded.tofile(path)
+            self._encoded.append(path)
+        else:
+            self._encoded.append(encoded)
+            self._nbytes += encoded.nbytes
         return len(self._encoded) - 1
+
+    def _spill_folder(self) -> Path:
+        if self._spill_dir is None:
+            self._spill_dir = Path(tempfile.mkdtemp(prefix="engine-frames-"))
+            self._cleanup = weakref.finalize(self, shutil.rmtree, self._spill_dir, True)
+        return self._spill_dir
+
+    @property
+    def spilled(self) -> int:
+        """Frames held on disk rather than in memory."""
+        return sum(isinstance(e, Path) for e in self._encoded)
+
+    def close(self) -> None:
+        """Drop every frame and remove the spill folder; the store is empty afterwards."""
+        self._encoded.clear()
+        self._nbytes = 0
+        if self._cleanup is not None:
+            self._cleanup()
+            self._spill_dir = self._cleanup = None
 
     def __len__(self) -> int:
         return len(self._encoded)
@@ -50,6 +85,8 @@ class FrameStore:
     def __getitem__(self, position: int) -> np.ndarray:
         """The frame at `position` (negative counts from the end) as RGB uint8 (size, size, 3)."""
         encoded = self._encoded[self._index(position)]
+        if isinstance(encoded, Path):
+            encoded = np.fromfile(encoded, dtype=np.uint8)
         bgr = cv2.imdecode(encoded, cv2.IMREAD_COLOR)
         return cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)
 
@@ -59,7 +96,7 @@ class FrameStore:
 
     @property
     def nbytes(self) -> int:
-        """Bytes of compressed frame data held."""
+        """Bytes of compressed frame data held in memory."""
         return self._nbytes
 
     def resized(self, position: int, width: int, height: int) -> np.ndarray:

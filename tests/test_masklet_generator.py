@@ -228,3 +228,12 @@ def test_track_fps_subsamples_by_time():
             job.consumers[0].consume(i, i / 10, frame)
             taken.append(i)
     assert taken == [0, 4, 8, 12, 16, 20, 24, 28]
+
+
+def test_frames_beyond_the_memory_budget_spill_to_disk_and_results_do_not_change():
+    frames, _ = _scene()
+    (in_memory,) = _run(_generator(), frames, ENTITIES[2:]).values()
+    gen = _generator(frame_memory_mb=0.01)  # ~10 KB: most frames go to disk
+    (spilled,) = _run(gen, frames, ENTITIES[2:]).values()
+    assert gen.stats.counters["frames_spilled_to_disk"] > N // 2
+    assert [m.frames for m in spilled.masklets] == [m.frames for m in in_memory.masklets]

@@ -344,3 +344,20 @@ def test_importing_backends_does_not_import_torch() -> None:
         "sys.exit(int('torch' in sys.modules or 'sam2' in sys.modules))"
     )
     assert subprocess.run([sys.executable, "-c", code]).returncode == 0
+
+
+def test_frame_store_spills_past_its_memory_budget_and_cleans_up():
+    rng = np.random.default_rng(0)
+    frames = [rng.integers(0, 255, (48, 64, 3), dtype=np.uint8) for _ in range(6)]
+    store = FrameStore(size=32, memory_budget_mb=2 / 1024)  # 2 KB: a noisy 32x32 JPEG is ~1 KB
+    for frame in frames:
+        store.append(frame)
+    assert 0 < store.spilled < len(store) and store.nbytes <= 2048
+    reference = FrameStore(size=32, memory_budget_mb=None)
+    for frame in frames:
+        reference.append(frame)
+    assert all(np.array_equal(store[i], reference[i]) for i in range(len(frames)))
+    folder = store._spill_dir
+    assert folder is not None and folder.exists()
+    store.close()
+    assert not folder.exists() and len(store) == 0
