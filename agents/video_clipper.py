@@ -48,6 +48,9 @@ class ClipperConfig:
     linkage: str = "ward"
     use_hac: bool = True
     embed_batch: int = 32  # frames per embedder call
+    # Pairwise distances grow with the square of the samples (an hour at 3 FPS: 10.8k samples, ~470 MB);
+    # beyond this many, every k-th sample is clustered (4000 samples: 64 MB).
+    max_hac_samples: int = 4000
 
     def __post_init__(self) -> None:
         if not self.threshold > 0:
@@ -66,6 +69,8 @@ class ClipperConfig:
             raise ValueError(f"linkage must be one of {', '.join(LINKAGES)} (scipy methods), got {self.linkage!r}")
         if self.embed_batch < 1:
             raise ValueError(f"embed_batch must be >= 1, got {self.embed_batch}")
+        if self.max_hac_samples < 2:
+            raise ValueError(f"max_hac_samples must be >= 2, got {self.max_hac_samples}")
 
 
 # -- the clustering math (Algorithm 2), pure functions -----------------------------------------------------
@@ -272,15 +277,18 @@ class ClipperPass:
             return self._clips(cuts, "content", frames_decoded, end_time)
         sampler = self._sampler
         if sampler is not None and end_time >= self.cfg.min_video_s_for_hac and len(sampler.indexes) >= 2:
-            # Samples are 1/min(hac_fps, fps) s apart: at low frame rates every frame is a sample.
-            min_len = max(1, math.ceil(self.cfg.min_clip_s * min(self.cfg.hac_fps, self.fps) - 1e-9))
+            step = math.ceil(len(sampler.indexes) / self.cfg.max_hac_samples)
+            # Samples are step/min(hac_fps, fps) s apart: at low frame rates every frame is a sample.
+            rate = min(self.cfg.hac_fps, self.fps) / step
+            min_len = max(1, math.ceil(self.cfg.min_clip_s * rate - 1e-9))
             starts = hac_boundaries(
-                sampler.embeddings(),
+                sampler.embeddings()[::step],
                 std_factor=self.cfg.hac_std_factor,
                 linkage=self.cfg.linkage,
                 min_len_samples=min_len,
             )
-            bounds = [i for i in (sampler.indexes[s] for s in starts) if 0 < i < frames_decoded]
+            indexes = sampler.indexes[::step]
+            bounds = [i for i in (indexes[s] for s in starts) if 0 < i < frames_decoded]
             if bounds:
                 return self._clips(bounds, "siglip-hac", frames_decoded, end_time)
         return self._clips([], "single", frames_decoded, end_time)

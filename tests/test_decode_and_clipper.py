@@ -277,6 +277,15 @@ def test_hac_cuts_a_slow_change_that_content_detection_misses(videos) -> None:
     assert stats.seconds["clip.embed"] > 0
 
 
+def test_sample_cap_clusters_every_kth_sample_and_still_finds_the_change(videos) -> None:
+    truth = videos["slow"]
+    capped = ClipperConfig(max_hac_samples=12)  # 36 samples -> every 3rd
+    clips = clip_video(truth.path, embedder=FakeEmbedder(synthetic.SLOW_CHANGE_PALETTE), config=capped)
+    assert [c.method for c in clips] == ["siglip-hac", "siglip-hac"]
+    assert truth.changes[0] <= clips[1].start_frame <= truth.changes[0] + 12  # one capped sample step later at most
+    assert_cover(clips, truth.num_frames)
+
+
 def test_without_embedder_or_with_hac_off_a_slow_change_is_one_clip(videos) -> None:
     path = videos["slow"].path
     assert [c.method for c in clip_video(path)] == ["single"]
