@@ -89,7 +89,7 @@ def clipper_vs_scenedetect(video: str, repeats: int) -> dict:
         start = time.perf_counter()
         info = probe_video(video, limits=DecodeLimits())
         job = VideoClipper(embedder=None, config=ClipperConfig(threshold=20.0, use_hac=False)).start(
-            video_id="bench", fps=info.fps, width=info.decode_width, height=info.decode_height, provenance=prov
+            video_id="bench", fps=info.fps, width=info.width, height=info.height, provenance=prov
         )
         result = decode_video(info, job.consumers)
         clips = job.finish(frames_decoded=result.frames_decoded, end_time=result.end_time)

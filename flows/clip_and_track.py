@@ -114,7 +114,7 @@ class ClipAndTrack:
         provenance = self.provenance()
         counted_before = dict(self.stats.counters)
         clip_pass = self.clipper.start(
-            video_id=video_id, fps=info.fps, width=info.decode_width, height=info.decode_height, provenance=provenance
+            video_id=video_id, fps=info.fps, width=info.width, height=info.height, provenance=provenance
         )
         methods = ["strefer", "grounded-sam2"] if baseline else ["strefer"]
         masklet_pass = self.generator.start(
