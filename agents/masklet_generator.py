@@ -17,6 +17,7 @@ from typing import Literal, Sequence
 import numpy as np
 
 from engine import masks
+from engine.decode import RateGate
 from engine.frame_store import FrameStore
 from engine.ids import stable_id
 from engine.models.interfaces import BoxSegmenter, Detection, Detector, Grounder, Tracker
@@ -134,23 +135,18 @@ class _TrackFrames:
 
     def __init__(self, store: FrameStore, track_fps: float) -> None:
         self.store = store
-        self.track_fps = track_fps
+        self.gate = RateGate(track_fps)
         self.frame_index: list[int] = []
         self.times: list[float] = []
-        self._next_slot = 0
 
     def wants(self, index: int, time: float) -> bool:
-        if self.track_fps <= 0:
-            return True
-        # Slot k opens at k / track_fps; the first frame at or after it takes the slot.
-        return time * self.track_fps >= self._next_slot - 1e-6
+        return self.gate.open(time)
 
     def consume(self, index: int, time: float, frame: np.ndarray) -> None:
         self.store.append(frame)
         self.frame_index.append(index)
         self.times.append(time)
-        if self.track_fps > 0:
-            self._next_slot = int(np.floor(time * self.track_fps + 1e-6)) + 1
+        self.gate.take(time)
 
 
 class ReferringMaskletGenerator:

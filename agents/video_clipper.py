@@ -20,7 +20,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from engine.decode import FrameConsumer
+from engine.decode import FrameConsumer, RateGate
 from engine.ids import stable_id
 from engine.models.interfaces import Embedder
 from engine.stats import Stats
@@ -187,13 +187,12 @@ class _Sampler:
 
     def __init__(self, *, embedder: Embedder, config: ClipperConfig, cuts: list[int], stats: Stats) -> None:
         self._embedder = embedder
-        self._hac_fps = config.hac_fps
+        self._gate = RateGate(config.hac_fps)
         self._batch = config.embed_batch
         self._cuts = cuts  # the cut detector's list, read live
         self._stats = stats
         self._pending: list[np.ndarray] = []
         self._embedded: list[np.ndarray] = []
-        self._next_slot = 0
         self.indexes: list[int] = []  # frame index of each sample
 
     def wants(self, index: int, time: float) -> bool:
@@ -201,8 +200,7 @@ class _Sampler:
             if self.indexes:
                 self._pending, self._embedded, self.indexes = [], [], []
             return False
-        # Slot k opens at k / hac_fps; the first frame at or after it takes the slot.
-        return time * self._hac_fps >= self._next_slot - 1e-6
+        return self._gate.open(time)
 
     def consume(self, index: int, time: float, frame: np.ndarray) -> None:
         import cv2
@@ -210,7 +208,7 @@ class _Sampler:
         size = self._embedder.input_size
         self._pending.append(cv2.resize(frame, (size, size), interpolation=cv2.INTER_AREA))
         self.indexes.append(index)
-        self._next_slot = math.floor(time * self._hac_fps + 1e-6) + 1
+        self._gate.take(time)
         if len(self._pending) >= self._batch:
             self._embed_pending()
 

@@ -6,6 +6,8 @@ share one pass. Frames are never accumulated here: a consumer keeps what it need
 
 from __future__ import annotations
 
+import math
+
 from dataclasses import dataclass
 from typing import Any, Callable, Protocol, Sequence
 
@@ -41,6 +43,23 @@ class FrameConsumer(Protocol):
         """`frame` is RGB uint8 (decode_height, decode_width, 3), upright, shared between consumers: do not
         modify it in place."""
         ...
+
+
+class RateGate:
+    """Time-based frame sampling for consumers: the first frame at or after each slot k / fps passes (every
+    frame when fps <= 0). Robust to variable frame rates, unlike a fixed frame stride."""
+
+    def __init__(self, fps: float) -> None:
+        self.fps = fps
+        self._next_slot = 0
+
+    def open(self, time: float) -> bool:
+        return self.fps <= 0 or time * self.fps >= self._next_slot - 1e-6
+
+    def take(self, time: float) -> None:
+        """Record that the frame at `time` was taken: the gate opens again at the next slot."""
+        if self.fps > 0:
+            self._next_slot = math.floor(time * self.fps + 1e-6) + 1
 
 
 @dataclass(frozen=True)
