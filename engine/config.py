@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from functools import cached_property
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -35,7 +34,7 @@ class EngineConfig(BaseModel):
     roles: dict[str, RoleSpec]
     pipeline: dict[str, Any]
 
-    @cached_property
+    @property
     def hash(self) -> str:
         """Content hash of everything that shapes the output (not the device)."""
         settings = {k: v for k, v in self.pipeline.items() if k != "device"}

@@ -93,6 +93,10 @@ def test_profiles_resolve_every_role():
     assert tiny.section("masklets")["box_threshold"] == 0.0  # per-profile pipeline override
     assert load_config("default").section("masklets")["box_threshold"] == 0.25  # Strefer's released value
     assert load_config("default").hash != tiny.hash
+    changed = tiny.model_copy(update={"pipeline": {**tiny.pipeline, "masklets": {"track_fps": 1.0}}})
+    assert changed.hash != tiny.hash  # the hash follows the settings (no stale cached value)
+    moved = tiny.model_copy(update={"pipeline": {**tiny.pipeline, "device": "cuda:1"}})
+    assert moved.hash == tiny.hash  # the device does not shape the output
     with pytest.raises(ConfigError, match="unknown profile"):
         load_config("nope")
 
