@@ -7,6 +7,8 @@ from typing import Sequence
 
 import numpy as np
 
+from engine.images import check_rgb_uint8
+
 Color = tuple[int, int, int]
 
 _GOLDEN = 0.618033988749895
@@ -41,8 +43,7 @@ def draw_numbered_boxes(
     (default: its 0-based index) written in a filled tag at the box's top-left corner."""
     import cv2
 
-    if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
-        raise ValueError(f"image must be RGB uint8 of shape (H, W, 3), got {image.dtype} {image.shape}")
+    check_rgb_uint8(image)
     boxes_arr = np.asarray(boxes, dtype=np.float64).reshape(-1, 4)
     if labels is None:
         labels = [str(i) for i in range(len(boxes_arr))]

@@ -18,6 +18,8 @@ from typing import Iterator
 import cv2
 import numpy as np
 
+from engine.images import check_rgb_uint8
+
 
 class FrameStore:
     """Append RGB uint8 frames of any size; read them back as RGB uint8 `(size, size, 3)` squares."""
@@ -119,12 +121,3 @@ class FrameStore:
             raise IndexError(f"frame position {position} is out of range for a store of {n} frames")
         return int(position) % n
 
-
-def check_rgb_uint8(image: np.ndarray, name: str) -> np.ndarray:
-    if not isinstance(image, np.ndarray):
-        raise ValueError(f"{name} must be a numpy array, got {type(image).__name__}")
-    if image.ndim != 3 or image.shape[2] != 3 or image.shape[0] == 0 or image.shape[1] == 0:
-        raise ValueError(f"{name} must be RGB with shape (H, W, 3), got shape {image.shape}")
-    if image.dtype != np.uint8:
-        raise ValueError(f"{name} must be uint8, got {image.dtype}")
-    return np.ascontiguousarray(image)

@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Any, Sequence
 
 import numpy as np
 
+from engine.images import check_rgb_uint8
 from engine.models.interfaces import Detection
 
 if TYPE_CHECKING:
@@ -114,11 +115,6 @@ def nms_per_label(detections: Sequence[Detection], iou_threshold: float) -> list
     keep = batched_nms(boxes, scores, idxs, iou_threshold)
     return [detections[i] for i in keep.tolist()]
 
-
-def _check_image(image: np.ndarray, position: int) -> None:
-    if not isinstance(image, np.ndarray) or image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
-        got = f"{image.dtype} {image.shape}" if isinstance(image, np.ndarray) else type(image).__name__
-        raise ValueError(f"image {position} must be RGB uint8 of shape (H, W, 3), got {got}")
 
 
 class GroundingDinoDetector:
@@ -231,7 +227,7 @@ class GroundingDinoDetector:
         if not images:
             return []
         for i, image in enumerate(images):
-            _check_image(image, i)
+            check_rgb_uint8(image, f"image {i}")
 
         import torch
 

@@ -12,6 +12,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from engine.images import check_rgb_uint8
 from engine.models.interfaces import Box, GroundingAnswer
 
 PROMPT_TEMPLATE = "grounder"
@@ -134,9 +135,7 @@ class VlmGrounder:
     def ground(self, image: np.ndarray, boxes: Sequence[Box], expressions: Sequence[str]) -> list[GroundingAnswer]:
         from engine.draw import draw_numbered_boxes
 
-        if not isinstance(image, np.ndarray) or image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
-            got = f"{image.dtype} {image.shape}" if isinstance(image, np.ndarray) else type(image).__name__
-            raise ValueError(f"image must be RGB uint8 of shape (H, W, 3), got {got}")
+        check_rgb_uint8(image)
         if isinstance(expressions, str):
             raise ValueError("expressions must be a sequence of strings, not one string")
         expressions = [" ".join(str(e).split()) for e in expressions]

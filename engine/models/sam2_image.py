@@ -11,7 +11,7 @@ from typing import Any
 
 import numpy as np
 
-from engine.frame_store import check_rgb_uint8
+from engine.images import check_rgb_uint8
 from engine.models.sam2_tracker import (
     TINY_CONFIG,
     TINY_MODEL_ID,

@@ -12,6 +12,8 @@ from typing import TYPE_CHECKING, Any, Iterator, Sequence
 
 import numpy as np
 
+from engine.images import check_rgb_uint8
+
 if TYPE_CHECKING:
     import torch
 
@@ -115,9 +117,7 @@ class SiglipEmbedder:
         """L2-normalised float32 embeddings, shape (N, D), one row per image, in order."""
         images = list(images)
         for i, image in enumerate(images):
-            if not isinstance(image, np.ndarray) or image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
-                got = f"{image.dtype} {image.shape}" if isinstance(image, np.ndarray) else type(image).__name__
-                raise ValueError(f"image {i} must be RGB uint8 of shape (H, W, 3), got {got}")
+            check_rgb_uint8(image, f"image {i}")
         if not images:
             return np.zeros((0, self.dim), dtype=np.float32)
 
