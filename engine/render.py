@@ -31,6 +31,8 @@ class _Overlay:
         self.masklets = list(masklets)
         self.colors = palette(len(self.masklets))
         self.frame_keys = [[f.frame_index for f in m.frames] for m in self.masklets]
+        # A mask is held over the frames between tracked ones: decode each RLE once, not once per frame.
+        self.decoded: list[tuple[int, np.ndarray] | None] = [None] * len(self.masklets)
         # A mask is shown until the next tracked frame, but not across a gap of more than this many frames.
         tracked = max((m.num_frames_tracked for m in self.masklets), default=0)
         self.hold = max(1, int(np.ceil(max(info.num_frames, 1) / max(tracked, 1))))
@@ -45,12 +47,15 @@ class _Overlay:
 
         canvas = frame.copy()
         labels = []
-        for m, keys, color in zip(self.masklets, self.frame_keys, self.colors):
+        for j, (m, keys, color) in enumerate(zip(self.masklets, self.frame_keys, self.colors)):
             k = bisect_right(keys, index) - 1
             if k < 0 or index - keys[k] >= self.hold:
                 continue
             fm = m.frames[k]
-            mask = masks.decode(fm.rle)
+            cached = self.decoded[j]
+            if cached is None or cached[0] != k:
+                cached = self.decoded[j] = (k, masks.decode(fm.rle))
+            mask = cached[1]
             if mask.shape != canvas.shape[:2]:
                 continue
             canvas[mask] = (0.45 * canvas[mask] + 0.55 * np.array(color)).astype(np.uint8)
