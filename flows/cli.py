@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import sys
 from enum import Enum
 from pathlib import Path
 from typing import Annotated, Optional
@@ -269,9 +268,5 @@ def _short(value, limit: int = 48) -> str:
     return text if len(text) <= limit else text[: limit - 1] + "…"
 
 
-def main() -> None:  # pragma: no cover - console-script shim
+if __name__ == "__main__":  # pragma: no cover - `python -m flows.cli`
     app(prog_name="engine")
-
-
-if __name__ == "__main__":  # pragma: no cover
-    sys.exit(main())
