@@ -16,13 +16,12 @@ from typing import Literal, Sequence
 
 import numpy as np
 
-from engine import masks
-from engine.decode import RateGate
-from engine.frame_store import FrameStore
+from agents.tracking import Prompt, frame_masks, track_objects
+from engine.frame_store import FrameStore, TrackFrames
 from engine.ids import stable_id
 from engine.models.interfaces import BoxSegmenter, Detection, Detector, Grounder, Tracker
 from engine.stats import Stats
-from schemas import Assignment, EntityRef, FrameMask, MaskletRecord, Provenance, RejectionRecord, Rle
+from schemas import Assignment, EntityRef, MaskletRecord, Provenance, RejectionRecord, Rle
 
 Method = Literal["strefer", "grounded-sam2"]
 
@@ -130,36 +129,21 @@ class MaskletResult:
     frames_tracked: int
 
 
-class _TrackFrames:
-    """Frame consumer: keeps the frames the tracker will see, at track_fps, in a compressed store."""
-
-    def __init__(self, store: FrameStore, track_fps: float) -> None:
-        self.store = store
-        self.gate = RateGate(track_fps)
-        self.frame_index: list[int] = []
-        self.times: list[float] = []
-
-    def wants(self, index: int, time: float) -> bool:
-        return self.gate.open(time)
-
-    def consume(self, index: int, time: float, frame: np.ndarray) -> None:
-        self.store.append(frame)
-        self.frame_index.append(index)
-        self.times.append(time)
-        self.gate.take(time)
-
-
 class ReferringMaskletGenerator:
+    method: Method = "strefer"
+
     def __init__(
         self,
         *,
         detector: Detector,
         tracker: Tracker,
-        grounder: Grounder,
+        grounder: Grounder | None,
         box_segmenter: BoxSegmenter | None = None,
         config: MaskletConfig = MaskletConfig(),
         stats: Stats | None = None,
     ) -> None:
+        if self.method == "strefer" and grounder is None:
+            raise ValueError("the Strefer masklet generator needs a grounder")
         if config.prompt == "mask" and box_segmenter is None:
             raise ValueError("prompt='mask' needs a box_segmenter")
         self.detector = detector
@@ -178,14 +162,34 @@ class ReferringMaskletGenerator:
         height: int,
         entities: Sequence[EntityRef],
         provenance: Provenance,
-        methods: Sequence[Method] = ("strefer",),
+        frames: TrackFrames | None = None,
     ) -> "MaskletPass":
+        """Open the pass for one video. `frames` is a frame consumer shared with other passes that track at
+        the same size and rate (its owner closes it); without it the pass keeps its own."""
         if not entities:
             raise ValueError("no entities given: pass at least one referring expression")
         duplicates = [e for e, n in Counter(e.expression for e in entities).items() if n > 1]
         if duplicates:
             raise ValueError(f"referring expressions must be distinct; repeated: {duplicates}")
-        return MaskletPass(self, video_id, source, width, height, list(entities), provenance, list(methods))
+        return MaskletPass(self, video_id, source, width, height, list(entities), provenance, self.method, frames)
+
+    def track_frames(self) -> TrackFrames:
+        """A frame consumer of its own (when no shared one is given)."""
+        store = FrameStore(
+            size=self.tracker.image_size, quality=self.config.frame_jpeg_quality, memory_budget_mb=self.config.frame_memory_mb
+        )
+        return TrackFrames(store, self.config.track_fps)
+
+
+class GroundedSam2Baseline(ReferringMaskletGenerator):
+    """What Grounded-SAM-2's video demo does, as a baseline on the same decode: the expressions prompt the
+    detector on the first frame, SAM 2 tracks those boxes forward only, each labelled by the detector's
+    phrase. No grounder."""
+
+    method: Method = "grounded-sam2"
+
+    def __init__(self, *, detector: Detector, tracker: Tracker, config: MaskletConfig = MaskletConfig(), stats: Stats | None = None) -> None:
+        super().__init__(detector=detector, tracker=tracker, grounder=None, config=config, stats=stats)
 
 
 class MaskletPass:
@@ -200,27 +204,28 @@ class MaskletPass:
         height: int,
         entities: list[EntityRef],
         provenance: Provenance,
-        methods: list[Method],
+        method: Method,
+        frames: TrackFrames | None,
     ) -> None:
         self.gen, self.cfg, self.stats = gen, gen.config, gen.stats
         self.video_id, self.source = video_id, source
         self.width, self.height = width, height
-        self.entities, self.provenance, self.methods = entities, provenance, methods
-        store = FrameStore(
-            size=gen.tracker.image_size, quality=self.cfg.frame_jpeg_quality, memory_budget_mb=self.cfg.frame_memory_mb
-        )
-        self.frames = _TrackFrames(store, self.cfg.track_fps)
-        self.consumers = [self.frames]
+        self.entities, self.provenance, self.method = entities, provenance, method
+        self._owns_frames = frames is None
+        self.frames = gen.track_frames() if frames is None else frames
+        # A shared consumer is fed by its owner's registration; feeding it twice would store frames twice.
+        self.consumers = [self.frames] if self._owns_frames else []
 
     # -- results -----------------------------------------------------------------------------------------
-    def finish(self) -> dict[Method, MaskletResult]:
-        """Run each requested method over the stored frames, then free them."""
+    def finish(self) -> MaskletResult:
+        """Run the method over the stored frames (and free them when this pass owns them)."""
         runs = {"strefer": self._strefer, "grounded-sam2": self._grounded_sam2}
         try:
-            return {method: runs[method]() for method in self.methods}
+            return runs[self.method]()
         finally:
-            self.stats.count("frames_spilled_to_disk", self.frames.store.spilled)
-            self.frames.store.close()
+            if self._owns_frames:
+                self.stats.count("frames_spilled_to_disk", self.frames.store.spilled)
+                self.frames.close()
 
     def _reject(self, entity: EntityRef, stage: str, reason: str, detail: str, method: Method) -> RejectionRecord:
         self.stats.count(f"rejected_{reason}")
@@ -285,39 +290,20 @@ class MaskletPass:
         return out
 
     def _track(self, candidates: list[_Candidate], start: int, *, both_directions: bool) -> None:
-        """All candidates in one tracking session: forward from `start`, then backward from it.
-
-        Algorithm 1 merges the two passes "based on overlapping detections in the initial frame"; both
-        passes here share one session whose objects were prompted by those detections, so the match is the
-        object id itself and the start frame's mask comes from the prompt.
-        """
-        store = self.frames.store
-        session = self.gen.tracker.start(store, height=self.height, width=self.width)
-        try:
-            if self.cfg.prompt == "mask":
-                assert self.gen.box_segmenter is not None
-                image = store.resized(start, self.width, self.height)
-                boxes = np.array([c.detection.box for c in candidates], dtype=np.float32)
-                with self.stats.timer("masklets.segment"):
-                    seg = self.gen.box_segmenter.segment(image, boxes)
-                for cand, mask in zip(candidates, seg):
-                    session.add_mask(start, cand.obj_id, mask)
-            else:
-                for cand in candidates:
-                    session.add_box(start, cand.obj_id, cand.detection.box)
-            directions = [False, True] if both_directions else [False]
-            by_id = {c.obj_id: c for c in candidates}
-            for reverse in directions:
-                self.stats.count("tracker_passes")
-                with self.stats.timer("masklets.track"):
-                    for position, obj_masks in session.propagate(start, reverse=reverse):
-                        self.stats.count("frames_tracked")
-                        for obj_id, mask in obj_masks.items():
-                            box = masks.mask_box(mask)
-                            if box is not None and position not in by_id[obj_id].frames:
-                                by_id[obj_id].frames[position] = (masks.encode(mask), box)
-        finally:
-            session.close()
+        """All candidates in one tracking session from `start` (see agents.tracking.track_objects)."""
+        prompts: dict[int, Prompt] = {c.obj_id: c.detection.box for c in candidates}
+        if self.cfg.prompt == "mask":
+            assert self.gen.box_segmenter is not None
+            image = self.frames.store.resized(start, self.width, self.height)
+            boxes = np.array([c.detection.box for c in candidates], dtype=np.float32)
+            with self.stats.timer("masklets.segment"):
+                prompts = dict(zip(prompts, self.gen.box_segmenter.segment(image, boxes)))
+        tracks = track_objects(
+            self.gen.tracker, self.frames, width=self.width, height=self.height, prompts=prompts, start=start,
+            both_directions=both_directions, stats=self.stats, timer="masklets.track",
+        )
+        for cand in candidates:
+            cand.frames = tracks[cand.obj_id]
 
     def _assign(self, candidates: list[_Candidate], start: int) -> tuple[list[MaskletRecord], list[RejectionRecord]]:
         """Step 4: per noun group, ask the grounder which numbered box each expression means (RexSeek's
@@ -398,10 +384,7 @@ class MaskletPass:
         self, entity: EntityRef, cand: _Candidate, start: int, assignment: Assignment, method: Method
     ) -> MaskletRecord:
         index, times = self.frames.frame_index, self.frames.times
-        frames = [
-            FrameMask(frame_index=index[p], timestamp=round(times[p], 6), rle=rle, box=box)
-            for p, (rle, box) in sorted(cand.frames.items())
-        ]
+        frames = frame_masks(self.frames, cand.frames)
         self.stats.count(f"masklets_{method}")
         return MaskletRecord(
             masklet_id=stable_id(self.video_id, self.provenance.config_hash, method, entity.expression),

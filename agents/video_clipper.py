@@ -171,8 +171,8 @@ class _CutDetector:
         self.times.append(time)
         self._stats.count("frames_cut_detected")
 
-    def flush(self) -> None:
-        """SceneManager's final post_process call, after the last frame."""
+    def end_of_stream(self) -> None:
+        """SceneManager's final post_process call, after the last frame (the decoder calls it)."""
         if self._last is not None:
             self._add(self._detector.post_process(self._last))
 
@@ -268,7 +268,6 @@ class ClipperPass:
         """Clips covering frames [0, frames_decoded) contiguously; pass DecodeResult's two fields."""
         if frames_decoded < 1:
             raise ValueError("no frames were decoded: there is nothing to clip")
-        self._cut.flush()
         cuts = sorted({c for c in self._cut.cuts if 0 < c < frames_decoded})
         self.stats.count("cuts_found", len(cuts))
         if cuts:

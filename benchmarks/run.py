@@ -30,47 +30,63 @@ def _peak_rss_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
 
 
+def _methods(outcome, methods: list[str]) -> dict:
+    """Per masklet method: its start frame (that of its masklets; None without any), masklets, frames covered,
+    entities it rejected."""
+    out = {}
+    for method in methods:
+        mine = [m for m in outcome.outputs.masklets if m.method == method]
+        starts = sorted({m.start_frame for m in mine})
+        out[method] = {
+            "start_frame": (starts[0] if len(starts) == 1 else starts) if starts else None,
+            "masklets": len(mine),
+            "frames_covered": sum(len(m.frames) for m in mine),
+            "rejected": sum(1 for r in outcome.outputs.rejections if r.detail.startswith(f"[{method}]")),
+        }
+    return out
+
+
+def _masklet_methods(pipeline) -> list[str]:
+    return [s.generator.method for s in pipeline.stages if hasattr(s, "generator")]
+
+
 def run_one(video: str, entities: list[str], profile: str, out: str) -> dict:
     """One video through the pipeline with the baseline beside it; runs in its own process."""
-    from engine.config import load_config
     from engine.decode import DecodeLimits
+    from engine.models import factory
     from engine.probe import probe_video
+    from engine.runner import Runner
     from engine.stats import Stats
     from engine.storage import Dataset
-    from flows.clip_and_track import ClipAndTrack
-    from schemas import EntityRef
+    from flows import clip_and_track, pipelines
+    from schemas import EntityRef, WorkItem
 
-    config = load_config(profile)
+    config = pipelines.load(profile)
+    stats = Stats()
+    dataset = Dataset(out)
     rss_before = _peak_rss_mib()
     start = time.perf_counter()
-    pipeline = ClipAndTrack.from_config(config, stats=Stats())
+    backends = factory.build(config, clip_and_track.roles(config), pipeline=clip_and_track.NAME)
+    pipeline = clip_and_track.build(
+        config, backends, stats=stats, dataset=dataset, entities=[EntityRef.parse(e) for e in entities], baseline=True
+    )
     load_s = time.perf_counter() - start
     rss_models = _peak_rss_mib()
     start = time.perf_counter()
-    outcome = pipeline.process(
-        video, [EntityRef.parse(e) for e in entities], Dataset(out), force=True, baseline=True
-    )
+    (outcome,) = Runner(pipeline, dataset, stats=stats, force=True).run([WorkItem(source=video)])
     wall = time.perf_counter() - start
     info = probe_video(video, limits=DecodeLimits(**config.section("decode")))
-    methods = {}
-    for method, start_frame in outcome.start_frames.items():
-        mine = [m for m in outcome.masklets if m.method == method]
-        methods[method] = {
-            "start_frame": start_frame,
-            "masklets": len(mine),
-            "frames_covered": sum(len(m.frames) for m in mine),
-            "rejected": sum(1 for r in outcome.rejections if r.detail.startswith(f"[{method}]")),
-        }
     return {
         "video": video,
         "status": outcome.status,
+        "detail": outcome.detail,
         "frames_in_file": info.num_frames,
-        "clips": [(c.start_frame, c.end_frame, c.method) for c in outcome.clips],
+        "clips": [(c.start_frame, c.end_frame, c.method) for c in outcome.outputs.clips],
         "model_load_s": round(load_s, 2),
         "wall_s": round(wall, 2),
         "rss_mib": {"start": round(rss_before), "after_models": round(rss_models), "peak": round(_peak_rss_mib())},
-        "methods": methods,
-        **pipeline.stats.as_dict(),
+        "methods": _methods(outcome, _masklet_methods(pipeline)),
+        **stats.as_dict(),
     }
 
 
@@ -112,18 +128,19 @@ def clipper_vs_scenedetect(video: str, repeats: int) -> dict:
 def oracle_comparison(tmp: Path) -> list[list]:
     """Strefer's generator against the grounded-sam2 baseline with oracle fakes (they read the synthetic
     scene's flat colors; not models) on a scene with exact ground truth: the difference is the algorithm's."""
-    from engine.config import load_config
     from engine.masks import decode
+    from engine.runner import Runner
+    from engine.stats import Stats
     from engine.storage import Dataset
-    from flows.clip_and_track import ClipAndTrack
-    from schemas import EntityRef
+    from flows import clip_and_track, pipelines
+    from schemas import EntityRef, WorkItem
     from tests.fakes import FakeColorDetector, FakeColorGrounder, FakeColorTracker, FakeEmbedder
     from tests.synthetic import entities_video
 
     path = tmp / "entities.mp4"
     truth = entities_video(path)
     colors = {s.name: s.color for s in truth.shapes}
-    config = load_config("tiny")
+    config = pipelines.load("tiny")
     config = config.model_copy(
         update={"pipeline": {**config.pipeline, "masklets": {**config.section("masklets"), "track_fps": 0}}}
     )
@@ -139,13 +156,17 @@ def oracle_comparison(tmp: Path) -> list[list]:
         "grounder": FakeColorGrounder({n: colors[n] for n in names}),
         "embedder": FakeEmbedder([(60, 60, 60)]),
     }
-    outcome = ClipAndTrack(config, backends=backends).process(
-        str(path), [EntityRef(expression=n, noun=nouns[n]) for n in names], Dataset(str(tmp / "oracle")),
-        baseline=True, force=True,
+    stats, dataset = Stats(), Dataset(str(tmp / "oracle"))
+    pipeline = clip_and_track.build(
+        config, backends, stats=stats, dataset=dataset,
+        entities=[EntityRef(expression=n, noun=nouns[n]) for n in names], baseline=True,
     )
+    (outcome,) = Runner(pipeline, dataset, stats=stats, force=True).run([WorkItem(source=str(path))])
+    if outcome.status != "done":
+        raise RuntimeError(f"oracle run {outcome.status}: {outcome.detail}")
     rows = []
     for method in ("strefer", "grounded-sam2"):
-        got = {m.expression: m for m in outcome.masklets if m.method == method}
+        got = {m.expression: m for m in outcome.outputs.masklets if m.method == method}
         for name in names:
             visible = {i for i in range(truth.num_frames) if truth.visible(name, i)}
             m = got.get(name)
@@ -205,8 +226,9 @@ def main() -> None:
     else:
         print(f"note: {args.real} not found; the real-video rows are skipped", file=sys.stderr)
     with tempfile.TemporaryDirectory() as tmp:
-        for label, seconds in (("synthetic 60 s", args.long_seconds), ("synthetic 10 s", args.short_seconds)):
-            path = Path(tmp) / f"synthetic_{int(seconds)}s.mp4"
+        long_label, short_label = f"synthetic long {args.long_seconds:g} s", f"synthetic short {args.short_seconds:g} s"
+        for kind, label, seconds in (("long", long_label, args.long_seconds), ("short", short_label, args.short_seconds)):
+            path = Path(tmp) / f"synthetic_{kind}_{seconds:g}s.mp4"
             print(f"writing {label} 720p video ...", file=sys.stderr)
             long_video(path, seconds)
             videos.append((label, str(path), ENTITIES["synthetic"]))
@@ -224,12 +246,12 @@ def main() -> None:
     report.append(
         _table(
             [
-                [label, r["frames_in_file"], r["counters"].get("frames_decoded", 0),
+                [label, r["status"], r["frames_in_file"], r["counters"].get("frames_decoded", 0),
                  r["counters"].get("frames_decoded_render", 0), r["wall_s"], r["model_load_s"],
                  r["rss_mib"]["after_models"], r["rss_mib"]["peak"]]
                 for label, r in runs.items()
             ],
-            ["video", "frames in file", "frames decoded", "decoded for render", "wall s", "model load s",
+            ["video", "status", "frames in file", "frames decoded", "decoded for render", "wall s", "model load s",
              "RSS after models MiB", "peak RSS MiB"],
         )
     )
@@ -253,9 +275,10 @@ def main() -> None:
             ["video", "ours s", "detect() s", "ratio (target <= 1.1x)", "same cuts"],
         )
     )
-    long_label, short_label = "synthetic 60 s", "synthetic 10 s"
     ratio = runs[long_label]["rss_mib"]["peak"] / runs[short_label]["rss_mib"]["peak"]
-    report += ["", f"Peak RSS, 60 s video / 10 s video: {ratio:.2f}x (target <= 1.5x)", ""]
+    report += [
+        "", f"Peak RSS, {args.long_seconds:g} s video / {args.short_seconds:g} s video: {ratio:.2f}x (target <= 1.5x)", ""
+    ]
     text = "\n".join(report)
     print(text)
     (out / "report.md").write_text(text)

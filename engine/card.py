@@ -9,15 +9,17 @@ from engine.config import EngineConfig
 _TABLES = {
     "videos": "one row per video: content hash id, source, duration, fps, frames decoded, sizes",
     "clips": "contiguous clips covering each video; `method` says which cut it (content / siglip-hac / single)",
-    "masklets": "one row per referring expression: per-frame COCO RLE masks and boxes, start frame, "
-    "detector score, assignment evidence; `method` strefer or grounded-sam2 (baseline)",
+    "masklets": "one row per referring expression or noun: per-frame COCO RLE masks and boxes, start frame, "
+    "detector score, assignment evidence; `method` strefer, grounded-sam2 (baseline), videorefer or source",
+    "samples": "instruction samples: a conversation whose `<region>` tokens refer, in order, to `masklet_ids`; "
+    "`kept` false where the Reviewer dropped it (with its verdict and reason)",
     "rejections": "every input or entity that produced nothing, with the stage and the reason",
 }
 
 
 def dataset_card(manifest: dict[str, Any], config: EngineConfig) -> str:
     lines = [
-        "# Masklet dataset",
+        "# Masklet-grounded instruction dataset",
         "",
         f"Written by video-data-engine {manifest['engine_version']} with profile `{config.profile}` "
         f"(config hash `{config.hash}`), last updated {manifest['updated_at']}.",
@@ -38,8 +40,11 @@ def dataset_card(manifest: dict[str, Any], config: EngineConfig) -> str:
         "",
         "Masks are COCO RLE (`{size: [h, w], counts}`; decode with `pycocotools.mask.decode`) at the video's "
         "`decode_width` x `decode_height`; boxes are xyxy pixels; times are seconds from the first frame.",
-        f"Complete videos: {len(manifest['complete_videos'])}. Read with `pyarrow.parquet.read_table('<dir>/masklets')` "
-        "or `engine dataset show <dir>`.",
+        f"Videos: {len(manifest['videos'])}; items per pipeline and status: {manifest['items']}.",
+        "Only rows named by a commit record in `_complete/` are part of the dataset (a rerun supersedes "
+        "earlier rows): read with `engine.storage.Dataset(<dir>).read_table(<table>)`, `engine dataset show "
+        "<dir>` or `engine export`. `pyarrow.parquet.read_table('<dir>/<table>')` reads every shard, which "
+        "equals the committed rows unless items were rerun or a run was killed.",
         "",
     ]
     return "\n".join(lines)

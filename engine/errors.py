@@ -19,3 +19,8 @@ class MissingWeightsError(EngineError):
 
 class ConfigError(EngineError):
     """A config file or profile that does not validate."""
+
+
+class ChatBackendError(EngineError):
+    """A chat model's server stayed unreachable or kept failing after the backend's retries (transient: a
+    batch may be retried later)."""

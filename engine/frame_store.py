@@ -121,3 +121,59 @@ class FrameStore:
             raise IndexError(f"frame position {position} is out of range for a store of {n} frames")
         return int(position) % n
 
+
+
+class TrackFrames:
+    """Frame consumer: keeps the frames a tracker will see, at `fps` (0: every frame), in a FrameStore at the
+    tracker's square size, with each kept frame's video index and time. Shared by every pass of a video
+    that tracks at the same size and rate (see `engine.runner.VideoContext.track_frames`)."""
+
+    def __init__(self, store: FrameStore, fps: float) -> None:
+        from engine.decode import RateGate
+
+        self.store = store
+        self.gate = RateGate(fps)
+        self.frame_index: list[int] = []
+        self.times: list[float] = []
+
+    def wants(self, index: int, time: float) -> bool:
+        return self.gate.open(time)
+
+    def consume(self, index: int, time: float, frame: np.ndarray) -> None:
+        self.store.append(frame)
+        self.frame_index.append(index)
+        self.times.append(time)
+        self.gate.take(time)
+
+    def close(self) -> None:
+        self.store.close()
+
+
+class Keyframes:
+    """Frame consumer: `count` frames spread uniformly over the expected frames, kept at decode size (long side
+    capped at `max_side`) for VLM prompts and region captions. Positions are planned from the probe's frame
+    count; if the stream is shorter, fewer frames are kept."""
+
+    def __init__(self, *, count: int, expected_frames: int, first_frame: int = 0, max_side: int = 768) -> None:
+        if count < 1:
+            raise ValueError(f"count must be >= 1, got {count}")
+        n = max(expected_frames, 1)
+        self.wanted = sorted({first_frame + int(round(x)) for x in np.linspace(0, n - 1, num=min(count, n))})
+        self._wanted = set(self.wanted)
+        self.max_side = max_side
+        self.frames: dict[int, np.ndarray] = {}
+        self.times: dict[int, float] = {}
+
+    def wants(self, index: int, time: float) -> bool:
+        return index in self._wanted
+
+    def consume(self, index: int, time: float, frame: np.ndarray) -> None:
+        h, w = frame.shape[:2]
+        scale = self.max_side / max(h, w)
+        if scale < 1:
+            frame = cv2.resize(frame, (max(1, round(w * scale)), max(1, round(h * scale))), interpolation=cv2.INTER_AREA)
+        self.frames[index] = frame.copy()  # the decoder's frame is shared: keep our own
+        self.times[index] = time
+
+    def close(self) -> None:
+        self.frames.clear()

@@ -30,6 +30,17 @@ def area(rle: Rle) -> int:
     return int(mask_utils.area({"size": list(rle.size), "counts": rle.counts.encode("ascii")}))
 
 
+def rle_box(rle: Rle) -> list[float] | None:
+    """Tight xyxy box of an RLE mask (as `mask_box`), None when it is empty; no decode needed."""
+    from pycocotools import mask as mask_utils
+
+    coco = {"size": list(rle.size), "counts": rle.counts.encode("ascii")}
+    if not mask_utils.area(coco):
+        return None
+    x, y, w, h = (float(v) for v in mask_utils.toBbox(coco))
+    return [x, y, x + w, y + h]
+
+
 def mask_box(mask: np.ndarray) -> list[float] | None:
     """Tight xyxy box of a mask (x2, y2 exclusive), None when the mask is empty."""
     ys = np.flatnonzero(mask.any(axis=1))
@@ -37,16 +48,3 @@ def mask_box(mask: np.ndarray) -> list[float] | None:
         return None
     xs = np.flatnonzero(mask.any(axis=0))
     return [float(xs[0]), float(ys[0]), float(xs[-1] + 1), float(ys[-1] + 1)]
-
-
-def box_iou(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """Pairwise IoU of xyxy boxes, shapes (N, 4) and (M, 4) -> (N, M)."""
-    a = np.asarray(a, dtype=np.float64).reshape(-1, 4)
-    b = np.asarray(b, dtype=np.float64).reshape(-1, 4)
-    lt = np.maximum(a[:, None, :2], b[None, :, :2])
-    rb = np.minimum(a[:, None, 2:], b[None, :, 2:])
-    inter = np.clip(rb - lt, 0, None).prod(axis=2)
-    area_a = np.clip(a[:, 2:] - a[:, :2], 0, None).prod(axis=1)
-    area_b = np.clip(b[:, 2:] - b[:, :2], 0, None).prod(axis=1)
-    union = area_a[:, None] + area_b[None, :] - inter
-    return np.where(union > 0, inter / np.maximum(union, 1e-12), 0.0)

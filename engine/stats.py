@@ -35,6 +35,14 @@ class Stats:
         self.counters.update(other.counters)
         self.seconds.update(other.seconds)
 
+    @classmethod
+    def from_dict(cls, data: dict[str, dict[str, float]]) -> "Stats":
+        """The inverse of `as_dict` (a Prefect task returns its stats this way for the flow to merge)."""
+        stats = cls()
+        stats.counters.update({k: int(v) for k, v in data.get("counters", {}).items()})
+        stats.seconds.update(data.get("seconds", {}))
+        return stats
+
     def as_dict(self) -> dict[str, dict[str, float]]:
         return {
             "counters": dict(sorted(self.counters.items())),

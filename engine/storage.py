@@ -1,21 +1,27 @@
-"""A dataset folder (local path or fsspec URL): Parquet shards per table, completion records, a manifest.
+"""A dataset folder (local path or fsspec URL): Parquet shards per table, commit records, a manifest.
 
 Layout:
-    <root>/<table>/part-<key>.parquet   one shard per video (or per rejected input) and table
-    <root>/_complete/<video_id>.json    written last: the video's shards are all in place
-    <root>/manifest.json                 tables, row counts, complete videos (rewritten after each run)
-    <root>/stats.json                    counters and timers of the last run
-    <root>/README.md                     the dataset card
+    <root>/<table>/part-<pipeline>-<stamp>.parquet  rows of a batch of items; a new shard past the size target
+    <root>/_complete/<pipeline>/<item_key>.json    commit record of one item: where its rows are, written last
+    <root>/manifest.json                            tables, row counts, items per pipeline (after each run)
+    <root>/stats.json                               counters and timers of the last run
+    <root>/README.md                                the dataset card
 
-Every file is written under a hidden temporary name (`_tmp-...`) and renamed when complete, so a killed run
-leaves no visible half shard; readers ignore names starting with `_`. A rerun writes the same shard names
-(ids are deterministic), so it overwrites and never duplicates.
+Shards hold many items (a worker buffers rows and writes a shard when the buffer passes `shard_mb`, and at
+the end of its batch), so 700K videos make thousands of files, not millions. An item's rows become visible
+only when its commit record, naming the shard and the row range, is written after the shard is complete.
+The commit record is the truth: a killed run leaves at most shard rows no record points to, a rerun of the
+item writes a new record that supersedes the old one (and with it an earlier rejection of the same input),
+and `read_table` returns only committed rows. Several pipelines can write one dataset: records are keyed by
+pipeline and item. Files are written under a hidden temporary name (`_tmp-...`) and renamed when complete.
 """
 
 from __future__ import annotations
 
 import json
 import uuid
+from collections import defaultdict
+from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Any, Iterable, Mapping, Sequence
 
@@ -23,9 +29,15 @@ from engine.errors import BadInputError
 from schemas import TABLES, arrow_schema, to_table
 from schemas.records import Record
 
+COMPLETE = "_complete"
+
 
 def _join(root: str, *parts: str) -> str:
     return "/".join([root.rstrip("/"), *parts])
+
+
+def _now() -> str:
+    return datetime.now(timezone.utc).isoformat()
 
 
 class Dataset:
@@ -60,31 +72,8 @@ class Dataset:
                 self.fs.rm(tmp)
             raise
 
-    def _write_shard(self, table: str, key: str, rows: Sequence[Record]) -> str:
-        import pyarrow as pa
-        import pyarrow.parquet as pq
-
-        model = TABLES[table]
-        sink = pa.BufferOutputStream()
-        pq.write_table(to_table(model, list(rows)), sink, compression="zstd")
-        path = _join(self.root, table, f"part-{key}.parquet")
-        self._atomic_write(path, sink.getvalue().to_pybytes())
-        return path
-
-    def write_video(self, video_id: str, tables: Mapping[str, Sequence[Record]], *, completion: dict[str, Any]) -> None:
-        """Write every table's shard for one video (empty ones too, so a rerun replaces all of a video's
-        rows), then its completion record."""
-        unknown = set(tables) - set(TABLES)
-        if unknown:
-            raise ValueError(f"unknown tables {sorted(unknown)}")
-        for table in TABLES:
-            self._write_shard(table, video_id, tables.get(table, []))
-        record = {"video_id": video_id, "completed_at": datetime.now(timezone.utc).isoformat(), **completion}
-        self._atomic_write(_join(self.root, "_complete", f"{video_id}.json"), json.dumps(record, indent=1).encode())
-
-    def write_rejections(self, key: str, rows: Sequence[Record]) -> None:
-        """Rejections of inputs that never became a video (missing file, not a video...)."""
-        self._write_shard("rejections", f"input-{key}", rows)
+    def writer(self, pipeline: str, *, shard_mb: float = 128) -> "ShardWriter":
+        return ShardWriter(self, pipeline, shard_mb=shard_mb)
 
     def write_json(self, name: str, payload: Any) -> None:
         self._atomic_write(_join(self.root, name), json.dumps(payload, indent=1, default=str).encode())
@@ -100,30 +89,57 @@ class Dataset:
         self.fs.mv(tmp, path)
         return path
 
-    # -- reading -----------------------------------------------------------------------------------------
-    def completion(self, video_id: str) -> dict[str, Any] | None:
-        path = _join(self.root, "_complete", f"{video_id}.json")
-        if not self.fs.exists(path):
+    # -- commit records ----------------------------------------------------------------------------------
+    def _record_path(self, pipeline: str, key: str) -> str:
+        return _join(self.root, COMPLETE, pipeline, f"{key}.json")
+
+    def completion(self, pipeline: str, key: str) -> dict[str, Any] | None:
+        path = self._record_path(pipeline, key)
+        try:
+            with self.fs.open(path, "rb") as f:
+                return json.loads(f.read())
+        except FileNotFoundError:
             return None
-        with self.fs.open(path, "rb") as f:
-            return json.loads(f.read())
 
-    def is_complete(self, video_id: str, config_hash: str) -> bool:
-        record = self.completion(video_id)
-        return record is not None and record.get("config_hash") == config_hash
-
-    def completions(self) -> list[dict[str, Any]]:
-        folder = _join(self.root, "_complete")
-        if not self.fs.exists(folder):
+    def completions(self, pipeline: str | None = None) -> list[dict[str, Any]]:
+        """Every commit record (of one pipeline, or of all)."""
+        base = _join(self.root, COMPLETE)
+        if not self.fs.exists(base):
             return []
+        folders = [_join(base, pipeline)] if pipeline else sorted(self.fs.ls(base, detail=False))
         out = []
-        for path in sorted(self.fs.ls(folder, detail=False)):
-            name = path.rpartition("/")[2]
-            if name.endswith(".json") and not name.startswith("_"):
-                with self.fs.open(path, "rb") as f:
-                    out.append(json.loads(f.read()))
+        for folder in folders:
+            if not self.fs.isdir(folder):
+                continue
+            for path in sorted(self.fs.ls(folder, detail=False)):
+                name = path.rpartition("/")[2]
+                if name.endswith(".json") and not name.startswith("_"):
+                    with self.fs.open(path, "rb") as f:
+                        out.append(json.loads(f.read()))
         return out
 
+    def fingerprint(self, source: str) -> dict[str, Any] | None:
+        """A cheap change check before a full content hash: size and mtime (or an object store's etag); for a
+        folder of frames, its file count, total size and newest mtime. None where the source cannot be
+        listed (the content hash decides then)."""
+        import fsspec
+
+        try:
+            fs, path = fsspec.core.url_to_fs(source)
+            info = fs.info(path)
+            if info.get("type") == "directory":
+                entries = [e for e in fs.ls(path, detail=True) if e.get("type") == "file"]
+                return {
+                    "files": len(entries),
+                    "size": sum(int(e.get("size") or 0) for e in entries),
+                    "mtime": max((str(e.get("mtime") or e.get("LastModified") or "") for e in entries), default=""),
+                }
+            keys = ("size", "mtime", "ETag", "etag", "LastModified", "md5Hash")
+            return {k: str(info[k]) for k in keys if info.get(k) is not None}
+        except (OSError, ValueError):
+            return None
+
+    # -- reading -----------------------------------------------------------------------------------------
     def shards(self, table: str) -> list[str]:
         if table not in TABLES:
             raise BadInputError(f"unknown table {table!r}; tables: {', '.join(TABLES)}")
@@ -134,41 +150,143 @@ class Dataset:
             p for p in self.fs.ls(folder, detail=False) if p.endswith(".parquet") and not p.rpartition("/")[2].startswith("_")
         )
 
+    def committed_ranges(self, table: str) -> dict[str, list[tuple[int, int]]]:
+        """Shard file name -> (first row, row count) of every committed item's rows in it."""
+        ranges: dict[str, list[tuple[int, int]]] = defaultdict(list)
+        for record in self.completions():
+            for name, first, count in record.get("rows", {}).get(table, []):
+                ranges[name].append((first, count))
+        return ranges
+
     def read_table(self, table: str, columns: Iterable[str] | None = None):
-        """All visible shards of a table as one pyarrow Table with the table's explicit schema."""
+        """The committed rows of a table as one pyarrow Table with the table's explicit schema."""
         import pyarrow as pa
         import pyarrow.parquet as pq
 
+        if table not in TABLES:
+            raise BadInputError(f"unknown table {table!r}; tables: {', '.join(TABLES)}")
         schema = arrow_schema(TABLES[table])
+        cols = list(columns) if columns else None
         parts = []
-        for path in self.shards(table):
-            with self.fs.open(path, "rb") as f:
-                parts.append(pq.read_table(f, columns=list(columns) if columns else None, schema=schema))
+        for name, ranges in sorted(self.committed_ranges(table).items()):
+            with self.fs.open(_join(self.root, table, name), "rb") as f:
+                shard = pq.read_table(f, columns=cols, schema=schema)
+            parts += [shard.slice(first, count) for first, count in sorted(ranges)]
         if not parts:
             empty = schema.empty_table()
-            return empty.select(list(columns)) if columns else empty
+            return empty.select(cols) if cols else empty
         return pa.concat_tables(parts)
+
+    def read_records(self, table: str) -> list[Record]:
+        from schemas import from_table
+
+        return from_table(TABLES[table], self.read_table(table))
 
     def exists(self) -> bool:
         return self.fs.exists(self.root)
 
     def write_manifest(self, *, engine_version: str) -> dict[str, Any]:
-        """Summarise what is on disk now (after any number of runs) in manifest.json."""
-        import pyarrow.parquet as pq
-
+        """Summarise what is committed now (after any number of runs) in manifest.json."""
+        records = self.completions()
         tables = {}
         for table in TABLES:
-            shards = self.shards(table)
-            rows = 0
-            for path in shards:
-                with self.fs.open(path, "rb") as f:
-                    rows += pq.ParquetFile(f).metadata.num_rows
-            tables[table] = {"shards": len(shards), "rows": rows}
+            ranges = self.committed_ranges(table)
+            tables[table] = {"shards": len(ranges), "rows": sum(c for r in ranges.values() for _, c in r)}
+        items: dict[str, dict[str, int]] = defaultdict(lambda: defaultdict(int))
+        for record in records:
+            items[record["pipeline"]][record.get("status", "done")] += 1
         manifest = {
             "engine_version": engine_version,
-            "updated_at": datetime.now(timezone.utc).isoformat(),
+            "updated_at": _now(),
             "tables": tables,
-            "complete_videos": {c["video_id"]: {k: v for k, v in c.items() if k != "video_id"} for c in self.completions()},
+            "items": {p: dict(s) for p, s in sorted(items.items())},
+            "videos": sorted({r["video_id"] for r in records if r.get("video_id") and r.get("status") == "done"}),
         }
         self.write_json("manifest.json", manifest)
         return manifest
+
+
+@dataclass
+class _Pending:
+    key: str
+    record: dict[str, Any]
+    rows: dict[str, int]  # table -> rows this item added to the buffer
+
+
+@dataclass
+class ShardWriter:
+    """Buffers the rows of finished items and writes them as shards, then their commit records.
+
+    `add` never splits an item across shards; `flush` (called when the buffer passes `shard_mb`, and by
+    `close`) writes one shard per table, then one commit record per buffered item."""
+
+    dataset: Dataset
+    pipeline: str
+    shard_mb: float = 128
+    _tables: dict[str, list[Any]] = field(default_factory=lambda: defaultdict(list))
+    _pending: list[_Pending] = field(default_factory=list)
+    _nbytes: int = 0
+
+    def __post_init__(self) -> None:
+        if self.shard_mb <= 0:
+            raise ValueError(f"shard_mb must be positive, got {self.shard_mb}")
+
+    def add(self, key: str, tables: Mapping[str, Sequence[Record]], record: dict[str, Any]) -> None:
+        """Buffer one item's rows (every table; missing ones empty) and its commit record's content."""
+        unknown = set(tables) - set(TABLES)
+        if unknown:
+            raise ValueError(f"unknown tables {sorted(unknown)}")
+        counts = {}
+        for table, rows in tables.items():
+            if rows:
+                arrow = to_table(TABLES[table], list(rows))
+                self._tables[table].append(arrow)
+                self._nbytes += arrow.nbytes
+                counts[table] = len(rows)
+        self._pending.append(_Pending(key, record, counts))
+        if self._nbytes >= self.shard_mb * 2**20:
+            self.flush()
+
+    def flush(self) -> None:
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        if not self._pending:
+            return
+        stamp = f"{datetime.now(timezone.utc):%Y%m%dT%H%M%S}-{uuid.uuid4().hex[:8]}"
+        names = {}
+        for table, parts in self._tables.items():
+            name = f"part-{self.pipeline}-{stamp}.parquet"
+            sink = pa.BufferOutputStream()
+            combined = pa.concat_tables(parts).combine_chunks()
+            pq.write_table(combined, sink, compression="zstd", row_group_size=4096)
+            self.dataset._atomic_write(_join(self.dataset.root, table, name), sink.getvalue().to_pybytes())
+            names[table] = name
+        offsets: dict[str, int] = defaultdict(int)
+        for item in self._pending:
+            rows = {}
+            for table, n in item.rows.items():
+                rows[table] = [[names[table], offsets[table], n]]
+                offsets[table] += n
+            record = {
+                "pipeline": self.pipeline,
+                "key": item.key,
+                "completed_at": _now(),
+                **item.record,
+                "rows": rows,
+            }
+            path = self.dataset._record_path(self.pipeline, item.key)
+            self.dataset._atomic_write(path, json.dumps(record, indent=1, default=str).encode())
+        self._tables.clear()
+        self._pending.clear()
+        self._nbytes = 0
+
+    def close(self) -> None:
+        self.flush()
+
+    def __enter__(self) -> "ShardWriter":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        # Items finished before an error are kept: their rows are complete.
+        self.flush()

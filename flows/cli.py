@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+from collections import Counter
 from enum import Enum
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated, Any, Optional
 
 import typer
 from rich.console import Console
@@ -75,32 +76,34 @@ def clip_and_track(
     _run_guarded(_clip_and_track, videos, entity, out, profile, config, render, baseline, force, device)
 
 
-def _clip_and_track(videos, entity, out, profile, config_file, render, baseline, force, device) -> None:
+def _progress_bars():
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-    from engine.config import load_config
+    return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), console=err)
+
+
+def _warn_tiny(config) -> None:
+    if config.is_tiny:
+        err.print(
+            f"[yellow]profile {config.profile}: random-weight models; masks, assignments and texts are "
+            "meaningless (a wiring check, not data).[/]"
+        )
+
+
+def _clip_and_track(videos, entity, out, profile, config_file, render, baseline, force, device) -> None:
     from engine.stats import Stats
     from engine.storage import Dataset
-    from flows.clip_and_track import ClipAndTrack, finish_run, run_batch
-    from schemas import EntityRef
+    from flows.pipelines import finish_run, load, run_items
+    from schemas import EntityRef, WorkItem
 
     if not entity:
         raise ValueError("give at least one --entity EXPRESSION[:NOUN]")
     entities = [EntityRef.parse(e) for e in entity]
-    config = load_config(profile, config_file)
-    if device:
-        config = config.model_copy(update={"pipeline": {**config.pipeline, "device": device}})
-    if config.is_tiny:
-        err.print(
-            "[yellow]profile tiny: random-weight models; the masks and assignments are meaningless "
-            "(a wiring check, not data).[/]"
-        )
-    dataset = Dataset(out)
-    dataset.prepare()
+    config = load(profile, str(config_file) if config_file else None, device=device)
+    _warn_tiny(config)
+    Dataset(out).prepare()
 
-    with Progress(
-        TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), console=err
-    ) as bars:
+    with _progress_bars() as bars:
         tasks: dict[str, int] = {}
 
         def on_count(name: str, n: int) -> None:
@@ -117,20 +120,20 @@ def _clip_and_track(videos, entity, out, profile, config_file, render, baseline,
             bars.update(tasks[key], completed=n)
 
         stats = Stats(listener=on_count)
-        with err.status("loading models"):
-            pipeline = ClipAndTrack.from_config(config, stats=stats)
-        outcomes = run_batch(
-            pipeline,
-            videos,
-            entities,
-            dataset,
+        outcomes = run_items(
+            "clip-and-track",
+            [WorkItem(source=v) for v in videos],
+            out,
+            config=config,
+            stats=stats,
             force=force,
+            progress=on_decode,
+            entities=entities,
             baseline=baseline is not None,
             render=render,
-            progress=on_decode,
         )
-    manifest = finish_run(dataset, stats, config)
-    _print_summary(outcomes)
+    manifest = finish_run(out, stats, config)
+    _print_summary(outcomes, out if render else None)
     console.print(
         f"dataset {out}: "
         + ", ".join(f"{t} {i['rows']} rows" for t, i in manifest["tables"].items())
@@ -140,7 +143,7 @@ def _clip_and_track(videos, entity, out, profile, config_file, render, baseline,
         raise typer.Exit(1)
 
 
-def _print_summary(outcomes) -> None:
+def _print_summary(outcomes, render_root: str | None = None) -> None:
     from rich.table import Table
 
     for o in outcomes:
@@ -148,19 +151,148 @@ def _print_summary(outcomes) -> None:
             style = "yellow" if o.status == "skipped" else "red"
             console.print(f"[{style}]{o.status}[/] {o.source}: {o.detail}", highlight=False)
             continue
-        methods = ", ".join(f"{m} start frame {f}" for m, f in o.start_frames.items())
-        clip_methods = sorted({c.method for c in o.clips})
-        console.print(f"[green]done[/] {o.source} (video {o.video_id}): {len(o.clips)} clips ({', '.join(clip_methods)}); {methods}")
+        clips = o.outputs.clips
+        starts = ", ".join(sorted({f"{m.method} start frame {m.start_frame}" for m in o.outputs.masklets}))
+        clip_methods = ", ".join(sorted({c.method for c in clips}))
+        console.print(f"[green]done[/] {o.source} (video {o.video_id}): {len(clips)} clips ({clip_methods}); {starts}")
         table = Table("method", "expression", "noun", "frames covered", "start frame", "assignment")
-        for m in o.masklets:
+        for m in o.outputs.masklets:
             table.add_row(
                 m.method, m.expression, m.noun, f"{len(m.frames)}/{m.num_frames_tracked}", str(m.start_frame), m.assignment.method
             )
-        for r in o.rejections:
+        for r in o.outputs.rejections:
             table.add_row("-", r.expression or "-", "-", "rejected", "-", f"{r.stage}: {r.reason}", style="red")
         console.print(table)
-        if o.render_path:
-            console.print(f"render: {o.render_path}")
+        if render_root:
+            console.print(f"render: {render_root.rstrip('/')}/renders/{o.video_id}.mp4")
+
+
+class Pipeline(str, Enum):
+    videorefer = "videorefer"
+
+
+class DataType(str, Enum):
+    detailed_caption = "detailed_caption"
+    short_caption = "short_caption"
+    object_qa = "object_qa"
+
+
+@app.command("run")
+def run(
+    pipeline: Annotated[Pipeline, typer.Argument(help="Which engine to run.")],
+    source: Annotated[
+        list[str],
+        typer.Option(
+            "--source",
+            "-s",
+            help="Repeatable. A caption manifest (.jsonl/.csv/.parquet: video, caption, optional start/end), "
+            "a MeViS or Ref-YouTube-VOS folder, a video file, or a folder of frames.",
+        ),
+    ],
+    out: Annotated[str, typer.Option("--out", "-o", help="Dataset folder (local path or fsspec URL).")],
+    profile: ProfileOpt = "default",
+    config: ConfigOpt = None,
+    batch_size: Annotated[int, typer.Option(help="Items per Prefect task.")] = 8,
+    limit: Annotated[Optional[int], typer.Option(help="Process at most this many items.")] = None,
+    data_type: Annotated[
+        Optional[list[DataType]], typer.Option("--data-type", "-t", help="Repeatable; default: all three.")
+    ] = None,
+    frame_rate: Annotated[
+        Optional[float], typer.Option(help="Frames per second of frame folders (MeViS 6, Ref-YouTube-VOS 6).")
+    ] = None,
+    force: Annotated[bool, typer.Option(help="Redo items already complete with this config.")] = False,
+) -> None:
+    """Run a pipeline's Prefect flow here, on Prefect's ephemeral API (nothing to start by hand)."""
+    _run_guarded(_run, pipeline.value, source, out, profile, config, batch_size, limit, data_type, frame_rate, force)
+
+
+def _run(pipeline, source, out, profile, config_file, batch_size, limit, data_types, frame_rate, force) -> None:
+    import logging
+
+    from flows.pipelines import load
+
+    config = load(profile, str(config_file) if config_file else None)  # fail fast, before Prefect starts
+    _warn_tiny(config)
+    if limit is not None and limit < 1:
+        raise ValueError("--limit must be >= 1")
+    with err.status("starting Prefect (ephemeral API) and the flow"):
+        from flows.prefect_flows import build_videorefer_flow
+    logging.getLogger("prefect.events").setLevel(logging.CRITICAL)  # shutdown noise of the ephemeral server
+    result = build_videorefer_flow(
+        source=list(source),
+        out=out,
+        profile=profile,
+        config_file=str(config_file) if config_file else None,
+        batch_size=batch_size,
+        limit=limit,
+        data_types=[d.value for d in data_types] if data_types else ["detailed_caption", "short_caption", "object_qa"],
+        frame_rate=frame_rate,
+        force=force,
+    )
+    _print_funnel(result["stats"]["counters"])
+    statuses = Counter(result["items"].values())
+    console.print(
+        f"dataset {out}: items " + ", ".join(f"{s} {n}" for s, n in sorted(statuses.items()))
+        + "; " + ", ".join(f"{t} {i['rows']} rows" for t, i in result["tables"].items())
+    )
+    if not statuses.get("done") and not statuses.get("skipped"):
+        raise typer.Exit(1)
+
+
+def _print_funnel(counters: dict[str, int]) -> None:
+    """Per agent: items in, out, and why the others left; then samples per data type."""
+    from rich.table import Table
+
+    agents: dict[str, dict[str, Any]] = {}
+    for name, n in counters.items():
+        parts = name.split(".")
+        if parts[0] != "funnel":
+            continue
+        row = agents.setdefault(parts[1], {"in": 0, "out": 0, "dropped": {}})
+        if parts[2] == "dropped":
+            row["dropped"][".".join(parts[3:])] = n
+        else:
+            row[parts[2]] = n
+    table = Table("agent", "in", "out", "kept", "why items left")
+    for agent in ["analyzer", "annotator", "segmentor", "reviewer", "refiner"]:
+        row = agents.get(agent)
+        if row:
+            share = f"{row['out'] / row['in']:.0%}" if row["in"] else "-"
+            why = ", ".join(f"{r} {n}" for r, n in sorted(row["dropped"].items()) if n)
+            table.add_row(agent, str(row["in"]), str(row["out"]), share, why or "-")
+    console.print(table)
+    samples = Table("data type", "samples kept", "dropped by the reviewer")
+    types = sorted({k.split(".")[1] for k in counters if k.startswith("samples.")})
+    for data_type in types:
+        samples.add_row(data_type, str(counters.get(f"samples.{data_type}.kept", 0)), str(counters.get(f"samples.{data_type}.dropped", 0)))
+    console.print(samples)
+
+
+class ExportFormat(str, Enum):
+    videorefer = "videorefer"
+
+
+@app.command("export")
+def export(
+    path: Annotated[str, typer.Argument(help="Dataset folder or fsspec URL.")],
+    out: Annotated[str, typer.Option("--out", "-o", help="Folder for the exported files.")],
+    fmt: Annotated[ExportFormat, typer.Option("--format", "-f", help="Training format.")] = ExportFormat.videorefer,
+    include_dropped: Annotated[bool, typer.Option(help="Also export samples the Reviewer dropped.")] = False,
+) -> None:
+    """Write a dataset's samples in a training format (videorefer: VideoRefer-700K JSON, one file per data type)."""
+    _run_guarded(_export, path, out, fmt.value, include_dropped)
+
+
+def _export(path, out, fmt, include_dropped) -> None:
+    from engine.export import export as run_export
+
+    summary = run_export(path, out, fmt=fmt, include_dropped=include_dropped)
+    for file, n in summary.files.items():
+        console.print(f"{file}: {n} samples")
+    if summary.skipped:
+        console.print("left out: " + ", ".join(f"{r} {n}" for r, n in sorted(summary.skipped.items())))
+    if not summary.files:
+        console.print("[yellow]no samples to export[/]")
 
 
 @app.command()
@@ -168,25 +300,33 @@ def models(
     profile: Annotated[Optional[str], typer.Option("--profile", "-p", help="Only this profile.")] = None,
     config: ConfigOpt = None,
     offline: Annotated[bool, typer.Option(help="Do not probe the hub; report only local weights.")] = False,
+    pipeline: Annotated[Optional[str], typer.Option(help="Only this pipeline (clip-and-track, videorefer).")] = None,
 ) -> None:
-    """Each model role, its model id per profile, and whether its weights are available here."""
-    _run_guarded(_models, profile, config, offline)
+    """Per profile and pipeline: each model role, its backend and model, and whether its weights are here."""
+    _run_guarded(_models, profile, config, offline, pipeline)
 
 
-def _models(profile, config_file, offline) -> None:
+def _models(profile, config_file, offline, pipeline=None) -> None:
     from rich.table import Table
 
-    from engine.config import load_config, profile_names
+    from engine.config import profile_names
     from engine.models.weights import locate
+    from flows.pipelines import load, pipeline_module, pipeline_names
 
     names = [profile] if profile else profile_names(config_file)
-    table = Table("profile", "role", "backend", "model", "weights")
+    pipelines = [pipeline] if pipeline else pipeline_names()
+    table = Table("profile", "pipeline", "role", "backend", "model", "weights")
     for name in names:
-        cfg = load_config(name, config_file)
-        for role, spec in cfg.roles.items():
-            status = locate(spec, check_hub=not offline)
-            style = "green" if status.available else "red"
-            table.add_row(name, role, spec.backend, spec.model, f"[{style}]{status.where}[/]")
+        cfg = load(name, config_file)
+        for pipe in pipelines:
+            for role in pipeline_module(pipe).roles(cfg):
+                spec = cfg.roles.get(role)
+                if spec is None:
+                    table.add_row(name, pipe, role, "-", "-", "[red]not in this profile[/]")
+                    continue
+                status = locate(spec, check_hub=not offline)
+                style = "green" if status.available else "red"
+                table.add_row(name, pipe, role, spec.backend, spec.model, f"[{style}]{status.where}[/]")
     console.print(table)
 
 
@@ -249,9 +389,10 @@ def _dataset_show(path, only, n) -> None:
     for name in names:
         data = dataset.read_table(name)
         loaded[name] = data
-        summary.add_row(name, str(len(dataset.shards(name))), str(data.num_rows))
+        summary.add_row(name, str(len(dataset.committed_ranges(name))), str(data.num_rows))
     console.print(summary)
-    console.print(f"complete videos: {len(dataset.completions())}")
+    items = Counter((r["pipeline"], r.get("status", "done")) for r in dataset.completions())
+    console.print("items: " + (", ".join(f"{p} {s} {n}" for (p, s), n in sorted(items.items())) or "none"))
     for name, data in loaded.items():
         if not data.num_rows or n <= 0:
             continue

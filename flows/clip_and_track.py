@@ -1,238 +1,160 @@
-"""Clip and track: the Video Clipper and the Referring Masklet Generator over one decode per video.
-
-`ClipAndTrack` is plain Python (the CLI calls it directly); `clip_and_track_flow` runs the same work as a
-Prefect flow, one task per batch of videos.
-"""
+"""Clip and track (Strefer §2.1.3-2.1.4): the Video Clipper and the Referring Masklet Generator as runner
+stages, plus the Grounded-SAM-2 baseline and the overlay render as optional stages on the same decode."""
 
 from __future__ import annotations
 
 import tempfile
-from dataclasses import dataclass, field
-from typing import Callable, Sequence
+from typing import Any
 
-from agents.masklet_generator import MaskletConfig, MaskletResult, ReferringMaskletGenerator
+from agents.grounder import ChatGrounder
+from agents.masklet_generator import GroundedSam2Baseline, MaskletConfig, ReferringMaskletGenerator
 from agents.video_clipper import ClipperConfig, VideoClipper
-from engine import __version__
 from engine.config import EngineConfig
-from engine.decode import DecodeLimits, decode_video
-from engine.errors import EngineError
-from engine.ids import file_sha256, stable_id
-from engine.probe import probe_video
+from engine.decode import DecodeLimits, DecodeResult
+from engine.models.interfaces import Grounder
+from engine.runner import Outputs, Pipeline, VideoContext
 from engine.stats import Stats
 from engine.storage import Dataset
-from schemas import ClipRecord, EntityRef, MaskletRecord, Provenance, RejectionRecord, VideoRecord
+from schemas import EntityRef
 
-ROLES = ["detector", "tracker", "grounder", "embedder", "box_segmenter"]
-DecodeProgress = Callable[[str, int, int], None]  # (video source, frames decoded, frames expected)
-
-
-@dataclass
-class VideoOutcome:
-    source: str
-    status: str  # done | skipped | rejected
-    video_id: str | None = None
-    detail: str = ""
-    clips: list[ClipRecord] = field(default_factory=list)
-    masklets: list[MaskletRecord] = field(default_factory=list)
-    rejections: list[RejectionRecord] = field(default_factory=list)
-    start_frames: dict[str, int | None] = field(default_factory=dict)
-    render_path: str | None = None
+NAME = "clip-and-track"
+SETTINGS = {"decode": DecodeLimits, "clipper": ClipperConfig, "masklets": MaskletConfig}
 
 
-def input_rejection(source: str, reason: str, detail: str, stage: str = "input") -> RejectionRecord:
-    return RejectionRecord(
-        rejection_id=stable_id(source, stage, reason), source=source, stage=stage, reason=reason, detail=detail
-    )
+def roles(config: EngineConfig) -> dict[str, str]:
+    """Model roles (and the interface each must provide) this pipeline needs under `config`."""
+    needed = {"detector": "detector", "tracker": "tracker", "grounder": "chat", "embedder": "embedder"}
+    if config.section("masklets").get("prompt") == "mask":
+        needed["box_segmenter"] = "box_segmenter"
+    return needed
 
 
-class ClipAndTrack:
-    """Holds the agents (models load once) and processes videos one by one into a dataset."""
+class _Pass:
+    """Adapts an agent's per-video pass to the runner: its consumers, and a finish that returns rows."""
 
-    def __init__(self, config: EngineConfig, *, backends: dict, stats: Stats | None = None) -> None:
-        self.config = config
-        self.stats = stats or Stats()
-        self.limits = DecodeLimits(**config.section("decode"))
-        self.clipper = VideoClipper(
-            embedder=backends["embedder"], config=ClipperConfig(**config.section("clipper")), stats=self.stats
-        )
-        masklet_config = MaskletConfig(**config.section("masklets"))
-        self.generator = ReferringMaskletGenerator(
-            detector=backends["detector"],
-            tracker=backends["tracker"],
-            grounder=backends["grounder"],
-            box_segmenter=backends.get("box_segmenter"),
-            config=masklet_config,
-            stats=self.stats,
-        )
-        self.models = {role: getattr(b, "model_id", "?") for role, b in backends.items()}
+    def __init__(self, consumers: list[Any], finish) -> None:
+        self.consumers = consumers
+        self._finish = finish
 
-    @classmethod
-    def from_config(cls, config: EngineConfig, *, stats: Stats | None = None) -> "ClipAndTrack":
-        from engine.models import factory
+    def finish(self, decoded: DecodeResult, so_far: Outputs) -> Outputs:
+        return self._finish(decoded, so_far)
 
-        roles = [r for r in ROLES if r != "box_segmenter" or config.section("masklets").get("prompt") == "mask"]
-        return cls(config, backends=factory.build(config, roles), stats=stats)
 
-    def provenance(self) -> Provenance:
-        from prompts import template_hash
+class ClipStage:
+    name = "clip"
 
-        return Provenance(
-            engine_version=__version__,
-            profile=self.config.profile,
-            models=self.models,
-            prompt_hashes={"grounder": template_hash("grounder")},
-            config_hash=self.config.hash,
-        )
+    def __init__(self, clipper: VideoClipper) -> None:
+        self.clipper = clipper
 
-    def process(
-        self,
-        source: str,
-        entities: Sequence[EntityRef],
-        dataset: Dataset,
-        *,
-        force: bool = False,
-        baseline: bool = False,
-        render: bool = False,
-        progress: DecodeProgress | None = None,
-    ) -> VideoOutcome:
-        """One video, end to end. Bad input becomes a rejection row; it never raises for the batch."""
-        try:
-            info = probe_video(source, limits=self.limits)
-        except EngineError as exc:
-            self.stats.count("videos_rejected")
-            rejection = input_rejection(source, "unreadable_video", str(exc))
-            dataset.write_rejections(stable_id(source), [rejection])
-            return VideoOutcome(source, "rejected", detail=str(exc), rejections=[rejection])
-
-        with self.stats.timer("hash"):
-            sha = file_sha256(source)
-        video_id = sha[:16]
-        if not force and dataset.is_complete(video_id, self.config.hash):
-            self.stats.count("videos_skipped_complete")
-            return VideoOutcome(source, "skipped", video_id, "already complete with this config (use --force)")
-
-        provenance = self.provenance()
-        counted_before = dict(self.stats.counters)
+    def start(self, ctx: VideoContext) -> _Pass:
+        info = ctx.info
         clip_pass = self.clipper.start(
-            video_id=video_id, fps=info.fps, width=info.width, height=info.height, provenance=provenance
+            video_id=ctx.video_id, fps=info.fps, width=info.width, height=info.height, provenance=ctx.provenance
         )
-        methods = ["strefer", "grounded-sam2"] if baseline else ["strefer"]
-        masklet_pass = self.generator.start(
-            video_id=video_id,
-            source=source,
-            width=info.decode_width,
-            height=info.decode_height,
-            entities=entities,
-            provenance=provenance,
-            methods=methods,
-        )
-        try:
-            with self.stats.timer("decode"):
-                decoded = decode_video(
-                    info,
-                    [*clip_pass.consumers, *masklet_pass.consumers],
-                    progress=(lambda n, t: progress(source, n, info.num_frames)) if progress else None,
-                )
-        except EngineError as exc:
-            self.stats.count("videos_rejected")
-            rejection = input_rejection(source, "undecodable_video", str(exc), stage="decode")
-            dataset.write_rejections(stable_id(source), [rejection])
-            return VideoOutcome(source, "rejected", video_id, detail=str(exc), rejections=[rejection])
-        self.stats.count("frames_decoded", decoded.frames_decoded)
-        rejections: list[RejectionRecord] = []
-        if decoded.error:
-            # Keep what decoded before the damage, and say so.
-            rejections.append(input_rejection(source, "truncated_stream", decoded.error, stage="decode"))
 
-        with self.stats.timer("clip"):
-            clips = clip_pass.finish(frames_decoded=decoded.frames_decoded, end_time=decoded.end_time)
-        with self.stats.timer("masklets"):
-            results: dict[str, MaskletResult] = masklet_pass.finish()
-        masklets = [m for r in results.values() for m in r.masklets]
-        rejections += [x for r in results.values() for x in r.rejections]
+        def finish(decoded: DecodeResult, so_far: Outputs) -> Outputs:
+            if not decoded.frames_decoded:
+                return Outputs()
+            return Outputs(clips=clip_pass.finish(frames_decoded=decoded.frames_decoded, end_time=decoded.end_time))
 
-        video = VideoRecord(
-            video_id=video_id,
-            source=source,
-            content_sha256=sha,
-            duration_s=round(decoded.end_time, 6) if decoded.frames_decoded else 0.0,
-            fps=info.fps,
-            num_frames=decoded.frames_decoded,
-            width=info.width,
-            height=info.height,
-            rotation=info.rotation,
-            codec=info.codec,
-            decode_width=info.decode_width,
-            decode_height=info.decode_height,
+        return _Pass(clip_pass.consumers, finish)
+
+
+class MaskletStage:
+    """The Referring Masklet Generator (or the baseline) over the video's shared tracker frames."""
+
+    def __init__(self, generator: ReferringMaskletGenerator) -> None:
+        self.generator = generator
+        self.name = f"masklets.{generator.method}"
+
+    def start(self, ctx: VideoContext) -> _Pass | None:
+        if not ctx.entities:
+            return None
+        gen, cfg = self.generator, self.generator.config
+        frames = ctx.track_frames(
+            size=gen.tracker.image_size, fps=cfg.track_fps, quality=cfg.frame_jpeg_quality, memory_mb=cfg.frame_memory_mb
         )
-        render_path = None
-        if render:
+        masklet_pass = gen.start(
+            video_id=ctx.video_id,
+            source=ctx.item.source,
+            width=ctx.info.decode_width,
+            height=ctx.info.decode_height,
+            entities=ctx.entities,
+            provenance=ctx.provenance,
+            frames=frames,
+        )
+
+        def finish(decoded: DecodeResult, so_far: Outputs) -> Outputs:
+            result = masklet_pass.finish()
+            return Outputs(masklets=result.masklets, rejections=result.rejections)
+
+        return _Pass(masklet_pass.consumers, finish)
+
+
+class RenderStage:
+    """An MP4 a person can watch (renders/<video_id>.mp4); it decodes the video a second time."""
+
+    name = "render"
+
+    def __init__(self, dataset: Dataset) -> None:
+        self.dataset = dataset
+        self.paths: dict[str, str] = {}  # video_id -> render path
+
+    def start(self, ctx: VideoContext) -> _Pass:
+        def finish(decoded: DecodeResult, so_far: Outputs) -> Outputs:
             from engine.render import render_overlay
 
-            with self.stats.timer("render"), tempfile.TemporaryDirectory() as tmp:
-                local = f"{tmp}/{video_id}.mp4"
-                frames = render_overlay(info, local, masklets=masklets, clips=clips)
-                render_path = dataset.put_file(local, f"renders/{video_id}.mp4")
-            self.stats.count("frames_decoded_render", frames)
-        with self.stats.timer("write"):
-            dataset.write_video(
-                video_id,
-                {"videos": [video], "clips": clips, "masklets": masklets, "rejections": rejections},
-                completion={
-                    "source": source,
-                    "config_hash": self.config.hash,
-                    "engine_version": __version__,
-                    # what this video cost: frames decoded, model calls, tracker passes
-                    "counters": {k: v - counted_before.get(k, 0) for k, v in self.stats.counters.items()},
-                },
-            )
-        self.stats.count("videos_done")
-        return VideoOutcome(
-            source,
-            "done",
-            video_id,
-            clips=clips,
-            masklets=masklets,
-            rejections=rejections,
-            start_frames={m: r.start_frame for m, r in results.items()},
-            render_path=render_path,
-        )
+            with tempfile.TemporaryDirectory() as tmp:
+                local = f"{tmp}/{ctx.video_id}.mp4"
+                frames = render_overlay(ctx.info, local, masklets=so_far.masklets, clips=so_far.clips)
+                self.paths[ctx.video_id] = self.dataset.put_file(local, f"renders/{ctx.video_id}.mp4")
+            ctx.stats.count("frames_decoded_render", frames)
+            return Outputs()
+
+        return _Pass([], finish)
 
 
-def run_batch(
-    pipeline: ClipAndTrack,
-    videos: Sequence[str],
-    entities: Sequence[EntityRef],
-    dataset: Dataset,
+def _grounder(backend: Any) -> Grounder:
+    """The grounder role is a chat model (shown numbered boxes); a `Grounder` is used as it is."""
+    return backend if isinstance(backend, Grounder) else ChatGrounder(backend)
+
+
+def build(
+    config: EngineConfig,
+    backends: dict[str, Any],
     *,
-    transient: tuple[type[BaseException], ...] = (),
-    **options,
-) -> list[VideoOutcome]:
-    """Process videos one after another; one failing video never stops the others. Exceptions of the
-    `transient` types propagate, so an orchestrator can retry the batch (completed videos are skipped)."""
-    import logging
+    stats: Stats,
+    dataset: Dataset,
+    entities: list[EntityRef | dict],
+    baseline: bool = False,
+    render: bool = False,
+) -> Pipeline:
+    from prompts import template_hash
 
-    outcomes = []
-    for source in videos:
-        try:
-            outcomes.append(pipeline.process(source, entities, dataset, **options))
-        except transient:
-            raise
-        except Exception as exc:  # a model fault on one video must not lose the batch
-            logging.getLogger(__name__).exception("video %s failed", source)
-            pipeline.stats.count("videos_failed")
-            detail = f"{type(exc).__name__}: {exc}".splitlines()[0]
-            rejection = input_rejection(source, "internal_error", detail, stage="track")
-            dataset.write_rejections(stable_id(source), [rejection])
-            outcomes.append(VideoOutcome(source, "rejected", detail=detail, rejections=[rejection]))
-    return outcomes
-
-
-def finish_run(dataset: Dataset, stats: Stats, config: EngineConfig) -> dict:
-    """Manifest, stats and dataset card after a run."""
-    from engine.card import dataset_card
-
-    manifest = dataset.write_manifest(engine_version=__version__)
-    dataset.write_json("stats.json", {"config_hash": config.hash, "profile": config.profile, **stats.as_dict()})
-    dataset.write_text("README.md", dataset_card(manifest, config))
-    return manifest
+    masklet_config = MaskletConfig(**config.section("masklets"))
+    generator = ReferringMaskletGenerator(
+        detector=backends["detector"],
+        tracker=backends["tracker"],
+        grounder=_grounder(backends["grounder"]),
+        box_segmenter=backends.get("box_segmenter"),
+        config=masklet_config,
+        stats=stats,
+    )
+    stages: list[Any] = [
+        ClipStage(VideoClipper(embedder=backends["embedder"], config=ClipperConfig(**config.section("clipper")), stats=stats)),
+        MaskletStage(generator),
+    ]
+    if baseline:
+        stages.append(
+            MaskletStage(GroundedSam2Baseline(detector=backends["detector"], tracker=backends["tracker"], config=masklet_config, stats=stats))
+        )
+    if render:
+        stages.append(RenderStage(dataset))
+    return Pipeline(
+        name=NAME,
+        stages=stages,
+        config=config,
+        models={role: getattr(b, "model_id", "?") for role, b in backends.items()},
+        prompt_hashes={"grounder": template_hash("grounder")},
+        entities=[EntityRef.model_validate(e) for e in entities],
+    )

@@ -1,4 +1,5 @@
-"""Prefect flows. Thin: a loop of coarse tasks (one per batch of videos) that call the agents' pipeline.
+"""Prefect flows. Thin: the flow lists work items, submits one coarse task per batch, merges what the tasks
+return and writes the manifest, stats and dataset card, even when a batch failed.
 
 Deployments are declared in prefect.yaml. Called from Python (`clip_and_track_flow(...)`), a flow runs on
 Prefect's ephemeral API, which starts by itself.
@@ -6,55 +7,95 @@ Prefect's ephemeral API, which starts by itself.
 
 from __future__ import annotations
 
-from functools import cache
-from typing import Optional
+from typing import Any, Optional
 
 from prefect import flow, get_run_logger, task
+from prefect.cache_policies import NONE
 
-from engine.config import load_config
 from engine.stats import Stats
-from engine.storage import Dataset
-from flows.clip_and_track import ClipAndTrack, finish_run, run_batch
-from schemas import EntityRef
+from flows.pipelines import finish_run, load, run_items
+from schemas import WorkItem
 
 
 def _transient() -> tuple[type[BaseException], ...]:
     """Faults worth a retry of the whole batch: a model server restarting, a GPU momentarily out of memory.
-    Completed videos are skipped on the retry."""
+    Committed items are skipped on the retry."""
     import torch
 
-    return (ConnectionError, TimeoutError, MemoryError, torch.OutOfMemoryError)
+    from engine.errors import ChatBackendError
+
+    return (ConnectionError, TimeoutError, MemoryError, torch.OutOfMemoryError, ChatBackendError)
 
 
-@cache
-def _pipeline(profile: str, config_file: Optional[str]) -> ClipAndTrack:
-    """Models load once per worker process and stay loaded across tasks."""
-    return ClipAndTrack.from_config(load_config(profile, config_file), stats=Stats())
-
-
-@task(retries=2, retry_delay_seconds=[10, 60], tags=["gpu"])
-def track_batch(
-    videos: list[str],
-    entities: list[str],
+# No input caching: items can carry masks, and hashing them buys nothing (reruns skip committed items).
+@task(retries=2, retry_delay_seconds=[10, 60], tags=["gpu"], cache_policy=NONE)
+def run_batch(
+    pipeline: str,
+    items: list[dict],
     out: str,
     profile: str,
     config_file: Optional[str],
     force: bool,
-    baseline: bool,
-    render: bool,
+    options: dict[str, Any],
 ) -> dict:
-    pipeline = _pipeline(profile, config_file)
-    outcomes = run_batch(
+    """One batch of items through a pipeline; returns each item's status and this task's stats. Models load
+    once per worker process (a lock makes that safe under the thread task runner)."""
+    stats = Stats()
+    outcomes = run_items(
         pipeline,
-        videos,
-        [EntityRef.parse(e) for e in entities],
-        Dataset(out),
+        [WorkItem.model_validate(i) for i in items],
+        out,
+        config=load(profile, config_file),
+        stats=stats,
         force=force,
-        baseline=baseline,
-        render=render,
         transient=_transient(),
+        **options,
     )
-    return {o.source: o.status for o in outcomes}
+    return {"statuses": {o.item.source: o.status for o in outcomes}, "stats": stats.as_dict()}
+
+
+def run_pipeline_flow(
+    pipeline: str,
+    items: list[WorkItem],
+    out: str,
+    *,
+    profile: str,
+    config_file: Optional[str],
+    batch_size: int,
+    force: bool,
+    options: dict[str, Any],
+) -> dict:
+    """The body every pipeline flow shares."""
+    from engine.storage import Dataset
+
+    if batch_size < 1:
+        raise ValueError("batch_size must be >= 1")
+    config = load(profile, config_file)  # validates before any task starts
+    Dataset(out).prepare()
+    logger = get_run_logger()
+    payload = [i.model_dump() for i in items]
+    batches = [payload[i : i + batch_size] for i in range(0, len(payload), batch_size)]
+    logger.info("%s: %d items in %d batches", pipeline, len(items), len(batches))
+    futures = [run_batch.submit(pipeline, b, out, profile, config_file, force, options) for b in batches]
+    statuses: dict[str, str] = {}
+    stats = Stats()
+    failed = []
+    try:
+        for batch, future in zip(batches, futures):
+            result = future.result(raise_on_failure=False)
+            if isinstance(result, BaseException) or not isinstance(result, dict):
+                failed.append(result)
+                statuses.update({i["source"]: "failed" for i in batch})
+                logger.error("a batch of %d items failed: %s", len(batch), result)
+                continue
+            statuses.update(result["statuses"])
+            stats.merge(Stats.from_dict(result["stats"]))
+    finally:
+        manifest = finish_run(out, stats, config)
+    logger.info("%s: tables %s", pipeline, {t: i["rows"] for t, i in manifest["tables"].items()})
+    if failed:
+        raise RuntimeError(f"{len(failed)} of {len(batches)} batches failed (the others are written): {failed[0]}")
+    return {"items": statuses, "tables": manifest["tables"], "stats": stats.as_dict()}
 
 
 @flow(name="clip-and-track", log_prints=True)
@@ -70,19 +111,55 @@ def clip_and_track_flow(
     render: bool = False,
 ) -> dict:
     """Video Clipper + Referring Masklet Generator over many videos; entities as `EXPRESSION[:NOUN]`."""
-    if batch_size < 1:
-        raise ValueError("batch_size must be >= 1")
-    config = load_config(profile, config_file)  # validates before any task starts
-    Dataset(out).prepare()
-    logger = get_run_logger()
-    batches = [videos[i : i + batch_size] for i in range(0, len(videos), batch_size)]
-    futures = [
-        track_batch.submit(batch, entities, out, profile, config_file, force, baseline, render) for batch in batches
-    ]
-    statuses: dict[str, str] = {}
-    for future in futures:
-        statuses.update(future.result())
-    stats = _pipeline(profile, config_file).stats
-    manifest = finish_run(Dataset(out), stats, config)
-    logger.info("clip-and-track: %s; tables %s", statuses, {t: i["rows"] for t, i in manifest["tables"].items()})
-    return {"videos": statuses, "tables": manifest["tables"]}
+    from schemas import EntityRef
+
+    parsed = [EntityRef.parse(e).model_dump() for e in entities]
+    return run_pipeline_flow(
+        "clip-and-track",
+        [WorkItem(source=v) for v in videos],
+        out,
+        profile=profile,
+        config_file=config_file,
+        batch_size=batch_size,
+        force=force,
+        options={"entities": parsed, "baseline": baseline, "render": render},
+    )
+
+
+@flow(name="build-videorefer-700k", log_prints=True)
+def build_videorefer_flow(
+    source: list[str],
+    out: str,
+    profile: str = "default",
+    config_file: Optional[str] = None,
+    batch_size: int = 8,
+    limit: Optional[int] = None,
+    data_types: list[str] = ["detailed_caption", "short_caption", "object_qa"],
+    frame_rate: Optional[float] = None,
+    force: bool = False,
+) -> dict:
+    """VideoRefer's multi-agent engine (Analyzer, Annotator, Segmentor, Reviewer, Refiner) over caption
+    manifests (detailed and short captions) and mask datasets in the MeViS or Ref-YouTube-VOS layout
+    (object-level QA). `source` lists manifests, dataset folders or videos; `limit` caps the items."""
+    from itertools import islice
+
+    from engine.sources import open_source
+    from flows.videorefer import check_data_types
+
+    check_data_types(data_types)
+    items: list[WorkItem] = []
+    for spec in source:
+        room = None if limit is None else limit - len(items)
+        if room == 0:
+            break
+        items += islice(open_source(spec, frame_rate=frame_rate), room)
+    return run_pipeline_flow(
+        "videorefer",
+        items,
+        out,
+        profile=profile,
+        config_file=config_file,
+        batch_size=batch_size,
+        force=force,
+        options={"data_types": list(data_types)},
+    )

@@ -8,8 +8,14 @@ from schemas.records import (
     MaskletRecord,
     Provenance,
     RejectionRecord,
+    Review,
     Rle,
+    SampleRecord,
+    SourceExpression,
+    SourceObject,
+    Turn,
     VideoRecord,
+    WorkItem,
 )
 from schemas.arrow import arrow_schema, to_table, from_table
 
@@ -17,6 +23,7 @@ TABLES = {
     "videos": VideoRecord,
     "clips": ClipRecord,
     "masklets": MaskletRecord,
+    "samples": SampleRecord,
     "rejections": RejectionRecord,
 }
 
@@ -29,7 +36,13 @@ __all__ = [
     "MaskletRecord",
     "Provenance",
     "RejectionRecord",
+    "Review",
     "Rle",
+    "SampleRecord",
+    "SourceExpression",
+    "SourceObject",
+    "Turn",
+    "WorkItem",
     "VideoRecord",
     "arrow_schema",
     "from_table",

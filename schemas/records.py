@@ -30,7 +30,9 @@ class VideoRecord(Record):
     video_id: str = Field(description="content hash of the file (sha256, 16 hex digits)")
     source: str = Field(description="path or URL the video was read from")
     content_sha256: str
-    duration_s: float
+    start_s: Optional[float] = Field(default=None, description="start of the window of the source this row covers")
+    end_s: Optional[float] = Field(default=None, description="end of that window (exclusive)")
+    duration_s: float = Field(description="end of the last decoded frame, in seconds from the source's start")
     fps: float
     num_frames: int = Field(description="frames actually decoded")
     width: int = Field(description="display width of the source, rotation applied")
@@ -71,7 +73,7 @@ class FrameMask(Record):
 class Assignment(Record):
     """Why this masklet carries this referring expression."""
 
-    method: Literal["sole-candidate", "grounder", "detector-phrase"]
+    method: str = Field(description="sole-candidate | grounder | detector-phrase | detector-noun | source")
     candidate_index: int = Field(description="index of the chosen box among its noun's candidates")
     num_candidates: int
     score: float = Field(description="assignment score used by the one-to-one matching")
@@ -83,7 +85,10 @@ class MaskletRecord(Record):
     video_id: str
     expression: str
     noun: str
-    method: Literal["strefer", "grounded-sam2"]
+    method: str = Field(
+        description="what made it: strefer, grounded-sam2 (baseline), videorefer (Segmentor), source (ground "
+        "truth read from a mask dataset)"
+    )
     start_frame: int = Field(description="frame the tracker was prompted on")
     start_time: float
     detector_score: float
@@ -114,7 +119,73 @@ class RejectionRecord(Record):
     rejection_id: str
     source: str
     video_id: Optional[str] = None
-    stage: Literal["input", "decode", "clip", "detect", "track", "assign", "write"]
+    stage: str = Field(description="where it was dropped: input, decode, clip, detect, track, assign, or an agent's name")
     reason: str = Field(description="a short machine-friendly reason, e.g. no_detection")
     detail: str = Field(description="what happened, for a person")
     expression: Optional[str] = None
+    raw_answer: Optional[str] = Field(default=None, description="a model's last invalid answer, kept as evidence")
+
+
+class Turn(Record):
+    role: Literal["human", "gpt"]
+    value: str
+
+
+class Review(Record):
+    """The Reviewer's check (VideoRefer §3.1.1): does the masked region match the Annotator's description?"""
+
+    verdict: bool
+    reason: str
+    region_caption: str = Field(description="what the region captioner said of the masked region")
+    frame_index: int = Field(description="the frame the region was shown on")
+
+
+class SampleRecord(Record):
+    """One instruction sample: a conversation whose `<region>` tokens refer, in order, to `masklet_ids`."""
+
+    sample_id: str
+    video_id: str
+    source: str
+    pipeline: str = Field(description="videorefer, strefer, ...")
+    data_type: str = Field(description="e.g. detailed_caption, short_caption, object_qa")
+    task: Optional[str] = Field(default=None, description="finer kind, e.g. basic, reasoning, future")
+    labels: dict[str, str] = Field(default_factory=dict, description="pipeline-specific labels (group, task type)")
+    conversation: list[Turn]
+    masklet_ids: list[str] = Field(description="one per <region> token, in order of appearance")
+    frames: list[int] = Field(description="frame indexes the sample was built from")
+    kept: bool = Field(description="false when a check (the Reviewer) dropped it; exporters skip those")
+    review: Optional[Review] = None
+    provenance: Provenance
+
+
+class SourceObject(Record):
+    """An object whose masks a source dataset already carries (ground truth, never re-segmented)."""
+
+    object_id: str
+    masks: dict[int, Rle] = Field(description="frame position in the item (0-based) -> COCO RLE at decode size")
+
+
+class SourceExpression(Record):
+    expression: str = Field(min_length=1)
+    object_ids: list[str] = Field(min_length=1, description="the objects it refers to (MeViS: one or more)")
+
+
+class WorkItem(Record):
+    """One unit of input for a pipeline: a video (file, URL, or a folder of frames), optionally a time window
+    inside it, and whatever its source carries (a caption, objects with masks, referring expressions)."""
+
+    source: str
+    start_s: Optional[float] = Field(default=None, ge=0)
+    end_s: Optional[float] = Field(default=None, gt=0)
+    caption: Optional[str] = None
+    frame_rate: Optional[float] = Field(default=None, gt=0, description="frames per second of a frame folder")
+    dataset: Optional[str] = Field(default=None, description="where it came from: manifest, mevis, ref-youtube-vos")
+    objects: list[SourceObject] = Field(default_factory=list)
+    expressions: list[SourceExpression] = Field(default_factory=list)
+
+    @property
+    def key(self) -> str:
+        """Stable id of this input (source and window), known before the file is read."""
+        from engine.ids import stable_id
+
+        return stable_id(self.source, self.start_s, self.end_s)

@@ -3,12 +3,12 @@ its output is exact ground truth on the synthetic scenes the tests draw; none of
 
 from __future__ import annotations
 
-from typing import Iterator, Sequence
+from typing import Callable, Iterator, Sequence
 
 import numpy as np
 
 from engine.masks import mask_box
-from engine.models.interfaces import Box, Detection, FrameSource, GroundingAnswer
+from engine.models.interfaces import Box, ChatRequest, Detection, FrameSource, GroundingAnswer
 
 TOLERANCE = 60  # JPEG and H.264 shift flat colors a little
 
@@ -38,6 +38,30 @@ class FakeColorDetector:
                     if mask.sum() >= self.min_pixels:
                         dets.append(Detection(box=tuple(mask_box(mask)), score=0.9, label=phrase))
             out.append(dets)
+        return out
+
+
+class FakeColorBoxSegmenter:
+    """'Segments' the flat color that fills most of each box: the pixels of the box's median color, inside the
+    box (a box-prompted segmenter such as SAM 2 in image mode)."""
+
+    model_id = "fake/color-box-segmenter"
+
+    def __init__(self) -> None:
+        self.calls: list[int] = []  # boxes per call
+
+    def segment(self, image: np.ndarray, boxes: np.ndarray) -> np.ndarray:
+        boxes = np.asarray(boxes, dtype=np.float32).reshape(-1, 4)
+        self.calls.append(len(boxes))
+        h, w = image.shape[:2]
+        out = np.zeros((len(boxes), h, w), dtype=bool)
+        for i, (x0, y0, x1, y1) in enumerate(boxes):
+            x0, y0 = max(int(np.floor(x0)), 0), max(int(np.floor(y0)), 0)
+            x1, y1 = min(int(np.ceil(x1)), w), min(int(np.ceil(y1)), h)
+            if x1 <= x0 or y1 <= y0:
+                continue
+            patch = image[y0:y1, x0:x1]
+            out[i, y0:y1, x0:x1] = color_mask(patch, np.median(patch.reshape(-1, 3), axis=0))
         return out
 
 
@@ -127,3 +151,36 @@ class FakeEmbedder:
             mean = image.reshape(-1, 3).astype(np.float64).mean(axis=0)
             out[i, np.argmin(((self.palette - mean) ** 2).sum(axis=1))] = 1.0
         return out
+
+
+class FakeChat:
+    """Scripted chat model: answers from a list (one per request, in order) or from a function of the request.
+    Records every batch it was sent."""
+
+    model_id = "fake/chat"
+
+    def __init__(self, answers: Sequence[str] | None = None, *, fn: Callable[[ChatRequest], str] | None = None):
+        if (answers is None) == (fn is None):
+            raise ValueError("give answers or fn")
+        self.answers = list(answers or [])
+        self.fn = fn
+        self.batches: list[list[ChatRequest]] = []
+
+    def chat(self, requests: Sequence[ChatRequest]) -> list[str]:
+        self.batches.append(list(requests))
+        out = []
+        for request in requests:
+            if self.fn is not None:
+                out.append(self.fn(request))
+            else:
+                assert self.answers, "FakeChat ran out of scripted answers"
+                out.append(self.answers.pop(0))
+        return out
+
+    @property
+    def batch_sizes(self) -> list[int]:
+        return [len(b) for b in self.batches]
+
+    @property
+    def requests(self) -> list[ChatRequest]:
+        return [r for b in self.batches for r in b]

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 
 from tests import synthetic
@@ -31,8 +33,42 @@ def test_clip_and_track_flow_with_tiny_models(tmp_path, monkeypatch):
         result = clip_and_track_flow(
             videos=[str(video), missing], entities=["red person:person", "ball"], out=out, profile="tiny", batch_size=1
         )
-    assert result["videos"] == {str(video): "done", missing: "rejected"}
+    assert result["items"] == {str(video): "done", missing: "rejected"}
     dataset = Dataset(out)
     assert dataset.read_table("videos").num_rows == 1
-    assert len(dataset.completions()) == 1
+    assert sorted(r["status"] for r in dataset.completions("clip-and-track")) == ["done", "rejected"]
     assert result["tables"]["rejections"]["rows"] >= 1  # the missing file, at least
+    # each task returned its stats; the flow merged them (no model loaded in the flow to read them)
+    assert result["stats"]["counters"]["items_done"] == 1 and result["stats"]["counters"]["items_rejected"] == 1
+    assert json.loads((tmp_path / "ds" / "stats.json").read_text())["counters"]["items_done"] == 1
+
+
+@pytest.mark.integration
+def test_a_failed_batch_still_writes_the_manifest(tmp_path, monkeypatch):
+    monkeypatch.setenv("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
+    from prefect.testing.utilities import prefect_test_harness
+
+    import flows.prefect_flows as prefect_flows
+
+    video = tmp_path / "entities.mp4"
+    synthetic.entities_video(video)
+    real = prefect_flows.run_items
+    calls = {"n": 0}
+
+    def second_batch_dies(name, items, out, **kw):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise RuntimeError("worker lost")
+        return real(name, items, out, **kw)
+
+    monkeypatch.setattr(prefect_flows, "run_items", second_batch_dies)
+    monkeypatch.setattr(prefect_flows.run_batch, "retries", 0)
+    copy = tmp_path / "copy.mp4"
+    copy.write_bytes(video.read_bytes() + b"\0")
+    with prefect_test_harness(), pytest.raises(RuntimeError, match="1 of 2 batches failed"):
+        prefect_flows.clip_and_track_flow(
+            videos=[str(video), str(copy)], entities=["ball"], out=str(tmp_path / "ds"), profile="tiny", batch_size=1
+        )
+    manifest = json.loads((tmp_path / "ds" / "manifest.json").read_text())
+    assert manifest["tables"]["videos"]["rows"] == 1  # the batch that finished is written and counted
+    assert (tmp_path / "ds" / "README.md").exists()

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from agents.masklet_generator import (
+    GroundedSam2Baseline,
     MaskletConfig,
     ReferringMaskletGenerator,
     assign_one_to_one,
@@ -67,13 +68,23 @@ def _generator(box_segmenter=None, **config):
     )
 
 
-def _run(gen, frames, entities=ENTITIES, methods=("strefer",)):
-    job = gen.start(video_id="v", source="synthetic", width=W, height=H, entities=entities, provenance=PROV, methods=methods)
+def _run(gen, frames, entities=ENTITIES, *, baseline=False):
+    """{method: result}; with the baseline, both generators share one frame consumer, as in the runner."""
+    if not baseline:
+        job = gen.start(video_id="v", source="synthetic", width=W, height=H, entities=entities, provenance=PROV)
+        consumers, gens, jobs = job.consumers, [gen], [job]
+    else:
+        base = GroundedSam2Baseline(detector=gen.detector, tracker=gen.tracker, config=gen.config, stats=gen.stats)
+        shared = gen.track_frames()
+        gens = [gen, base]
+        jobs = [g.start(video_id="v", source="synthetic", width=W, height=H, entities=entities, provenance=PROV, frames=shared) for g in gens]
+        assert all(not j.consumers for j in jobs)  # a shared consumer is fed once, by its owner
+        consumers = [shared]
     for i, frame in enumerate(frames):
-        for consumer in job.consumers:
+        for consumer in consumers:
             if consumer.wants(i, i / 10):
                 consumer.consume(i, i / 10, frame)
-    return job.finish()
+    return {g.method: j.finish() for g, j in zip(gens, jobs)}
 
 
 def test_middle_first_is_recursive_halving():
@@ -173,7 +184,7 @@ def test_grounded_sam2_baseline_starts_on_first_frame_forward_only():
     # the baseline prompts the detector with the expressions themselves
     gen.detector.colors_by_phrase.update({"person in red": [RED], "small dog": [GREEN]})
     entities = [EntityRef(expression="person in red", noun="person"), EntityRef(expression="small dog", noun="dog")]
-    results = _run(gen, frames, entities, methods=("strefer", "grounded-sam2"))
+    results = _run(gen, frames, entities, baseline=True)
     base = results["grounded-sam2"]
     assert base.start_frame == 0
     assert (0, False) in gen.tracker.passes and (0, True) not in gen.tracker.passes
@@ -208,8 +219,10 @@ def test_config_and_input_validation():
         MaskletConfig(box_threshold=2)
     with pytest.raises(ValueError, match="box_segmenter"):
         ReferringMaskletGenerator(
-            detector=None, tracker=FakeColorTracker(), grounder=None, config=MaskletConfig(prompt="mask")
+            detector=None, tracker=FakeColorTracker(), grounder=FakeColorGrounder({}), config=MaskletConfig(prompt="mask")
         )
+    with pytest.raises(ValueError, match="needs a grounder"):
+        ReferringMaskletGenerator(detector=None, tracker=FakeColorTracker(), grounder=None)
     gen = _generator()
     with pytest.raises(ValueError, match="distinct"):
         gen.start(video_id="v", source="s", width=W, height=H, entities=ENTITIES[:1] * 2, provenance=PROV)

@@ -1,4 +1,4 @@
-"""transformers backends (Grounding DINO, SigLIP, Qwen2.5-VL grounder) with tiny random models on CPU, plus
+"""transformers backends (Grounding DINO, SigLIP) with tiny random models on CPU, plus
 their pure helpers on fixed inputs, the Set-of-Mark drawing and the prompt templates.
 
 Random weights make the models' answers meaningless: these tests check shapes, contracts, batching and
@@ -17,13 +17,11 @@ import pytest
 from engine.draw import draw_numbered_boxes, palette
 from engine.errors import MissingWeightsError
 from engine.models.grounding_dino import build_prompt, map_label, nms_per_label, normalize_phrases
-from engine.models.interfaces import Detection, Detector, Embedder, Grounder, GroundingAnswer
-from engine.models.qwen_grounder import parse_indexes
+from engine.models.interfaces import Detection, Detector, Embedder
 from engine.models.siglip import preprocess
 
 H, W = 96, 160
 PHRASES = ["Person", "dog", "red ball"]
-BOXES = [(10.0, 10.0, 60.0, 60.0), (80.0, 20.0, 150.0, 90.0), (100.0, 50.0, 155.0, 95.0)]
 
 
 def scene(seed: int, height: int = H, width: int = W) -> np.ndarray:
@@ -287,106 +285,12 @@ def test_embedder_loads_vision_tower_of_full_siglip_checkpoint(tmp_path) -> None
     np.testing.assert_allclose(loaded.embed(images), via_full_model.embed(images), atol=1e-5)
 
 
-# ---------------------------------------------------------------- VLM grounder
-
-
-@pytest.mark.parametrize(
-    ("text", "n_boxes", "expected"),
-    [
-        ("2", 3, [2]),
-        ("<obj1><obj3>", 4, [1, 3]),
-        ("<obj1><obj3>", 3, [1]),
-        ("objects 1 and 7", 3, [1]),
-        ("1, 1, 0", 3, [1, 0]),
-        ("None of them.", 3, []),
-        ("", 3, []),
-    ],
-)
-def test_parse_indexes(text: str, n_boxes: int, expected: list[int]) -> None:
-    assert parse_indexes(text, n_boxes) == expected
-
-
-@pytest.fixture(scope="module")
-def grounder():
-    from engine.models.qwen_grounder import VlmGrounder
-
-    return VlmGrounder.tiny(seed=0)
-
-
-class RecordingProcessor:
-    """Passes everything to the real processor and keeps the images the model was shown."""
-
-    def __init__(self, processor) -> None:
-        self._processor = processor
-        self.images: list[np.ndarray] = []
-
-    def __call__(self, *args, **kwargs):
-        self.images.extend(kwargs.get("images") or [])
-        return self._processor(*args, **kwargs)
-
-    def __getattr__(self, name: str):
-        return getattr(self._processor, name)
-
-
-@pytest.mark.integration
-def test_grounder_answers_each_expression_with_valid_indexes(grounder) -> None:
-    from prompts import template_hash
-
-    assert isinstance(grounder, Grounder) and grounder.model_id == "tiny-random/qwen2.5-vl"
-    assert grounder.prompt_hash == template_hash("grounder")
-    expressions = ["the dog", "a red ball on the left", "the girl"]
-    answers = grounder.ground(scene(0), BOXES, expressions)
-    assert len(answers) == 3
-    for answer in answers:
-        assert isinstance(answer, GroundingAnswer) and isinstance(answer.text, str)
-        assert all(0 <= i < len(BOXES) for i in answer.indexes)
-        assert answer.indexes == parse_indexes(answer.text, len(BOXES))
-    # Left padding: the batched answers equal one-expression calls (two of different lengths suffice).
-    assert answers[:2] == [grounder.ground(scene(0), BOXES, [e])[0] for e in expressions[:2]]
-
-
-@pytest.mark.integration
-def test_grounder_shows_the_numbered_boxes_and_asks_rexseek(grounder) -> None:
-    from engine.models.qwen_grounder import VlmGrounder
-
-    recording = RecordingProcessor(grounder.processor)
-    spy = VlmGrounder(model=grounder.model, processor=recording, model_id=grounder.model_id)
-    spy.ground(scene(0), BOXES, ["the dog", "the cat"])
-    assert len(recording.images) == 2  # one copy per expression, one generate call
-    for shown in recording.images:
-        assert np.array_equal(shown, draw_numbered_boxes(scene(0), BOXES))
-    prompt = spy.prompts(len(BOXES), ["the dog"])[0]
-    assert "Please detect the dog in this image. Answer the question with object indexes." in prompt
-
-
-@pytest.mark.integration
-def test_grounder_edge_cases(grounder) -> None:
-    assert grounder.ground(scene(0), BOXES, []) == []
-    assert grounder.ground(scene(0), [], ["the dog"]) == [GroundingAnswer(indexes=[], text="")]
-    with pytest.raises(ValueError, match="empty"):
-        grounder.ground(scene(0), BOXES, ["the dog", "  "])
-    with pytest.raises(ValueError, match="box 0"):
-        grounder.ground(scene(0), [(0, 0, float("nan"), 5)], ["the dog"])
-    with pytest.raises(ValueError, match="RGB uint8"):
-        grounder.ground(scene(0)[..., 0], BOXES, ["the dog"])
-
-
-@pytest.mark.integration
-def test_grounder_from_pretrained_local_folder(grounder, tmp_path) -> None:
-    from engine.models.qwen_grounder import VlmGrounder
-
-    grounder.model.save_pretrained(tmp_path)
-    grounder.processor.save_pretrained(tmp_path)
-    loaded = VlmGrounder.from_pretrained(str(tmp_path), device="cpu")
-    assert loaded.ground(scene(1), BOXES, ["the dog"]) == grounder.ground(scene(1), BOXES, ["the dog"])
-
-
 # ---------------------------------------------------------------- import cost
 
 
 def test_backend_modules_import_without_torch() -> None:
     code = (
-        "import sys, engine.models.grounding_dino, engine.models.siglip, engine.models.qwen_grounder, "
+        "import sys, engine.models.grounding_dino, engine.models.siglip, engine.models.chat_transformers, "
         "engine.models.tiny_vlm, engine.draw, prompts; "
         "sys.exit(1 if {'torch', 'transformers', 'cv2'} & set(sys.modules) else 0)"
     )

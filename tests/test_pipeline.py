@@ -7,9 +7,11 @@ import pytest
 
 from engine import masks
 from engine.config import load_config
+from engine.runner import Runner
+from engine.stats import Stats
 from engine.storage import Dataset
-from flows.clip_and_track import ClipAndTrack, run_batch
-from schemas import EntityRef, MaskletRecord, from_table
+from flows import clip_and_track
+from schemas import EntityRef, MaskletRecord, WorkItem, from_table
 from tests import synthetic
 from tests.fakes import FakeColorDetector, FakeColorGrounder, FakeColorTracker, FakeEmbedder
 
@@ -22,17 +24,31 @@ ENTITIES = [
 ]
 
 
-def _pipeline(track_fps: float = 0.0) -> ClipAndTrack:
-    config = load_config("tiny")
-    pipeline = {**config.pipeline, "masklets": {**config.section("masklets"), "track_fps": track_fps}}
-    config = config.model_copy(update={"pipeline": pipeline})
-    backends = {
+def _backends() -> dict:
+    return {
         "detector": FakeColorDetector({"person": [RED, BLUE], "ball": [YELLOW], "dog": [GREEN]}),
         "tracker": FakeColorTracker(image_size=96),
         "grounder": FakeColorGrounder({"red person": RED, "blue person": BLUE}),
         "embedder": FakeEmbedder([(60, 60, 60), (200, 200, 200)]),
     }
-    return ClipAndTrack(config, backends=backends)
+
+
+def _runner(
+    dataset: Dataset, entities=ENTITIES, *, track_fps: float = 0.0, backends=None, baseline: bool = False, **options
+) -> Runner:
+    """The clip-and-track pipeline on fake backends, through the shared runner."""
+    config = load_config("tiny")
+    pipeline = {**config.pipeline, "masklets": {**config.section("masklets"), "track_fps": track_fps}}
+    config = config.model_copy(update={"pipeline": pipeline})
+    stats = Stats()
+    built = clip_and_track.build(
+        config, backends or _backends(), stats=stats, dataset=dataset, entities=list(entities), baseline=baseline
+    )
+    return Runner(built, dataset, stats=stats, **options)
+
+
+def _items(*paths) -> list[WorkItem]:
+    return [WorkItem(source=str(p)) for p in paths]
 
 
 @pytest.fixture(scope="module")
@@ -43,16 +59,16 @@ def entities_video(tmp_path_factory):
 
 def test_one_decode_feeds_clipper_and_masklets(entities_video, tmp_path):
     path, truth = entities_video
-    pipeline = _pipeline()
     dataset = Dataset(str(tmp_path / "ds"))
-    outcome = pipeline.process(str(path), ENTITIES, dataset)
+    runner = _runner(dataset)
+    (outcome,) = runner.run(_items(path))
     assert outcome.status == "done", outcome.detail
     n = truth.num_frames
-    assert pipeline.stats.counters["frames_decoded"] == n  # each frame decoded once for every stage
-    assert [(c.start_frame, c.end_frame) for c in outcome.clips] == [(0, n)]
+    assert runner.stats.counters["frames_decoded"] == n  # each frame decoded once for every stage
+    assert [(c.start_frame, c.end_frame) for c in outcome.outputs.clips] == [(0, n)]
     masklets = {m.expression: m for m in from_table(MaskletRecord, dataset.read_table("masklets"))}
     assert set(masklets) == {e.expression for e in ENTITIES}
-    start = outcome.start_frames["strefer"]
+    (start,) = {m.start_frame for m in masklets.values()}
     assert all(truth.visible(name, start) for name in ("red person", "blue person", "ball", "dog"))
     for name, m in masklets.items():
         visible = [i for i in range(n) if truth.visible(name, i)]
@@ -66,29 +82,49 @@ def test_one_decode_feeds_clipper_and_masklets(entities_video, tmp_path):
     dog = {f.frame_index for f in masklets["dog"].frames}
     assert 24 in dog and 30 not in dog and 41 in dog  # leaves at 25, back at 40
     assert min(f.frame_index for f in masklets["red person"].frames) == 0 < start  # backward pass
-    assert masklets["red person"].provenance.config_hash == pipeline.config.hash
-    cost = dataset.completion(outcome.video_id)["counters"]
+    assert masklets["red person"].provenance.config_hash == runner.pipeline.config.hash
+    record = dataset.completion("clip-and-track", WorkItem(source=str(path)).key)
+    cost = record["counters"]
     assert cost["frames_decoded"] == n and cost["tracker_passes"] == 2 and cost["grounder_calls"] == 1
     videos = dataset.read_table("videos").to_pylist()
-    assert videos[0]["num_frames"] == n and videos[0]["video_id"] == outcome.video_id
+    assert videos[0]["num_frames"] == n and videos[0]["video_id"] == outcome.video_id == record["video_id"]
+
+
+def test_baseline_shares_the_tracker_frames(entities_video, tmp_path):
+    path, truth = entities_video
+    dataset = Dataset(str(tmp_path / "ds"))
+    runner = _runner(dataset, ENTITIES[2:], baseline=True)
+    (outcome,) = runner.run(_items(path))
+    methods = {m.method for m in outcome.outputs.masklets}
+    assert methods == {"strefer", "grounded-sam2"}
+    assert runner.stats.counters["frames_decoded"] == truth.num_frames  # one decode for both
+    baseline = [m for m in outcome.outputs.masklets if m.method == "grounded-sam2"]
+    assert all(m.start_frame == 0 for m in baseline)
+    ball = [r for r in outcome.outputs.rejections if r.expression == "ball" and "grounded-sam2" in r.detail]
+    assert ball and ball[0].reason == "no_detection"  # the ball enters late: the first frame misses it
 
 
 def test_track_fps_bounds_tracked_frames(entities_video, tmp_path):
     path, truth = entities_video
-    pipeline = _pipeline(track_fps=4.0)  # the video is 12 fps
-    outcome = pipeline.process(str(path), ENTITIES[2:], Dataset(str(tmp_path / "ds")))
-    (m, *_) = outcome.masklets
+    runner = _runner(Dataset(str(tmp_path / "ds")), ENTITIES[2:], track_fps=4.0)  # the video is 12 fps
+    (outcome,) = runner.run(_items(path))
+    (m, *_) = outcome.outputs.masklets
     assert m.num_frames_tracked == 20 and all(f.frame_index % 3 == 0 for f in m.frames)
-    assert pipeline.stats.counters["frames_decoded"] == truth.num_frames
+    assert runner.stats.counters["frames_decoded"] == truth.num_frames
 
 
 def test_rerun_skips_complete_and_force_redoes(entities_video, tmp_path):
+    import os
+
     path, _ = entities_video
     dataset = Dataset(str(tmp_path / "ds"))
-    pipeline = _pipeline()
-    assert pipeline.process(str(path), ENTITIES[:1], dataset).status == "done"
-    assert pipeline.process(str(path), ENTITIES[:1], dataset).status == "skipped"
-    assert pipeline.process(str(path), ENTITIES[:1], dataset, force=True).status == "done"
+    assert _runner(dataset, ENTITIES[:1]).run(_items(path))[0].status == "done"
+    rerun = _runner(dataset, ENTITIES[:1])
+    assert rerun.run(_items(path))[0].status == "skipped"
+    assert "hash" not in rerun.stats.seconds  # the cheap check skipped it: no content hash
+    os.utime(path)  # touched, not changed: the content hash decides, and it is the same
+    assert _runner(dataset, ENTITIES[:1]).run(_items(path))[0].status == "skipped"
+    assert _runner(dataset, ENTITIES[:1], force=True).run(_items(path))[0].status == "done"
     assert dataset.read_table("masklets").num_rows == 1
 
 
@@ -98,30 +134,39 @@ def test_bad_videos_in_a_batch_are_rejected_and_others_go_on(entities_video, tmp
     text.write_text("not a video")
     audio = synthetic.audio_only_file(tmp_path / "audio.m4a")
     dataset = Dataset(str(tmp_path / "ds"))
-    outcomes = run_batch(
-        _pipeline(), [str(tmp_path / "missing.mp4"), str(text), str(audio), str(path)], ENTITIES[:1], dataset
-    )
+    outcomes = _runner(dataset, ENTITIES[:1]).run(_items(tmp_path / "missing.mp4", text, audio, path))
     assert [o.status for o in outcomes] == ["rejected", "rejected", "rejected", "done"]
     rejections = dataset.read_table("rejections").to_pylist()
     assert {r["source"] for r in rejections} == {str(tmp_path / "missing.mp4"), str(text), str(audio)}
     assert all(r["stage"] == "input" and "\n" not in r["detail"] for r in rejections)
 
 
-def test_truncated_video_keeps_what_decoded(entities_video, tmp_path):
+def test_a_later_success_supersedes_the_rejection(entities_video, tmp_path):
     path, _ = entities_video
-    broken = synthetic.truncated_copy(path, tmp_path / "broken.mp4", fraction=0.6)
+    late = tmp_path / "late.mp4"
     dataset = Dataset(str(tmp_path / "ds"))
-    outcome = _pipeline().process(str(broken), ENTITIES[:1], dataset)
-    if outcome.status == "rejected":  # the damage hit the first frame: nothing to keep, and it says so
-        assert outcome.rejections[0].stage in ("input", "decode")
-        return
-    assert outcome.status == "done"
-    assert any(r.reason == "truncated_stream" for r in outcome.rejections)
+    assert _runner(dataset, ENTITIES[:1]).run(_items(late))[0].status == "rejected"  # not there yet
+    late.write_bytes(path.read_bytes())
+    assert _runner(dataset, ENTITIES[:1]).run(_items(late))[0].status == "done"
+    assert dataset.read_table("rejections").num_rows == 0
+    assert dataset.read_table("videos").num_rows == 1
+
+
+def test_truncated_video_keeps_what_decoded(entities_video, tmp_path):
+    path, truth = entities_video
+    broken = synthetic.truncated_copy(path, tmp_path / "broken.mp4", fraction=0.6)  # moov first: it opens
+    dataset = Dataset(str(tmp_path / "ds"))
+    (outcome,) = _runner(dataset, ENTITIES[:1]).run(_items(broken))
+    assert outcome.status == "done", outcome.detail
+    assert any(r.reason == "truncated_stream" and r.stage == "decode" for r in outcome.outputs.rejections)
+    (video,) = dataset.read_table("videos").to_pylist()
+    assert 0 < video["num_frames"] < truth.num_frames
 
 
 def test_model_fault_on_one_video_does_not_stop_the_batch(entities_video, tmp_path):
     path, _ = entities_video
-    pipeline = _pipeline()
+    backends = _backends()
+    real = backends["detector"]
 
     class ExplodingOnce:
         model_id = "fake/exploding"
@@ -133,14 +178,12 @@ def test_model_fault_on_one_video_does_not_stop_the_batch(entities_video, tmp_pa
                 raise RuntimeError("device-side assert\nwith a second line")
             return real.detect(images, phrases, **kw)
 
-    real = pipeline.generator.detector
-    pipeline.generator.detector = ExplodingOnce()
     other = tmp_path / "copy.mp4"
     other.write_bytes(path.read_bytes() + b"\0")  # different content hash, same frames
     dataset = Dataset(str(tmp_path / "ds"))
-    outcomes = run_batch(pipeline, [str(path), str(other)], ENTITIES[:1], dataset)
+    outcomes = _runner(dataset, ENTITIES[:1], backends={**backends, "detector": ExplodingOnce()}).run(_items(path, other))
     assert [o.status for o in outcomes] == ["rejected", "done"]
-    assert outcomes[0].rejections[0].reason == "internal_error"
+    assert outcomes[0].outputs.rejections[0].reason == "internal_error"
     assert outcomes[0].detail == "RuntimeError: device-side assert"
 
     class ServerDown:
@@ -149,6 +192,6 @@ def test_model_fault_on_one_video_does_not_stop_the_batch(entities_video, tmp_pa
         def detect(self, images, phrases, **kw):
             raise ConnectionError("model server refused the connection")
 
-    pipeline.generator.detector = ServerDown()
+    runner = _runner(dataset, ENTITIES[:1], backends={**backends, "detector": ServerDown()}, force=True, transient=(ConnectionError,))
     with pytest.raises(ConnectionError):  # transient faults propagate for the orchestrator's retry
-        run_batch(pipeline, [str(path)], ENTITIES[:1], dataset, force=True, transient=(ConnectionError,))
+        runner.run(_items(path))

@@ -1,59 +1,84 @@
-"""Build each role's backend from its profile entry; models load once per process and stay loaded."""
+"""Build each role's backend from its profile entry; models load once per process and stay loaded.
+
+Roles are open: a pipeline asks for the roles it needs and the kind of interface each must provide
+(`{"detector": "detector", "refiner": "chat"}`); a profile names, per role, a backend from `BACKENDS`. Roles
+whose specs are equal share one loaded model (one VLM can serve llm, vlm and grounder).
+"""
 
 from __future__ import annotations
 
-from typing import Any
+import threading
+from dataclasses import dataclass
+from typing import Any, Mapping
 
-from engine.config import EngineConfig, RoleSpec
+from engine.config import EngineConfig, RoleSpec, require_roles
 from engine.errors import ConfigError
-from engine.models import weights
 
-BACKENDS = {
-    "detector": {"grounding-dino": ("engine.models.grounding_dino", "GroundingDinoDetector")},
-    "embedder": {"siglip": ("engine.models.siglip", "SiglipEmbedder")},
-    "grounder": {"transformers-vlm": ("engine.models.qwen_grounder", "VlmGrounder")},
-    "tracker": {"sam2": ("engine.models.sam2_tracker", "Sam2Tracker")},
-    "box_segmenter": {"sam2-image": ("engine.models.sam2_image", "Sam2BoxSegmenter")},
+
+@dataclass(frozen=True)
+class Backend:
+    kind: str  # the interface it provides: detector, tracker, box_segmenter, embedder, chat
+    module: str
+    name: str
+    needs_weights: bool = True  # False for a client of a model served elsewhere
+
+
+BACKENDS: dict[str, Backend] = {
+    "grounding-dino": Backend("detector", "engine.models.grounding_dino", "GroundingDinoDetector"),
+    "siglip": Backend("embedder", "engine.models.siglip", "SiglipEmbedder"),
+    "sam2": Backend("tracker", "engine.models.sam2_tracker", "Sam2Tracker"),
+    "sam2-image": Backend("box_segmenter", "engine.models.sam2_image", "Sam2BoxSegmenter"),
+    "transformers": Backend("chat", "engine.models.chat_transformers", "TransformersChat"),
+    "vllm": Backend("chat", "engine.models.chat_vllm", "VllmChat"),
+    "openai": Backend("chat", "engine.models.chat_http", "HttpChat", needs_weights=False),
 }
 
 
-def _backend_class(role: str, spec: RoleSpec) -> Any:
+def backend_of(role: str, spec: RoleSpec, kind: str | None = None) -> Backend:
+    backend = BACKENDS.get(spec.backend)
+    if backend is None:
+        raise ConfigError(f"role {role}: unknown backend {spec.backend!r}; choose from {', '.join(sorted(BACKENDS))}")
+    if kind is not None and backend.kind != kind:
+        choices = sorted(n for n, b in BACKENDS.items() if b.kind == kind)
+        raise ConfigError(f"role {role} needs a {kind} backend, got {spec.backend!r}; choose from {', '.join(choices)}")
+    return backend
+
+
+_LOADED: dict[tuple[str, str, str], Any] = {}
+_LOCK = threading.Lock()  # Prefect's thread task runner may build from several threads: load once
+
+
+def _load(spec: RoleSpec, device: str, dtype: str, kind: str) -> Any:
     import importlib
 
-    choices = BACKENDS.get(role, {})
-    if spec.backend not in choices:
-        raise ConfigError(f"role {role}: unknown backend {spec.backend!r}; choose from {sorted(choices)}")
-    module, name = choices[spec.backend]
-    return getattr(importlib.import_module(module), name)
-
-
-_LOADED: dict[tuple[str, str, str, str], Any] = {}
-
-
-def _build(role: str, spec: RoleSpec, device: str, dtype: str) -> Any:
-    key = (role, spec.model_dump_json(), device, dtype)
-    if key not in _LOADED:
-        _LOADED[key] = _load(role, spec, device, dtype)
-    return _LOADED[key]
-
-
-def _load(role: str, spec: RoleSpec, device: str, dtype: str) -> Any:
-    cls = _backend_class(role, spec)
+    backend = BACKENDS[spec.backend]
+    cls = getattr(importlib.import_module(backend.module), backend.name)
     options = dict(spec.options)
-    if role == "tracker":
+    if kind == "tracker":
         options.setdefault("dtype", dtype)
     if spec.is_tiny:
         return cls.tiny(device=device, **options)
     return cls.from_pretrained(spec.model, device=device, **options)
 
 
-def build(config: EngineConfig, roles: list[str]) -> dict[str, Any]:
-    """Backends for `roles`, checked for weights first so a missing one fails before anything loads."""
+def build(config: EngineConfig, roles: Mapping[str, str], *, pipeline: str = "this pipeline") -> dict[str, Any]:
+    """Backends for `roles` (role -> kind), checked for kinds and weights first so a missing one fails
+    before anything loads."""
     from engine.device import pick_device
+    from engine.models import weights
 
-    for role in roles:
-        _backend_class(role, config.roles[role])
-    weights.require({r: config.roles[r] for r in roles})
+    require_roles(config, list(roles), pipeline=pipeline)
+    for role, kind in roles.items():
+        backend_of(role, config.roles[role], kind)
+    weights.require({r: config.roles[r] for r in roles if BACKENDS[config.roles[r].backend].needs_weights})
     device = pick_device(config.pipeline.get("device", "auto"))
     dtype = config.pipeline.get("dtype", "bfloat16")
-    return {role: _build(role, config.roles[role], device, dtype) for role in roles}
+    out = {}
+    with _LOCK:
+        for role, kind in roles.items():
+            spec = config.roles[role]
+            key = (spec.model_dump_json(), device, dtype if kind == "tracker" else "")
+            if key not in _LOADED:
+                _LOADED[key] = _load(spec, device, dtype, kind)
+            out[role] = _LOADED[key]
+    return out

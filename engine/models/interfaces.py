@@ -122,3 +122,64 @@ class Tracker(Protocol):
     def start(self, frames: FrameSource, *, height: int, width: int) -> TrackingSession:
         """Open a session over `frames`; masks come back at height x width."""
         ...
+
+
+# -- chat models (every LLM / VLM role) -----------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ChatImage:
+    """An image part of a message: RGB uint8 (H, W, 3)."""
+
+    pixels: np.ndarray
+
+
+@dataclass(frozen=True)
+class ChatVideo:
+    """A video part of a message: frames sampled from it, RGB uint8 (H, W, 3) each, in time order."""
+
+    frames: tuple[np.ndarray, ...]
+    fps: float  # the rate the frames were sampled at (a video LLM may use it for timing)
+
+
+ChatPart = str | ChatImage | ChatVideo
+
+
+@dataclass(frozen=True)
+class ChatMessage:
+    role: str  # system | user | assistant
+    content: tuple[ChatPart, ...]
+
+    @classmethod
+    def user(cls, *parts: ChatPart) -> "ChatMessage":
+        return cls("user", tuple(parts))
+
+    @classmethod
+    def assistant(cls, text: str) -> "ChatMessage":
+        return cls("assistant", (text,))
+
+
+@dataclass(frozen=True)
+class ChatRequest:
+    messages: tuple[ChatMessage, ...]
+    json_schema: dict | None = None  # when set, the answer must be JSON valid against this JSON Schema
+    max_tokens: int = 512
+    temperature: float = 0.0  # 0: greedy
+
+
+@runtime_checkable
+class ChatModel(Protocol):
+    """A chat LLM or VLM (vLLM in-process, an OpenAI-compatible server, transformers in-process).
+
+    Callers go through `engine.chat.ask_text` / `ask_json`, which validate answers and retry; a backend only
+    turns a batch of requests into raw answers.
+    """
+
+    model_id: str
+
+    def chat(self, requests: Sequence[ChatRequest]) -> list[str]:
+        """The raw text answer to each request, in order. The whole list is one batch: the backend runs it
+        together as far as its engine allows. Where `json_schema` is set the backend constrains decoding to it
+        when it can (the caller validates either way). Transport faults that outlast the backend's own
+        retries raise `ChatBackendError`."""
+        ...

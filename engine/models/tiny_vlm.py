@@ -6,6 +6,7 @@ image tokens, left-padded batched `generate`) runs on CPU in well under a second
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 TINY_MODEL_ID = "tiny-random/qwen2.5-vl"
@@ -20,14 +21,18 @@ SPECIAL_TOKENS = [
     "<|video_pad|>",
 ]
 
-# Words the tiny tokenizer knows (everything else becomes [UNK]): the chat roles, the engine's prompt words,
-# digits so that index answers can be generated, and the nouns tests use.
+# Words the tiny tokenizer knows as one token each: the chat roles, the engine's prompt words and the nouns
+# tests use. Every other piece of text is spelled one character at a time from _CHARS.
 _WORDS = (
     "system user assistant you are a helpful please detect in this image answer the question with object "
     "objects indexes index candidate numbered boxes box drawn on to and or is there yes no of it its "
-    "person man woman girl boy dog cat ball car shape square circle red green blue left right obj "
-    ". , : ; ? ! ' \" < > ( ) [ ] - /"
-).split() + [str(d) for d in range(10)]
+    "person man woman girl boy dog cat ball car shape square circle red green blue left right obj"
+).split()
+
+# Printable ASCII (letters, digits, punctuation, space) and newline as single-character tokens: everything a
+# JSON answer needs, so grammar-constrained decoding can spell any key, number or string (and digits one by
+# one, like Qwen's tokenizer, so "12" and "<obj12>" are made of digit tokens).
+_CHARS = [chr(c) for c in range(32, 127)] + ["\n"]
 
 # Qwen2.5-VL's chat template cut down to what the engine sends: text and image/video parts per message.
 CHAT_TEMPLATE = (
@@ -46,7 +51,7 @@ def build_tiny_qwen2_5_vl(*, seed: int = 0) -> tuple[Any, Any]:
     """(model, processor): a random Qwen2_5_VLForConditionalGeneration of about 80k parameters and a
     Qwen2_5_VLProcessor whose images become 4 x 4 patches (56 x 56 pixels, merge size 1)."""
     import torch
-    from tokenizers import Tokenizer, models, pre_tokenizers
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
     from transformers import (
         PreTrainedTokenizerFast,
         Qwen2_5_VLConfig,
@@ -56,12 +61,13 @@ def build_tiny_qwen2_5_vl(*, seed: int = 0) -> tuple[Any, Any]:
         Qwen2VLVideoProcessor,
     )
 
-    vocab = {token: i for i, token in enumerate(dict.fromkeys(SPECIAL_TOKENS + ["[UNK]"] + _WORDS))}
+    vocab = {token: i for i, token in enumerate(dict.fromkeys(SPECIAL_TOKENS + ["[UNK]"] + _WORDS + _CHARS))}
     word_level = Tokenizer(models.WordLevel(vocab=vocab, unk_token="[UNK]"))
-    # Digits one by one, like Qwen's tokenizer, so "12" and "<obj12>" tokenize with the known digit tokens.
-    word_level.pre_tokenizer = pre_tokenizers.Sequence(
-        [pre_tokenizers.Whitespace(), pre_tokenizers.Digits(individual_digits=True)]
-    )
+    # Known words first (longest first), else one character: every piece is in the vocabulary, and nothing,
+    # spaces included, is dropped, so encoding then decoding gives the text back.
+    alternatives = "|".join(re.escape(w) for w in sorted(_WORDS, key=len, reverse=True))
+    word_level.pre_tokenizer = pre_tokenizers.Split(Regex(f"{alternatives}|[\\s\\S]"), behavior="isolated")
+    word_level.decoder = decoders.Fuse()  # tokens are joined as they are, with nothing between them
     tokenizer = PreTrainedTokenizerFast(
         tokenizer_object=word_level,
         unk_token="[UNK]",
@@ -69,6 +75,7 @@ def build_tiny_qwen2_5_vl(*, seed: int = 0) -> tuple[Any, Any]:
         eos_token="<|im_end|>",
         additional_special_tokens=SPECIAL_TOKENS[1:],
         padding_side="left",  # decoder-only batched generation
+        clean_up_tokenization_spaces=False,  # never rewrite " ," inside a JSON string
     )
     pixels = 56 * 56
     processor = Qwen2_5_VLProcessor(
@@ -87,7 +94,7 @@ def build_tiny_qwen2_5_vl(*, seed: int = 0) -> tuple[Any, Any]:
             num_hidden_layers=2,
             num_attention_heads=4,
             num_key_value_heads=2,
-            max_position_embeddings=1024,
+            max_position_embeddings=4096,  # prompts spelled by character are long
             rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [1, 1, 2]},
             bos_token_id=vocab["<|endoftext|>"],
             eos_token_id=vocab["<|im_end|>"],

@@ -1,0 +1,405 @@
+"""Refiner (VideoRefer §3.1.1-3.1.2): an LLM merges an object's two descriptions into one, and writes
+region-referring QA pairs for object-level QA data.
+
+`merge` turns (noun or expression, dynamic description, static description) into one detailed description:
+plain text, third person, starting with the object, each fact once, nothing that is not in the inputs.
+`write_qa` writes basic, reasoning and future-prediction questions about the regions of one video; questions
+and answers refer to regions only as `<region0>`, `<region1>`, ... placeholders, which `to_region_tokens`
+turns into the `<region>` tokens of the training formats, with the region of each token in order.
+
+Every answer is validated; an invalid one is asked again with its error (all of a round in one batch), and
+after `retries` it becomes a `Failure` that keeps every raw answer.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections import Counter
+from dataclasses import dataclass, replace
+from functools import lru_cache
+from typing import Any, Callable, Literal, NamedTuple, Sequence
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from agents.analyzer import Failure
+from engine.chat import REPAIR_PROMPT, ask_json, ask_text, schema_of
+from engine.models.interfaces import ChatMessage, ChatModel, ChatRequest
+from engine.stats import Stats
+from prompts import render
+
+AGENT = "refiner"
+KINDS = ("basic", "reasoning", "future")
+Kind = Literal["basic", "reasoning", "future"]
+MAX_QUESTION_CHARS = 1000  # hard bounds of the schema; the config's limits are tighter
+MAX_ANSWER_CHARS = 2000
+MAX_DESCRIPTION_CHARS = 4000
+MAX_REGIONS = 32
+MAX_PAIRS = 24
+
+PLACEHOLDER = re.compile(r"<region(0|[1-9][0-9]*)>")
+# Anything that looks like a region reference but is not exactly <regionN>: <region>, <Region 1>, <region_1>,
+# </region0>, region1, region 2.
+_MALFORMED = re.compile(r"(?i)<\s*/?\s*region[^>]*>|\bregion\s*_?\d+\b")
+_META = re.compile(
+    r"(?i)\b(?:the|this|that|these|both|two)\s+(?:videos?|clips?|footage|captions?|descriptions?|annotations?)\b"
+)
+_REFUSAL = re.compile(r"(?i)\bas an ai\b|\bi'?m sorry\b|\bi am sorry\b|\bi can ?not\b|\bi can'?t\b")
+_LIST_LINE = re.compile(r"(?m)^\s*(?:[-*\u2022#]|\d+[.)])\s")
+_ARTICLE = r"(?:(?:the|a|an)\s+)?"
+
+
+def placeholders(text: str) -> list[int]:
+    """The region index of every `<regionN>` placeholder in `text`, in order, repeats included."""
+    return [int(m) for m in PLACEHOLDER.findall(text)]
+
+
+def to_region_tokens(text: str) -> tuple[str, list[int]]:
+    """Replace each `<regionN>` placeholder with `<region>`; also return N for each token in order (repeats
+    included), so the caller lists the matching masklet id per `<region>` token (`SampleRecord.masklet_ids`).
+
+    >>> to_region_tokens("Is <region2> closer to <region0> than <region2> is?")
+    ('Is <region> closer to <region> than <region> is?', [2, 0, 2])
+    """
+    return PLACEHOLDER.sub("<region>", text), placeholders(text)
+
+
+class QAPair(BaseModel):
+    """One question-answer pair about marked regions.
+
+    `regions` is the ordered list of distinct placeholders of the question (the order `<region>` tokens first
+    appear in it). An answer may point back at a region its question shows, by the same placeholder; it may
+    not introduce another one.
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    kind: Kind
+    question: str = Field(min_length=1, max_length=MAX_QUESTION_CHARS)
+    answer: str = Field(min_length=1, max_length=MAX_ANSWER_CHARS)
+    regions: list[int] = Field(min_length=1, max_length=MAX_REGIONS)
+
+    @model_validator(mode="after")
+    def _placeholders(self) -> "QAPair":
+        for name, text in (("question", self.question), ("answer", self.answer)):
+            if not text.strip():
+                raise ValueError(f"{name} is blank")
+            bad = _MALFORMED.search(PLACEHOLDER.sub(" ", text))
+            if bad:
+                raise ValueError(
+                    f"{name} writes a region as {bad.group(0)!r}: write it exactly as <regionN>, e.g. <region0>"
+                )
+        used = list(dict.fromkeys(placeholders(self.question)))
+        if not used:
+            raise ValueError("the question must refer to at least one region by its placeholder, e.g. <region0>")
+        if self.regions != used:
+            raise ValueError(
+                f"regions must list the question's placeholders in order of first appearance, {used}, "
+                f"got {self.regions}"
+            )
+        extra = sorted(set(placeholders(self.answer)) - set(used))
+        if extra:
+            listed = ", ".join(f"<region{i}>" for i in extra)
+            raise ValueError(f"the answer refers to {listed}, which its question does not show")
+        return self
+
+
+class QARegion(NamedTuple):
+    index: int  # the N of <regionN>
+    name: str  # noun or referring expression
+    description: str  # the object's detailed description
+
+
+@dataclass(frozen=True)
+class QAJob:
+    """The regions of one video to write questions about; plain (index, name, description) tuples work too."""
+
+    regions: tuple[QARegion, ...]
+
+    def __post_init__(self) -> None:
+        regions = tuple(QARegion(*r) for r in self.regions)
+        object.__setattr__(self, "regions", regions)
+        if not regions:
+            raise ValueError("a QAJob needs at least one region")
+        indexes = [r.index for r in regions]
+        if any(not isinstance(i, int) or i < 0 for i in indexes) or len(set(indexes)) != len(indexes):
+            raise ValueError(f"QAJob region indexes must be distinct ints >= 0, got {indexes}")
+        if any(not r.name.strip() for r in regions):
+            raise ValueError("every QAJob region needs a non-empty name")
+
+
+@dataclass(frozen=True)
+class RefinerConfig:
+    basic_questions: int = 1  # per video (QAJob)
+    reasoning_questions: int = 1
+    future_questions: int = 1
+    max_description_chars: int = 1500  # of a merged description
+    max_question_chars: int = 300
+    max_answer_chars: int = 600
+    max_input_chars: int = 2000  # each input description is cut to this in the prompt
+    max_regions: int = 8  # a QAJob with more regions is a failure (too_many_regions), not asked
+    retries: int = 2
+    merge_max_tokens: int = 512
+    qa_max_tokens: int = 1024
+
+    def __post_init__(self) -> None:
+        counts = self.counts
+        if any(n < 0 for n in counts) or not 1 <= sum(counts) <= MAX_PAIRS:
+            raise ValueError(
+                f"questions per kind (basic, reasoning, future) must be >= 0 with a total in [1, {MAX_PAIRS}], "
+                f"got {counts}"
+            )
+        for name, cap in (("max_description_chars", MAX_DESCRIPTION_CHARS), ("max_question_chars", MAX_QUESTION_CHARS),
+                          ("max_answer_chars", MAX_ANSWER_CHARS), ("max_input_chars", MAX_DESCRIPTION_CHARS)):
+            if not 16 <= getattr(self, name) <= cap:
+                raise ValueError(f"{name} must be in [16, {cap}], got {getattr(self, name)}")
+        if not 1 <= self.max_regions <= MAX_REGIONS:
+            raise ValueError(f"max_regions must be in [1, {MAX_REGIONS}], got {self.max_regions}")
+        if self.retries < 0:
+            raise ValueError(f"retries must be >= 0, got {self.retries}")
+        for name in ("merge_max_tokens", "qa_max_tokens"):
+            if getattr(self, name) < 16:
+                raise ValueError(f"{name} must be >= 16, got {getattr(self, name)}")
+
+    @property
+    def counts(self) -> tuple[int, int, int]:
+        return (self.basic_questions, self.reasoning_questions, self.future_questions)
+
+
+@lru_cache(maxsize=16)
+def qa_schema(counts: tuple[int, int, int], max_question_chars: int, max_answer_chars: int) -> type[BaseModel]:
+    """The JSON answer of `write_qa` for one config: `{"pairs": [QAPair, ...]}` with exactly `counts`
+    (basic, reasoning, future) pairs of each kind and the config's length limits."""
+    want = dict(zip(KINDS, counts))
+    total = sum(counts)
+
+    class Pair(QAPair):
+        question: str = Field(min_length=1, max_length=max_question_chars)
+        answer: str = Field(min_length=1, max_length=max_answer_chars)
+
+    class QAAnswer(BaseModel):
+        model_config = ConfigDict(extra="forbid")
+
+        pairs: list[Pair] = Field(min_length=total, max_length=total)
+
+        @model_validator(mode="after")
+        def _kinds(self) -> "QAAnswer":
+            got = Counter(p.kind for p in self.pairs)
+            if any(got[k] != want[k] for k in KINDS):
+                asked = ", ".join(f"{n} {k}" for k, n in want.items())
+                have = ", ".join(f"{got[k]} {k}" for k in KINDS)
+                raise ValueError(f"write exactly {asked} pairs, got {have}")
+            return self
+
+    return QAAnswer
+
+
+def check_merged(text: str, max_chars: int) -> str | None:
+    """Why a merged description breaks the rules, or None when it is fine."""
+    if not text:
+        return "the answer is empty"
+    if _REFUSAL.search(text):
+        return "the answer is not a description of the object"
+    if _LIST_LINE.search(text):
+        return "write one paragraph of prose, with no lists or headings"
+    flat = " ".join(text.split())
+    if len(flat) > max_chars:
+        return f"the description is {len(flat)} characters long: keep it under {max_chars}"
+    meta = _META.search(flat)
+    if meta:
+        return f"do not mention {meta.group(0)!r}: describe only the object itself"
+    return None
+
+
+def check_qa(job: QAJob, pairs: Sequence[QAPair]) -> str | None:
+    """Why `pairs` do not fit `job` (a placeholder names no region of the job, or a question names an object
+    right beside its placeholder, e.g. "the dog <region0>"), or None."""
+    names = {r.index: r.name for r in job.regions}
+    known = ", ".join(f"<region{i}>" for i in names)
+    for n, pair in enumerate(pairs):
+        for field in ("question", "answer"):
+            unknown = sorted(set(placeholders(getattr(pair, field))) - set(names))
+            if unknown:
+                listed = ", ".join(f"<region{i}>" for i in unknown)
+                return f"pairs.{n}.{field} refers to {listed}, which does not exist; use only {known}"
+        for index in pair.regions:
+            if _names_beside(pair.question, index, names[index]):
+                return (
+                    f"pairs.{n}.question names {names[index]!r} beside <region{index}>: refer to that object "
+                    "only by its placeholder"
+                )
+    return None
+
+
+def _names_beside(question: str, index: int, name: str) -> bool:
+    # Deliberately narrow: only the object's full name right next to its own placeholder ("the dog <region0>",
+    # "<region0> (the dog)"). A name elsewhere in the question may be another object of the same kind.
+    name = re.sub(r"^(?:the|a|an)\s+", "", " ".join(name.split()), flags=re.IGNORECASE)
+    if len(name) < 2:
+        return False
+    word = re.escape(name)
+    tag = f"<region{index}>"
+    pattern = rf"(?i)\b{word}\W{{0,3}}{re.escape(tag)}|{re.escape(tag)}\W{{0,3}}{_ARTICLE}{word}\b"
+    return re.search(pattern, question) is not None
+
+
+@dataclass
+class _Outcome:
+    value: Any = None
+    raw: list[str] | None = None
+    error: str | None = None
+
+
+def _ask_checked(
+    requests: Sequence[ChatRequest],
+    ask_round: Callable[[list[ChatRequest]], list[tuple[Any, str, str | None]]],
+    check: Callable[[int, Any], str | None],
+    repair: Callable[[str], str],
+    *,
+    retries: int,
+    stats: Stats,
+    agent: str,
+) -> list[_Outcome]:
+    """Ask every request in one batch per round; an answer that fails `ask_round`'s parsing or `check` is asked
+    again, in the next round's batch, with its own answer and error appended, up to `retries` times."""
+    outcomes = [_Outcome(raw=[]) for _ in requests]
+    pending = dict(enumerate(requests))
+    for attempt in range(retries + 1):
+        if not pending:
+            break
+        order = list(pending)
+        if attempt:
+            stats.count(f"{agent}_retried_requests", len(order))
+        for i, (value, raw, error) in zip(order, ask_round([pending[i] for i in order])):
+            outcomes[i].raw.append(raw)
+            if error is None:
+                error = check(i, value)
+            if error is None:
+                outcomes[i].value, outcomes[i].error = value, None
+                del pending[i]
+                continue
+            outcomes[i].error = error
+            request = pending[i]
+            pending[i] = replace(
+                request, messages=(*request.messages, ChatMessage.assistant(raw), ChatMessage.user(repair(error)))
+            )
+    return outcomes
+
+
+def _clip(text: str, limit: int) -> str:
+    text = " ".join(text.split())
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+class Refiner:
+    """`Refiner(llm).merge(jobs)` and `.write_qa(jobs)`: one result (or `Failure`) per job, in order."""
+
+    prompts = ("refiner_caption", "refiner_qa")  # template names, for provenance (prompts.template_hash)
+
+    def __init__(self, llm: ChatModel, config: RefinerConfig | None = None, stats: Stats | None = None) -> None:
+        self.llm = llm
+        self.config = config or RefinerConfig()
+        self.stats = stats if stats is not None else Stats()
+
+    def merge(self, jobs: Sequence[tuple[str, str, str]]) -> list[str | Failure]:
+        """(noun or expression, dynamic description, static description) -> one detailed description."""
+        cfg, stats, agent = self.config, self.stats, f"{AGENT}_merge"
+        results: list[str | Failure | None] = [None] * len(jobs)
+        asked: list[int] = []
+        requests: list[ChatRequest] = []
+        stats.count(f"{agent}_jobs", len(jobs))
+        for i, (name, dynamic, static) in enumerate(jobs):
+            name = " ".join(name.split())
+            if not name:
+                raise ValueError(f"merge job {i} has an empty noun or expression")
+            if not dynamic.strip() and not static.strip():
+                results[i] = Failure("empty_input", "both descriptions are empty")
+                stats.count(f"{agent}_failed")
+                continue
+            prompt = render(
+                "refiner_caption",
+                object_name=name,
+                dynamic=_clip(dynamic, cfg.max_input_chars),
+                static=_clip(static, cfg.max_input_chars),
+                max_words=max(20, cfg.max_description_chars // 7),
+            )
+            asked.append(i)
+            requests.append(ChatRequest(messages=(ChatMessage.user(prompt),), max_tokens=cfg.merge_max_tokens))
+
+        def ask_round(batch: list[ChatRequest]) -> list[tuple[Any, str, str | None]]:
+            return [(_unquote(t), t, None) for t in ask_text(self.llm, batch, stats=stats, agent=agent)]
+
+        def repair(error: str) -> str:
+            return f"Your answer was not valid: {error}\nWrite the description again, as one paragraph of plain text."
+
+        with stats.timer(agent):
+            outcomes = _ask_checked(
+                requests, ask_round, lambda _, text: check_merged(text, cfg.max_description_chars), repair,
+                retries=cfg.retries, stats=stats, agent=agent,
+            )
+        for i, out in zip(asked, outcomes):
+            if out.error is None:
+                results[i] = " ".join(out.value.split())
+                stats.count(f"{agent}_ok")
+            else:
+                results[i] = Failure("invalid_answer", out.error, tuple(out.raw))
+                stats.count(f"{agent}_failed")
+        return results  # type: ignore[return-value]
+
+    def write_qa(self, jobs: Sequence[QAJob]) -> list[list[QAPair] | Failure]:
+        """Questions and answers about the regions of each job (one video), in one batch per round."""
+        cfg, stats, agent = self.config, self.stats, f"{AGENT}_qa"
+        schema = qa_schema(cfg.counts, cfg.max_question_chars, cfg.max_answer_chars)
+        schema_text = json.dumps(schema_of(schema), separators=(",", ":"))
+        results: list[list[QAPair] | Failure | None] = [None] * len(jobs)
+        asked: list[int] = []
+        requests: list[ChatRequest] = []
+        stats.count(f"{agent}_jobs", len(jobs))
+        for i, job in enumerate(jobs):
+            if len(job.regions) > cfg.max_regions:
+                detail = f"{len(job.regions)} regions, max_regions is {cfg.max_regions}"
+                results[i] = Failure("too_many_regions", detail)
+                stats.count(f"{agent}_failed")
+                continue
+            regions = [QARegion(r.index, " ".join(r.name.split()), _clip(r.description, cfg.max_input_chars))
+                       for r in job.regions]
+            prompt = render(
+                "refiner_qa",
+                regions=regions,
+                n_basic=cfg.basic_questions,
+                n_reasoning=cfg.reasoning_questions,
+                n_future=cfg.future_questions,
+            )
+            asked.append(i)
+            requests.append(ChatRequest(messages=(ChatMessage.user(prompt),), max_tokens=cfg.qa_max_tokens))
+
+        def ask_round(batch: list[ChatRequest]) -> list[tuple[Any, str, str | None]]:
+            answers = ask_json(self.llm, batch, schema, retries=0, stats=stats, agent=agent)
+            return [(a.value, a.raw[-1], a.error) for a in answers]
+
+        def repair(error: str) -> str:
+            return REPAIR_PROMPT.format(error=error, schema=schema_text)
+
+        with stats.timer(agent):
+            outcomes = _ask_checked(
+                requests, ask_round, lambda k, value: check_qa(jobs[asked[k]], value.pairs), repair,
+                retries=cfg.retries, stats=stats, agent=agent,
+            )
+        for i, out in zip(asked, outcomes):
+            if out.error is None:
+                pairs = [QAPair.model_validate(p.model_dump()) for p in out.value.pairs]
+                results[i] = pairs
+                stats.count(f"{agent}_pairs", len(pairs))
+                for p in pairs:
+                    stats.count(f"{agent}_{p.kind}")
+            else:
+                results[i] = Failure("invalid_answer", out.error, tuple(out.raw))
+                stats.count(f"{agent}_failed")
+        return results  # type: ignore[return-value]
+
+
+def _unquote(text: str) -> str:
+    text = text.strip()
+    if len(text) >= 2 and text[0] == text[-1] and text[0] in "\"'":
+        text = text[1:-1].strip()
+    return text

@@ -1,0 +1,118 @@
+"""Asking a chat model for text or for JSON validated against a pydantic schema, over any `ChatModel` backend.
+
+Every answer is validated; an invalid one is asked again with the validation error shown to the model, a
+bounded number of times, and then returned as a failure carrying the raw answers (the caller turns it into a
+`rejections` row). Requests are always sent as one batch per round.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field, replace
+from typing import Generic, Sequence, TypeVar
+
+from pydantic import BaseModel, ValidationError
+
+from engine.models.interfaces import ChatMessage, ChatModel, ChatRequest
+from engine.stats import Stats
+
+T = TypeVar("T", bound=BaseModel)
+
+REPAIR_PROMPT = (
+    "Your answer was not valid: {error}\n"
+    "Answer again with only a JSON value that matches this JSON Schema:\n{schema}"
+)
+
+
+@dataclass
+class JsonAnswer(Generic[T]):
+    value: T | None  # None when every attempt failed validation
+    raw: list[str] = field(default_factory=list)  # every answer, first to last
+    error: str | None = None  # the last validation error, when value is None
+
+    @property
+    def ok(self) -> bool:
+        return self.value is not None
+
+
+def schema_of(model: type[BaseModel]) -> dict:
+    """The JSON Schema sent to backends for structured decoding."""
+    return model.model_json_schema()
+
+
+def _short_error(exc: Exception) -> str:
+    if isinstance(exc, ValidationError):
+        parts = []
+        for err in exc.errors()[:5]:
+            where = ".".join(str(x) for x in err["loc"]) or "value"
+            parts.append(f"{where}: {err['msg']}")
+        return "; ".join(parts)
+    return str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+
+
+def _parse(model: type[T], text: str) -> T:
+    """Validate `text` as JSON of `model`; tolerate a Markdown code fence around it."""
+    body = text.strip()
+    if body.startswith("```"):
+        body = body.strip("`")
+        body = body[body.find("\n") + 1 :] if "\n" in body else body
+        body = body.rstrip("`").strip()
+    return model.model_validate_json(body)
+
+
+def ask_text(
+    model: ChatModel, requests: Sequence[ChatRequest], *, stats: Stats | None = None, agent: str = "chat"
+) -> list[str]:
+    """One batch of free-text requests; answers stripped of surrounding whitespace."""
+    if not requests:
+        return []
+    answers = model.chat(list(requests))
+    _count(stats, agent, len(requests))
+    return [a.strip() for a in answers]
+
+
+def ask_json(
+    model: ChatModel,
+    requests: Sequence[ChatRequest],
+    schema: type[T],
+    *,
+    retries: int = 2,
+    stats: Stats | None = None,
+    agent: str = "chat",
+) -> list[JsonAnswer[T]]:
+    """Ask every request for JSON matching `schema`, in one batch; invalid answers are retried together (each
+    shown its own error) up to `retries` times. Pydantic validators on `schema` are part of validation, so a
+    semantic rule (equal list lengths, distinct items) is retried like a syntax error."""
+    if retries < 0:
+        raise ValueError(f"retries must be >= 0, got {retries}")
+    json_schema = schema_of(schema)
+    schema_text = json.dumps(json_schema, separators=(",", ":"))
+    pending = {i: replace(r, json_schema=json_schema) for i, r in enumerate(requests)}
+    results: list[JsonAnswer[T]] = [JsonAnswer(None) for _ in requests]
+    for attempt in range(retries + 1):
+        if not pending:
+            break
+        order = list(pending)
+        answers = model.chat([pending[i] for i in order])
+        _count(stats, agent, len(order))
+        if attempt:
+            _count(stats, f"{agent}_retried", len(order))
+        for i, text in zip(order, answers):
+            results[i].raw.append(text)
+            try:
+                results[i].value, results[i].error = _parse(schema, text), None
+                del pending[i]
+            except (ValidationError, ValueError) as exc:
+                results[i].error = _short_error(exc)
+                request = pending[i]
+                repair = ChatMessage.user(REPAIR_PROMPT.format(error=results[i].error, schema=schema_text))
+                pending[i] = replace(request, messages=(*request.messages, ChatMessage.assistant(text), repair))
+    if stats is not None:
+        stats.count(f"{agent}_invalid_json", sum(not r.ok for r in results))
+    return results
+
+
+def _count(stats: Stats | None, agent: str, n: int) -> None:
+    if stats is not None:
+        stats.count(f"{agent}_requests", n)
+        stats.count(f"{agent}_backend_calls")

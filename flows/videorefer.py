@@ -1,0 +1,610 @@
+"""The VideoRefer engine (VideoRefer §3.1.1-3.1.2) as runner stages over one decode per video.
+
+Data types, chosen per run with `data_types`:
+- detailed_caption (caption items): Analyzer (nouns) -> Annotator (dynamic, then static, per noun; static-only
+  subjects dropped) -> Segmentor (box, mask, masklet) -> Reviewer (region caption, same-object verdict) ->
+  Refiner (one detailed description). Every sample is written with the Reviewer's verdict and reason;
+  `kept` is false for those it dropped, and exporters skip them.
+- short_caption (caption items): Analyzer (singular subject only) -> Segmentor; the raw caption is the answer.
+- object_qa (mask datasets: MeViS, Ref-YouTube-VOS): the source's masks are the masklets (ground truth,
+  never re-segmented); Annotator on each referring expression -> Refiner writes basic, reasoning and future
+  questions. An expression that refers to several objects (MeViS) is one region of the Refiner's prompt and
+  becomes one `<region>` token per object in the question, joined with "and", each with its own masklet.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Any, Sequence
+
+import numpy as np
+
+from agents.analyzer import Analyzer, AnalyzerConfig, Noun, NounsResult
+from agents.annotator import Annotation, Annotator, AnnotatorConfig
+from agents.refiner import QAJob, QAPair, Refiner, RefinerConfig, placeholders
+from agents.reviewer import INVALID_JUDGE, Reviewer, ReviewerConfig, ReviewJob
+from agents.segmentor import Segmentor, SegmentorConfig
+from engine import masks
+from engine.config import EngineConfig
+from engine.decode import DecodeLimits, DecodeResult
+from engine.errors import ChatBackendError
+from engine.frame_store import TrackFrames
+from engine.ids import stable_id
+from engine.models.interfaces import ChatVideo
+from engine.runner import Outputs, Pipeline, VideoContext
+from engine.stats import Stats
+from engine.storage import Dataset
+from schemas import Assignment, FrameMask, MaskletRecord, Review, SampleRecord, Turn, WorkItem
+
+NAME = "videorefer"
+DATA_TYPES = ("detailed_caption", "short_caption", "object_qa")
+# Faults of the model server, not of an item: never retried item by item (the orchestrator retries the batch).
+SYSTEMIC_FAULTS: tuple[type[BaseException], ...] = (ChatBackendError, ConnectionError, TimeoutError, MemoryError)
+
+REVIEWER_DROP_CODES = (INVALID_JUDGE, "empty_mask", "empty_region_caption")  # see agents/reviewer.py
+
+# Human turns of the caption samples; one is picked per sample by its id, so reruns agree.
+DETAILED_QUESTIONS = (
+    "Please give a detailed description of the <region> in the video.",
+    "Describe the <region> in the video in detail, covering its appearance and what it does.",
+    "What does the <region> look like, and what does it do over the course of the video?",
+)
+SHORT_QUESTIONS = (
+    "Briefly describe the <region> in the video.",
+    "What is the <region> doing in the video? Answer in one sentence.",
+)
+
+
+@dataclass(frozen=True)
+class VideoReferConfig:
+    annotator_frames: int = 16  # frames of the item shown to the video LLM
+    frame_max_side: int = 768  # long side of those frames
+    sample_frames: int = 16  # mask frames per region a sample (and its export) carries
+    refine_dropped: bool = False  # also refine captions the Reviewer dropped (costs an LLM call each)
+
+    def __post_init__(self) -> None:
+        if self.annotator_frames < 1 or self.sample_frames < 1:
+            raise ValueError("annotator_frames and sample_frames must be >= 1")
+        if self.frame_max_side < 28:
+            raise ValueError(f"frame_max_side must be >= 28, got {self.frame_max_side}")
+
+
+SETTINGS = {
+    "decode": DecodeLimits,
+    "analyzer": AnalyzerConfig,
+    "annotator": AnnotatorConfig,
+    "segmentor": SegmentorConfig,
+    "reviewer": ReviewerConfig,
+    "refiner": RefinerConfig,
+    "videorefer": VideoReferConfig,
+}
+
+
+def roles(config: EngineConfig) -> dict[str, str]:
+    return {
+        "llm": "chat",  # Analyzer, Reviewer's judge
+        "vlm": "chat",  # Annotator
+        "region_captioner": "chat",  # Reviewer's region captions
+        "refiner": "chat",
+        "detector": "detector",
+        "box_segmenter": "box_segmenter",
+        "tracker": "tracker",
+    }
+
+
+def check_data_types(data_types: Sequence[str]) -> None:
+    unknown = sorted(set(data_types) - set(DATA_TYPES))
+    if unknown or not data_types:
+        raise ValueError(f"data types must be among {', '.join(DATA_TYPES)}; got {list(data_types)}")
+
+
+def funnel(stats: Stats, agent: str, n_in: int, n_out: int, dropped: Counter | None = None) -> None:
+    """Items in and out of an agent and why the others left (printed at the end of a run)."""
+    stats.count(f"funnel.{agent}.in", n_in)
+    stats.count(f"funnel.{agent}.out", n_out)
+    for reason, n in (dropped or {}).items():
+        stats.count(f"funnel.{agent}.dropped.{reason}", n)
+
+
+@dataclass
+class _Work:
+    """What one video carries from stage to stage."""
+
+    nouns: NounsResult | None = None  # detailed captions
+    subject: NounsResult | None = None  # short captions
+    object_qa: bool = False  # object-level QA from the source's masks and expressions
+    video: ChatVideo | None = None
+    frames_shown: list[int] = field(default_factory=list)
+    annotations: list[Annotation] = field(default_factory=list)
+    expression_annotations: list[Annotation] = field(default_factory=list)
+    track: TrackFrames | None = None
+    masklets: dict[str, MaskletRecord] = field(default_factory=dict)  # noun -> masklet (Segmentor)
+    source_masklets: dict[str, MaskletRecord] = field(default_factory=dict)  # object id -> masklet (ground truth)
+    reviews: dict[str, Review] = field(default_factory=dict)  # noun -> verdict
+
+
+class _Pass:
+    def __init__(self, finish, consumers: list[Any] | None = None) -> None:
+        self.consumers = consumers or []
+        self._finish = finish
+
+    def finish(self, decoded: DecodeResult, so_far: Outputs) -> Outputs:
+        return self._finish(decoded)
+
+
+def _work(ctx: VideoContext) -> _Work:
+    return ctx.state.setdefault(NAME, _Work())
+
+
+class AnalyzerStage:
+    """Nouns of every caption of the batch in one LLM call per mode (`prepare`)."""
+
+    name = "analyzer"
+
+    def __init__(self, analyzer: Analyzer, data_types: Sequence[str], stats: Stats) -> None:
+        self.analyzer, self.data_types, self.stats = analyzer, set(data_types), stats
+        self._detailed: dict[str, NounsResult] = {}
+        self._short: dict[str, NounsResult] = {}
+        self._faults: dict[str, Exception] = {}  # item key -> the model fault its caption caused
+
+    def prepare(self, items: Sequence[WorkItem]) -> None:
+        captioned = [i for i in items if i.caption]
+        if "detailed_caption" in self.data_types:
+            self._analyze(captioned, self._detailed, short=False)
+        if "short_caption" in self.data_types:
+            self._analyze(captioned, self._short, short=True)
+
+    def _analyze(self, items: list[WorkItem], results: dict[str, NounsResult], *, short: bool) -> None:
+        """One call for every caption. A fault of that call is asked again caption by caption, so one bad item
+        cannot lose the batch: an item that still fails keeps its own fault, raised when the runner starts it
+        (an `internal_error` row for that item only). Faults of the model server are not retried here."""
+        items = [i for i in items if i.key not in self._faults]
+        if not items:
+            return
+        try:
+            results.update(zip((i.key for i in items), self.analyzer.analyze([i.caption or "" for i in items], short=short)))
+            return
+        except SYSTEMIC_FAULTS:
+            raise  # the orchestrator retries the batch; committed items are skipped then
+        except Exception as exc:
+            if len(items) == 1:
+                self._faults[items[0].key] = exc
+                return
+            self.stats.count(f"{self.name}_batch_faults")
+        for item in items:
+            try:
+                (results[item.key],) = self.analyzer.analyze([item.caption or ""], short=short)
+            except SYSTEMIC_FAULTS:
+                raise
+            except Exception as exc:
+                self._faults[item.key] = exc
+
+    def start(self, ctx: VideoContext) -> _Pass | None:
+        work = _work(ctx)
+        work.nouns = self._detailed.pop(ctx.item.key, None)
+        work.subject = self._short.pop(ctx.item.key, None)
+        fault = self._faults.pop(ctx.item.key, None)
+        if fault is not None:
+            raise fault
+        results = [r for r in (work.nouns, work.subject) if r is not None]
+        work.object_qa = "object_qa" in self.data_types and bool(ctx.item.objects and ctx.item.expressions)
+        if not results and not work.object_qa:
+            wanted = ", ".join(sorted(self.data_types))
+            detail = f"nothing in the item for the data types {wanted}: "
+            detail += (
+                "captions give detailed_caption and short_caption samples; objects with masks and referring "
+                "expressions give object_qa samples"
+            )
+            rejection = ctx.rejection(self.name, "nothing_to_annotate", detail)
+            return _Pass(lambda decoded: Outputs(rejections=[rejection]))
+        dropped = Counter(r.failure.reason for r in results if r.failure)
+        funnel(self.stats, self.name, len(results), len(results) - sum(dropped.values()), dropped)
+        modes = [m for m, r in (("detailed", work.nouns), ("short", work.subject)) if r is not None]
+        rejections = [
+            _rejection(ctx, self.name, r.failure.reason, f"{mode} caption {r.caption[:200]!r}: {r.failure.detail}",
+                       key=mode, raw=r.failure.raw_answer)
+            for mode, r in zip(modes, results)
+            if r.failure
+        ]
+        return _Pass(lambda decoded: Outputs(rejections=rejections)) if rejections else None
+
+
+class AnnotatorStage:
+    """Dynamic then static descriptions of each noun (or each referring expression of a mask source)."""
+
+    name = "annotator"
+
+    def __init__(self, annotator: Annotator, config: VideoReferConfig, stats: Stats) -> None:
+        self.annotator, self.config, self.stats = annotator, config, stats
+
+    def start(self, ctx: VideoContext) -> _Pass | None:
+        work = _work(ctx)
+        nouns = list(work.nouns.nouns) if work.nouns and work.nouns.ok else []
+        expressions = [e.expression for e in ctx.item.expressions] if work.object_qa else []
+        if not nouns and not expressions:
+            return None
+        keyframes = ctx.keyframes(count=self.config.annotator_frames, max_side=self.config.frame_max_side)
+
+        def finish(decoded: DecodeResult) -> Outputs:
+            if not keyframes.frames:
+                return Outputs(rejections=[ctx.rejection(self.name, "no_frames", "no frames were decoded")])
+            shown = sorted(keyframes.frames)
+            span = max(keyframes.times[shown[-1]] - keyframes.times[shown[0]], 1e-6)
+            work.frames_shown = shown
+            work.video = ChatVideo(tuple(keyframes.frames[i] for i in shown), fps=max(len(shown) - 1, 1) / span)
+            rejections = []
+            if nouns:
+                work.annotations = self.annotator.annotate(work.video, nouns)
+                rejections += self._rejections(ctx, work.annotations)
+            if expressions:
+                work.expression_annotations = self.annotator.annotate_expressions(work.video, expressions)
+                rejections += self._rejections(ctx, work.expression_annotations)
+            return Outputs(rejections=rejections)
+
+        return _Pass(finish)
+
+    def _rejections(self, ctx: VideoContext, annotations: list[Annotation]) -> list:
+        dropped = Counter(a.failure.reason for a in annotations if a.failure)
+        funnel(self.stats, self.name, len(annotations), len(annotations) - sum(dropped.values()), dropped)
+        return [
+            ctx.rejection(self.name, a.failure.reason, a.failure.detail, expression=a.noun, raw=a.failure.raw_answer)
+            for a in annotations
+            if a.failure
+        ]
+
+
+class SegmentorStage:
+    """Masklets: the Segmentor's for caption nouns; the source's own masks for mask datasets."""
+
+    name = "segmentor"
+
+    def __init__(self, segmentor: Segmentor, stats: Stats) -> None:
+        self.segmentor, self.stats = segmentor, stats
+
+    def start(self, ctx: VideoContext) -> _Pass | None:
+        work = _work(ctx)
+        candidates = [n.noun for n in (work.nouns.nouns if work.nouns and work.nouns.ok else ())]
+        candidates += [n.noun for n in (work.subject.subjects if work.subject and work.subject.ok else ())]
+        if not candidates and not work.object_qa:
+            return None
+        cfg = self.segmentor.config
+        if candidates:
+            work.track = ctx.track_frames(
+                size=self.segmentor.tracker.image_size, fps=cfg.track_fps, quality=cfg.frame_jpeg_quality,
+                memory_mb=cfg.frame_memory_mb,
+            )
+
+        def finish(decoded: DecodeResult) -> Outputs:
+            out = Outputs()
+            if work.object_qa:
+                out.extend(self._source_masklets(ctx, work))
+            # Only nouns the Annotator kept, and the short-caption subject, are worth tracking.
+            wanted = [a.noun for a in work.annotations if a.ok]
+            wanted += [n.noun for n in (work.subject.subjects if work.subject and work.subject.ok else ())]
+            wanted = list(dict.fromkeys(wanted))
+            if wanted and work.track is not None:
+                results = self.segmentor.segment(
+                    work.track, wanted, video_id=ctx.video_id, width=ctx.info.decode_width,
+                    height=ctx.info.decode_height, provenance=ctx.provenance,
+                )
+                dropped = Counter(r.reason for r in results if r.masklet is None)
+                funnel(self.stats, self.name, len(results), len(results) - sum(dropped.values()), dropped)
+                for r in results:
+                    if r.masklet is None:
+                        out.rejections.append(ctx.rejection(self.name, r.reason or "no_masklet", r.detail, expression=r.noun))
+                    else:
+                        work.masklets[r.noun] = r.masklet
+                        out.masklets.append(r.masklet)
+            return out
+
+        return _Pass(finish)
+
+    def _source_masklets(self, ctx: VideoContext, work: _Work) -> Outputs:
+        """The source's masks as masklets, copied as they are (ground truth). Masks at the source's frame size
+        where the frames are decoded smaller (`decode.max_side`, or an odd size made even) are resized to the
+        decoded size, as every mask of the dataset refers to it; any other size is a rejection."""
+        out = Outputs()
+        size = [ctx.info.decode_height, ctx.info.decode_width]
+        source_size = [ctx.info.height, ctx.info.width]
+        names = {}
+        for expression in ctx.item.expressions:
+            for object_id in expression.object_ids:
+                names.setdefault(object_id, expression.expression)
+        first, fps = ctx.first_frame, ctx.info.fps
+        for obj in ctx.item.objects:
+            frames = []
+            for position, rle in sorted(obj.masks.items()):
+                if list(rle.size) == source_size != size:
+                    rle = _resized(rle, size)
+                    self.stats.count("source_masks_resized")
+                elif list(rle.size) != size:
+                    detail = (f"object {obj.object_id}: mask size {rle.size} is neither the decoded frame size {size} "
+                              f"nor the source's {source_size}")
+                    out.rejections.append(_rejection(ctx, self.name, "mask_size_mismatch", detail, key=obj.object_id,
+                                                     expression=names.get(obj.object_id)))
+                    frames = []
+                    break
+                box = masks.rle_box(rle)
+                if box is not None:
+                    index = first + position
+                    frames.append(FrameMask(frame_index=index, timestamp=round(index / fps, 6), rle=rle, box=box))
+            if not frames:
+                continue
+            masklet = MaskletRecord(
+                masklet_id=stable_id(ctx.video_id, "source", obj.object_id),
+                video_id=ctx.video_id,
+                expression=names.get(obj.object_id, obj.object_id),
+                noun=obj.object_id,
+                method="source",
+                start_frame=frames[0].frame_index,
+                start_time=frames[0].timestamp,
+                detector_score=1.0,
+                detector_box=frames[0].box,
+                assignment=Assignment(method="source", candidate_index=0, num_candidates=1, score=1.0),
+                num_frames_tracked=0,
+                frames=frames,
+                provenance=ctx.provenance,
+            )
+            work.source_masklets[obj.object_id] = masklet
+            out.masklets.append(masklet)
+        return out
+
+
+class ReviewerStage:
+    """Is the masklet the object the Annotator described? One region caption and one verdict per noun."""
+
+    name = "reviewer"
+
+    def __init__(self, reviewer: Reviewer, stats: Stats) -> None:
+        self.reviewer, self.stats = reviewer, stats
+
+    def start(self, ctx: VideoContext) -> _Pass | None:
+        work = _work(ctx)
+        if not (work.nouns and work.nouns.ok):
+            return None
+
+        def finish(decoded: DecodeResult) -> Outputs:
+            jobs, nouns = [], []
+            for a in work.annotations:
+                masklet = work.masklets.get(a.noun)
+                if not a.ok or masklet is None or work.track is None:
+                    continue
+                jobs.append(self._job(ctx, work.track, masklet, a))
+                nouns.append(a.noun)
+            if jobs:
+                reviews = self.reviewer.review(jobs)
+                work.reviews.update(zip(nouns, reviews))
+                dropped = Counter(_drop_reason(r) for r in reviews if not r.verdict)
+                funnel(self.stats, self.name, len(reviews), len(reviews) - sum(dropped.values()), dropped)
+            return Outputs()
+
+        return _Pass(finish)
+
+    @staticmethod
+    def _job(ctx: VideoContext, track: TrackFrames, masklet: MaskletRecord, annotation: Annotation) -> ReviewJob:
+        """The frame where the region is largest, so the captioner sees the object best."""
+        best = max(masklet.frames, key=lambda f: masks.area(f.rle))
+        position = track.frame_index.index(best.frame_index)
+        image = track.store.resized(position, ctx.info.decode_width, ctx.info.decode_height)
+        description = f"{annotation.static} {annotation.dynamic}".strip()
+        return ReviewJob(image, masks.decode(best.rle), best.frame_index, annotation.noun, description)
+
+
+def _drop_reason(review: Review) -> str:
+    """The Reviewer's own reason code where it dropped without a verdict (`invalid_judge_answer: ...`,
+    `empty_mask: ...`, `empty_region_caption: ...`), else `not_same_object` (the judge's verdict)."""
+    code = review.reason.split(":", 1)[0]
+    return code if code in REVIEWER_DROP_CODES else "not_same_object"
+
+
+class RefinerStage:
+    """Samples: refined detailed captions, short captions, and object-level QA."""
+
+    name = "refiner"
+
+    def __init__(self, refiner: Refiner, config: VideoReferConfig, data_types: Sequence[str], stats: Stats) -> None:
+        self.refiner, self.config, self.data_types, self.stats = refiner, config, set(data_types), stats
+
+    def start(self, ctx: VideoContext) -> _Pass:
+        work = _work(ctx)
+
+        def finish(decoded: DecodeResult) -> Outputs:
+            out = Outputs()
+            out.extend(self._detailed(ctx, work))
+            out.extend(self._short(ctx, work))
+            out.extend(self._qa(ctx, work))
+            for sample in out.samples:
+                self.stats.count(f"samples.{sample.data_type}.{'kept' if sample.kept else 'dropped'}")
+            return out
+
+        return _Pass(finish)
+
+    def _sample(self, ctx: VideoContext, data_type: str, key: Any, question: str, answer: str,
+                masklets: list[MaskletRecord], *, task: str | None = None, kept: bool = True,
+                review: Review | None = None, questions: Sequence[str] = ()) -> SampleRecord:
+        sample_id = stable_id(ctx.video_id, ctx.provenance.config_hash, data_type, task, key)
+        if questions:  # a phrasing picked by the sample's id: deterministic, varied across samples
+            question = questions[int(sample_id, 16) % len(questions)]
+        return SampleRecord(
+            sample_id=sample_id,
+            video_id=ctx.video_id,
+            source=ctx.item.source,
+            pipeline=NAME,
+            data_type=data_type,
+            task=task,
+            labels={"frames_shown": ",".join(map(str, work_frames(ctx)))},
+            conversation=[Turn(role="human", value=f"<video>\n{question}"), Turn(role="gpt", value=answer)],
+            masklet_ids=[m.masklet_id for m in masklets],
+            frames=self._frames(masklets),
+            kept=kept,
+            review=review,
+            provenance=ctx.provenance,
+        )
+
+    def _frames(self, masklets: list[MaskletRecord]) -> list[int]:
+        """Up to `sample_frames` mask frames spread over the regions' masklets."""
+        indexes = sorted({f.frame_index for m in masklets for f in m.frames})
+        if len(indexes) <= self.config.sample_frames:
+            return indexes
+        picks = np.linspace(0, len(indexes) - 1, num=self.config.sample_frames)
+        return sorted({indexes[int(round(p))] for p in picks})
+
+    def _detailed(self, ctx: VideoContext, work: _Work) -> Outputs:
+        reviewed = [a for a in work.annotations if a.ok and a.noun in work.reviews]
+        to_refine = [a for a in reviewed if work.reviews[a.noun].verdict or self.config.refine_dropped]
+        merged = dict(zip((a.noun for a in to_refine), self.refiner.merge([(a.noun, a.dynamic, a.static) for a in to_refine]))) if to_refine else {}
+        out = Outputs()
+        failed = Counter()
+        for a in reviewed:
+            review = work.reviews[a.noun]
+            text = merged.get(a.noun)
+            if text is not None and not isinstance(text, str):  # a Failure
+                failed[text.reason] += 1
+                out.rejections.append(ctx.rejection(self.name, text.reason, text.detail, expression=a.noun, raw=text.raw_answer))
+                continue
+            # A dropped caption that was not refined keeps the Annotator's two descriptions, as evidence.
+            answer = text if text is not None else f"{a.static} {a.dynamic}".strip()
+            out.samples.append(
+                self._sample(ctx, "detailed_caption", a.noun, "", answer, [work.masklets[a.noun]],
+                             kept=review.verdict, review=review, questions=DETAILED_QUESTIONS)
+            )
+        if to_refine:
+            funnel(self.stats, self.name, len(to_refine), len(to_refine) - sum(failed.values()), failed)
+        return out
+
+    def _short(self, ctx: VideoContext, work: _Work) -> Outputs:
+        out = Outputs()
+        if not (work.subject and work.subject.ok):
+            return out
+        for noun in work.subject.subjects:
+            masklet = work.masklets.get(noun.noun)
+            if masklet is not None:
+                out.samples.append(
+                    self._sample(ctx, "short_caption", noun.noun, "", work.subject.caption, [masklet], questions=SHORT_QUESTIONS)
+                )
+        return out
+
+    def _qa(self, ctx: VideoContext, work: _Work) -> Outputs:
+        out = Outputs()
+        if "object_qa" not in self.data_types or not work.expression_annotations:
+            return out
+        regions, objects = [], []  # region index -> (expression, masklets of its objects)
+        for expression, annotation in zip(ctx.item.expressions, work.expression_annotations):
+            region_masklets = [work.source_masklets[o] for o in expression.object_ids if o in work.source_masklets]
+            if not annotation.ok or not region_masklets:
+                continue
+            index = len(regions)
+            regions.append((index, expression.expression, f"{annotation.static} {annotation.dynamic}".strip()))
+            objects.append(region_masklets)
+        if not regions:
+            return out
+        (result,) = self.refiner.write_qa([QAJob(tuple(regions[: self.refiner.config.max_regions]))])
+        if not isinstance(result, list):
+            funnel(self.stats, self.name, 1, 0, Counter({result.reason: 1}))
+            out.rejections.append(ctx.rejection(self.name, result.reason, result.detail, raw=result.raw_answer))
+            return out
+        funnel(self.stats, self.name, 1, 1)
+        for n, pair in enumerate(result):
+            question, used = _with_region_tokens(pair.question, objects)
+            answer = _named(pair.answer, regions)
+            out.samples.append(
+                self._sample(ctx, "object_qa", n, question, answer, used, task=pair.kind)
+            )
+        return out
+
+
+def _rejection(ctx: VideoContext, stage: str, reason: str, detail: str, *, key: Any, expression: str | None = None,
+               raw: str | None = None) -> Any:
+    """`ctx.rejection` with `key` in its id, where one stage can reject several inputs of a video for one
+    reason without an expression to tell them apart (ids must be unique, or a rerun cannot supersede them)."""
+    rejection = ctx.rejection(stage, reason, detail, expression=expression, raw=raw)
+    return rejection.model_copy(update={"rejection_id": stable_id(rejection.rejection_id, key)})
+
+
+def _resized(rle: Any, size: list[int]) -> Any:
+    """A mask resized to `size` ([h, w]): area-weighted, then covered at least half."""
+    import cv2
+
+    mask = masks.decode(rle).astype(np.float32)
+    small = cv2.resize(mask, (size[1], size[0]), interpolation=cv2.INTER_AREA)
+    return masks.encode(small >= 0.5)
+
+
+def work_frames(ctx: VideoContext) -> list[int]:
+    return _work(ctx).frames_shown
+
+
+def _with_region_tokens(text: str, objects: list[list[MaskletRecord]]) -> tuple[str, list[MaskletRecord]]:
+    """`<regionN>` -> one `<region>` per object of region N ("<region> and <region>"), and the masklets in
+    token order."""
+    import re
+
+    used: list[MaskletRecord] = []
+
+    def swap(match: "re.Match[str]") -> str:
+        region = objects[int(match.group(1))]
+        used.extend(region)
+        return " and ".join(["<region>"] * len(region))
+
+    return re.sub(r"<region(\d+)>", swap, text), used
+
+
+_DETERMINER = r"(?i)^(?:the|a|an|this|that|these|those|his|her|its|their)\b"
+
+
+def _named(text: str, regions: list[tuple[int, str, str]]) -> str:
+    """Answers carry no `<region>` tokens (training code reads regions from the question): name them by their
+    expression, with "the" unless it starts with a determiner already ("the two boxes", not "the the two
+    boxes"), capitalised where it starts a sentence."""
+    import re
+
+    def name(match: "re.Match[str]") -> str:
+        n = int(match.group(1))
+        expression = regions[n][1] if n < len(regions) else ""
+        phrase = (expression if False else f"the {expression}") if expression else "it"
+        before = text[: match.start()].rstrip()
+        first = phrase[0].upper() if not before or before[-1] in ".!?" else phrase[0].lower()
+        return first + phrase[1:]
+
+    return re.sub(r"<region(\d+)>", name, text)
+
+
+def build(
+    config: EngineConfig,
+    backends: dict[str, Any],
+    *,
+    stats: Stats,
+    dataset: Dataset,
+    data_types: Sequence[str] = DATA_TYPES,
+) -> Pipeline:
+    from prompts import template_hash
+
+    check_data_types(data_types)
+    section = config.section
+    cfg = VideoReferConfig(**section("videorefer"))
+    analyzer = Analyzer(backends["llm"], AnalyzerConfig(**section("analyzer")), stats)
+    annotator = Annotator(backends["vlm"], AnnotatorConfig(**section("annotator")), stats)
+    segmentor = Segmentor(
+        detector=backends["detector"], box_segmenter=backends["box_segmenter"], tracker=backends["tracker"],
+        config=SegmentorConfig(**section("segmentor")), stats=stats,
+    )
+    reviewer = Reviewer(backends["region_captioner"], backends["llm"], ReviewerConfig(**section("reviewer")), stats)
+    refiner = Refiner(backends["refiner"], RefinerConfig(**section("refiner")), stats)
+    prompts = [
+        "analyzer", "analyzer_short", "annotator_dynamic", "annotator_static", "region_captioner", "reviewer",
+        "refiner_caption", "refiner_qa",
+    ]
+    return Pipeline(
+        name=NAME,
+        stages=[
+            AnalyzerStage(analyzer, data_types, stats),
+            AnnotatorStage(annotator, cfg, stats),
+            SegmentorStage(segmentor, stats),
+            ReviewerStage(reviewer, stats),
+            RefinerStage(refiner, cfg, data_types, stats),
+        ],
+        config=config,
+        models={role: getattr(b, "model_id", "?") for role, b in backends.items()},
+        prompt_hashes={p: template_hash(p) for p in prompts},
+    )

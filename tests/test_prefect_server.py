@@ -1,0 +1,268 @@
+"""The deployment path a user takes, against a real `prefect server start` (not `prefect_test_harness`).
+
+Server, work pools, `prefect deploy --all` from the repo root, a process worker, `prefect deployment run`, and
+the dataset the flow run wrote. Everything goes through the venv's `prefect` executable in subprocesses, as a
+user would type it. This catches what the in-process harness cannot, e.g. a fastapi release under which the
+server answers 422 to Prefect's own CLI (`'loc': ['body', 'limit'], 'msg': 'Input should be a valid integer'`).
+
+Adding a deployment to the check is one entry in DEPLOYMENTS: its name, a function that builds its parameters
+in a temporary folder, and a function that checks what its run left there.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import pytest
+
+from tests import synthetic
+
+pytestmark = pytest.mark.integration
+
+REPO = Path(__file__).resolve().parents[1]
+PREFECT = Path(sys.executable).parent / "prefect"
+
+SERVER_START_TIMEOUT_S = 60  # about 20 s here
+CLI_TIMEOUT_S = 60  # one `prefect ...` command (imports take a few seconds)
+FLOW_RUN_TIMEOUT_S = 150  # scheduled -> picked up by the worker -> a final state
+FINAL_STATES = {"COMPLETED", "FAILED", "CANCELLED", "CRASHED"}
+LOG_TAIL_CHARS = 6000
+
+
+# -- the deployments under test ----------------------------------------------------------------------------
+
+
+def _clip_and_track_params(tmp: Path) -> dict[str, Any]:
+    video = tmp / "short.mp4"
+    synthetic.short_video(video, seconds=2.0, fps=10)
+    return {"videos": [str(video)], "entities": ["dog:dog"], "out": str(tmp / "dataset")}
+
+
+def _check_clip_and_track(tmp: Path, params: dict[str, Any]) -> None:
+    import pyarrow.parquet as pq
+
+    out = Path(params["out"])
+    manifest_path = out / "manifest.json"
+    assert manifest_path.is_file(), f"no manifest.json in {out}: {sorted(p.name for p in out.iterdir())}"
+    manifest = json.loads(manifest_path.read_text())
+    for table, info in manifest["tables"].items():
+        if info["shards"]:
+            # a directory read: pyarrow skips the hidden `_tmp-...` names, like the engine's readers
+            assert pq.read_table(out / table).num_rows == info["rows"], table
+    assert pq.read_table(out / "videos").num_rows == 1
+    assert len(manifest["complete_videos"]) == 1
+
+
+@dataclass(frozen=True)
+class DeploymentCase:
+    name: str  # FLOW_NAME/DEPLOYMENT_NAME, as `prefect deployment run` takes it
+    params: Callable[[Path], dict[str, Any]]  # builds its inputs in a temporary folder
+    check: Callable[[Path, dict[str, Any]], None]  # checks the outputs of a COMPLETED run
+
+
+DEPLOYMENTS = [
+    DeploymentCase("clip-and-track/tiny-wiring-check", _clip_and_track_params, _check_clip_and_track),
+]
+
+
+# -- processes ---------------------------------------------------------------------------------------------
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _tail(path: Path) -> str:
+    try:
+        text = path.read_text(errors="replace")
+    except OSError as e:
+        return f"<cannot read {path}: {e}>"
+    return text[-LOG_TAIL_CHARS:]
+
+
+class Background:
+    """A long-running command in its own process group, its output in a log file; stop() ends it and every
+    descendant (a process worker starts each flow run as a child process)."""
+
+    def __init__(self, name: str, args: list[str], env: dict[str, str], cwd: Path, log: Path) -> None:
+        self.name, self.log = name, log
+        self._file = open(log, "wb")
+        self.proc = subprocess.Popen(
+            args, env=env, cwd=cwd, stdout=self._file, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+            start_new_session=True,
+        )
+
+    def report(self) -> str:
+        return f"--- {self.name} log ({self.log}) ---\n{_tail(self.log)}"
+
+    def stop(self) -> None:
+        import psutil
+
+        try:
+            descendants = psutil.Process(self.proc.pid).children(recursive=True)
+        except psutil.Error:
+            descendants = []
+        for sig, grace in ((signal.SIGTERM, 10), (signal.SIGKILL, 5)):
+            if self.proc.poll() is not None:
+                break
+            try:
+                os.killpg(self.proc.pid, sig)
+            except ProcessLookupError:
+                break
+            try:
+                self.proc.wait(timeout=grace)
+            except subprocess.TimeoutExpired:
+                pass
+        for p in descendants:  # children that left the process group
+            try:
+                p.kill()
+            except psutil.Error:
+                pass
+        psutil.wait_procs(descendants, timeout=5)
+        self._file.close()
+
+
+class PrefectStack:
+    """A private Prefect server with pools `cpu` and `gpu`, `prefect deploy --all` done, and a `cpu` worker."""
+
+    def __init__(self, home: Path) -> None:
+        self.home = home
+        self.port = _free_port()
+        self.api = f"http://127.0.0.1:{self.port}/api"
+        env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}
+        env.update(
+            PREFECT_HOME=str(home / "prefect-home"),
+            PREFECT_API_URL=self.api,
+            PREFECT_SERVER_API_HOST="127.0.0.1",
+            PREFECT_SERVER_API_PORT=str(self.port),
+            PREFECT_SERVER_ANALYTICS_ENABLED="false",
+            PREFECT_SERVER_UI_ENABLED="false",  # PREFECT_UI_ENABLED is its older alias
+            PREFECT_CLI_PROMPT="false",
+            PREFECT_WORKER_QUERY_SECONDS="2",  # default 10 s: the worker would idle most of the test
+            ENGINE_CHECKOUT=str(REPO),  # the pull step of prefect.yaml cds there
+            HF_HUB_OFFLINE="1",
+            COLUMNS="200",  # rich tables in the CLI's output (and in failure messages) unabridged
+        )
+        self.env = env
+        self.background: list[Background] = []
+
+    def reports(self) -> str:
+        return "\n".join(b.report() for b in self.background)
+
+    def start(self, name: str, *args: str) -> Background:
+        proc = Background(name, [str(PREFECT), *args], self.env, REPO, self.home / f"{name}.log")
+        self.background.append(proc)
+        return proc
+
+    def stop(self) -> None:
+        for proc in reversed(self.background):  # the worker before the server
+            proc.stop()
+
+    def cli(self, *args: str, timeout: float = CLI_TIMEOUT_S) -> str:
+        cmd = [str(PREFECT), *args]
+        try:
+            done = subprocess.run(
+                cmd, env=self.env, cwd=REPO, capture_output=True, text=True, timeout=timeout, stdin=subprocess.DEVNULL
+            )
+        except subprocess.TimeoutExpired as e:
+            pytest.fail(f"`prefect {' '.join(args)}` ran past {timeout} s\n{e.stdout}\n{e.stderr}\n{self.reports()}")
+        if done.returncode != 0:
+            pytest.fail(
+                f"`prefect {' '.join(args)}` exited {done.returncode}\n--- stdout ---\n{done.stdout}\n"
+                f"--- stderr ---\n{done.stderr}\n{self.reports()}"
+            )
+        return done.stdout
+
+    def request(self, method: str, path: str, body: Any = None) -> Any:
+        data = None if body is None else json.dumps(body).encode()
+        req = urllib.request.Request(
+            self.api + path, data=data, method=method, headers={"Content-Type": "application/json"}
+        )
+        with urllib.request.urlopen(req, timeout=10) as resp:
+            return json.loads(resp.read() or b"null")
+
+    def wait_healthy(self, server: Background) -> None:
+        deadline = time.monotonic() + SERVER_START_TIMEOUT_S
+        while time.monotonic() < deadline:
+            if server.proc.poll() is not None:
+                pytest.fail(f"`prefect server start` exited {server.proc.returncode}\n{self.reports()}")
+            try:
+                if self.request("GET", "/health") is True:
+                    return
+            except (urllib.error.URLError, ConnectionError, TimeoutError, json.JSONDecodeError):
+                pass
+            time.sleep(0.5)
+        pytest.fail(f"no answer from {self.api}/health within {SERVER_START_TIMEOUT_S} s\n{self.reports()}")
+
+    def wait_final(self, flow_run_id: str, timeout: float = FLOW_RUN_TIMEOUT_S) -> dict[str, Any]:
+        deadline = time.monotonic() + timeout
+        run: dict[str, Any] = {}
+        while time.monotonic() < deadline:
+            run = self.request("GET", f"/flow_runs/{flow_run_id}")
+            if run.get("state_type") in FINAL_STATES:
+                return run
+            time.sleep(1)
+        pytest.fail(
+            f"flow run {flow_run_id} still {run.get('state_type')} ({run.get('state_name')}) after {timeout} s\n"
+            f"{self.reports()}"
+        )
+
+
+@pytest.fixture(scope="module")
+def prefect_stack(tmp_path_factory) -> Iterator[PrefectStack]:
+    if not PREFECT.exists():
+        pytest.skip(f"no prefect executable next to {sys.executable}")
+    stack = PrefectStack(tmp_path_factory.mktemp("prefect-stack"))
+    try:
+        stack.wait_healthy(stack.start("server", "server", "start"))
+        # prefect.yaml deploys to pools `gpu` and `cpu`; `deploy --all` needs both. No worker polls `gpu` here.
+        for pool in ("cpu", "gpu"):
+            stack.cli("work-pool", "create", pool, "--type", "process")
+        stack.cli("deploy", "--all")
+        # the calls that answered 422 with fastapi>=0.151
+        pools = stack.cli("work-pool", "ls")
+        assert "cpu" in pools and "gpu" in pools, pools
+        stack.cli("deployment", "ls")
+        for case in DEPLOYMENTS:
+            try:
+                stack.request("GET", f"/deployments/name/{case.name}")
+            except urllib.error.HTTPError as e:
+                pytest.fail(f"{case.name} not deployed by `prefect deploy --all`: HTTP {e.code}\n{stack.reports()}")
+        stack.start("worker", "worker", "start", "--pool", "cpu")
+        yield stack
+    finally:
+        stack.stop()
+
+
+_UUID = re.compile(r"UUID:\s*([0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12})")
+
+
+@pytest.mark.parametrize("case", DEPLOYMENTS, ids=[c.name for c in DEPLOYMENTS])
+def test_deployment_run_completes(prefect_stack: PrefectStack, case: DeploymentCase, tmp_path: Path) -> None:
+    params = case.params(tmp_path)
+    args = ["deployment", "run", case.name]
+    for key, value in params.items():
+        args += ["--param", f"{key}={json.dumps(value)}"]
+    out = prefect_stack.cli(*args)
+    match = _UUID.search(out)
+    assert match, f"no flow run id in the output of `prefect deployment run`:\n{out}"
+    run = prefect_stack.wait_final(match.group(1))
+    assert run["state_type"] == "COMPLETED", (
+        f"{case.name}: flow run ended {run['state_type']} ({run['state_name']}): "
+        f"{(run.get('state') or {}).get('message')}\n{prefect_stack.reports()}"
+    )
+    case.check(tmp_path, params)
