@@ -146,6 +146,12 @@ class Pipeline:
     models: dict[str, str]  # role -> model id, for provenance
     prompt_hashes: dict[str, str] = field(default_factory=dict)
     entities: list[EntityRef] = field(default_factory=list)  # given by the caller, for every item
+    options: dict[str, Any] = field(default_factory=dict)  # run options that shape the output (data types...)
+
+    @property
+    def run_hash(self) -> str:
+        """What an item's commit must match to be skipped: the config, the entities and the run options."""
+        return stable_id(self.config.hash, [e.model_dump() for e in self.entities], self.options, length=12)
 
     def provenance(self) -> Provenance:
         return Provenance(
@@ -220,11 +226,18 @@ class Runner:
         items = list(items)
         complete = [self._complete(i) for i in items]
         todo = [i for i, done in zip(items, complete) if not done]
+        self._prepare_failed: dict[str, str] = {}
         for stage in self.pipeline.stages:
             prepare = getattr(stage, "prepare", None)
             if prepare is not None and todo:
-                with self.stats.timer(stage.name):
-                    prepare(todo)
+                try:
+                    with self.stats.timer(stage.name):
+                        prepare(todo)
+                except self.transient:
+                    raise
+                except Exception as exc:  # the batch's items are rejected one by one below, not lost
+                    log.exception("%s failed for a batch of %d items", stage.name, len(todo))
+                    self._prepare_failed[stage.name] = f"{type(exc).__name__}: {exc}".splitlines()[0]
         outcomes = []
         with self.dataset.writer(self.pipeline.name, shard_mb=self.shard_mb) as writer:
             for item, done in zip(items, complete):
@@ -241,7 +254,7 @@ class Runner:
         if self.force:
             return False
         record = self.dataset.completion(self.pipeline.name, item.key)
-        if not record or record.get("status") != "done" or record.get("config_hash") != self.pipeline.config.hash:
+        if not record or record.get("status") != "done" or record.get("run_hash") != self.pipeline.run_hash:
             return False
         fingerprint = self.dataset.fingerprint(item.source)
         return fingerprint is not None and record.get("fingerprint") == fingerprint
@@ -271,6 +284,7 @@ class Runner:
             "status": status,
             "source": item.source,
             "config_hash": self.pipeline.config.hash,
+            "run_hash": self.pipeline.run_hash,
             "engine_version": __version__,
             **extra,
         }
@@ -284,7 +298,7 @@ class Runner:
         with self.stats.timer("hash"):
             sha = content_sha256(item.source)
         record = None if self.force else self.dataset.completion(self.pipeline.name, item.key)
-        if record and record.get("status") == "done" and record.get("config_hash") == self.pipeline.config.hash:
+        if record and record.get("status") == "done" and record.get("run_hash") == self.pipeline.run_hash:
             if record.get("content_sha256") == sha:  # touched, not changed: refresh the cheap check only
                 self.stats.count("items_skipped_complete")
                 return ItemOutcome(item, "skipped", record.get("video_id"), "unchanged content, already complete")
@@ -297,6 +311,8 @@ class Runner:
         try:
             passes = []
             for stage in self.pipeline.stages:
+                if stage.name in self._prepare_failed:
+                    raise RuntimeError(f"{stage.name} failed for the batch: {self._prepare_failed[stage.name]}")
                 with self.stats.timer(stage.name):
                     started = stage.start(ctx)
                 if started is not None:

@@ -157,4 +157,5 @@ def build(
         models={role: getattr(b, "model_id", "?") for role, b in backends.items()},
         prompt_hashes={"grounder": template_hash("grounder")},
         entities=[EntityRef.model_validate(e) for e in entities],
+        options={"baseline": baseline},  # rendering adds a file, not rows: a rerun need not redo for it
     )

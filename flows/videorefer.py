@@ -20,9 +20,9 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from agents.analyzer import Analyzer, AnalyzerConfig, Noun, NounsResult
+from agents.analyzer import Analyzer, AnalyzerConfig, NounsResult
 from agents.annotator import Annotation, Annotator, AnnotatorConfig
-from agents.refiner import QAJob, QAPair, Refiner, RefinerConfig, placeholders
+from agents.refiner import QAJob, Refiner, RefinerConfig
 from agents.reviewer import INVALID_JUDGE, Reviewer, ReviewerConfig, ReviewJob
 from agents.segmentor import Segmentor, SegmentorConfig
 from engine import masks
@@ -133,6 +133,10 @@ class _Pass:
         return self._finish(decoded)
 
 
+def _caption_key(item: WorkItem) -> str:
+    return stable_id(item.key, item.caption)
+
+
 def _work(ctx: VideoContext) -> _Work:
     return ctx.state.setdefault(NAME, _Work())
 
@@ -144,9 +148,10 @@ class AnalyzerStage:
 
     def __init__(self, analyzer: Analyzer, data_types: Sequence[str], stats: Stats) -> None:
         self.analyzer, self.data_types, self.stats = analyzer, set(data_types), stats
+        # Keyed by `_caption_key` (item and caption): two rows of a manifest can caption one video differently.
         self._detailed: dict[str, NounsResult] = {}
         self._short: dict[str, NounsResult] = {}
-        self._faults: dict[str, Exception] = {}  # item key -> the model fault its caption caused
+        self._faults: dict[str, Exception] = {}  # the model fault a caption caused, raised when its item starts
 
     def prepare(self, items: Sequence[WorkItem]) -> None:
         captioned = [i for i in items if i.caption]
@@ -159,32 +164,33 @@ class AnalyzerStage:
         """One call for every caption. A fault of that call is asked again caption by caption, so one bad item
         cannot lose the batch: an item that still fails keeps its own fault, raised when the runner starts it
         (an `internal_error` row for that item only). Faults of the model server are not retried here."""
-        items = [i for i in items if i.key not in self._faults]
+        items = [i for i in items if _caption_key(i) not in self._faults]
         if not items:
             return
         try:
-            results.update(zip((i.key for i in items), self.analyzer.analyze([i.caption or "" for i in items], short=short)))
+            results.update(zip(map(_caption_key, items), self.analyzer.analyze([i.caption or "" for i in items], short=short)))
             return
         except SYSTEMIC_FAULTS:
             raise  # the orchestrator retries the batch; committed items are skipped then
         except Exception as exc:
             if len(items) == 1:
-                self._faults[items[0].key] = exc
+                self._faults[_caption_key(items[0])] = exc
                 return
             self.stats.count(f"{self.name}_batch_faults")
         for item in items:
             try:
-                (results[item.key],) = self.analyzer.analyze([item.caption or ""], short=short)
+                (results[_caption_key(item)],) = self.analyzer.analyze([item.caption or ""], short=short)
             except SYSTEMIC_FAULTS:
                 raise
             except Exception as exc:
-                self._faults[item.key] = exc
+                self._faults[_caption_key(item)] = exc
 
     def start(self, ctx: VideoContext) -> _Pass | None:
         work = _work(ctx)
-        work.nouns = self._detailed.pop(ctx.item.key, None)
-        work.subject = self._short.pop(ctx.item.key, None)
-        fault = self._faults.pop(ctx.item.key, None)
+        key = _caption_key(ctx.item)
+        work.nouns = self._detailed.pop(key, None)
+        work.subject = self._short.pop(key, None)
+        fault = self._faults.pop(key, None)
         if fault is not None:
             raise fault
         results = [r for r in (work.nouns, work.subject) if r is not None]
@@ -423,7 +429,8 @@ class RefinerStage:
     def _sample(self, ctx: VideoContext, data_type: str, key: Any, question: str, answer: str,
                 masklets: list[MaskletRecord], *, task: str | None = None, kept: bool = True,
                 review: Review | None = None, questions: Sequence[str] = ()) -> SampleRecord:
-        sample_id = stable_id(ctx.video_id, ctx.provenance.config_hash, data_type, task, key)
+        # The caption is part of the id: two captions of one video give two samples, never one id twice.
+        sample_id = stable_id(ctx.video_id, ctx.provenance.config_hash, data_type, task, key, ctx.item.caption)
         if questions:  # a phrasing picked by the sample's id: deterministic, varied across samples
             question = questions[int(sample_id, 16) % len(questions)]
         return SampleRecord(
@@ -562,7 +569,7 @@ def _named(text: str, regions: list[tuple[int, str, str]]) -> str:
     def name(match: "re.Match[str]") -> str:
         n = int(match.group(1))
         expression = regions[n][1] if n < len(regions) else ""
-        phrase = (expression if False else f"the {expression}") if expression else "it"
+        phrase = (expression if re.match(_DETERMINER, expression) else f"the {expression}") if expression else "it"
         before = text[: match.start()].rstrip()
         first = phrase[0].upper() if not before or before[-1] in ".!?" else phrase[0].lower()
         return first + phrase[1:]
@@ -607,4 +614,5 @@ def build(
         config=config,
         models={role: getattr(b, "model_id", "?") for role, b in backends.items()},
         prompt_hashes={p: template_hash(p) for p in prompts},
+        options={"data_types": sorted(data_types)},
     )

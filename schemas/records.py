@@ -185,7 +185,8 @@ class WorkItem(Record):
 
     @property
     def key(self) -> str:
-        """Stable id of this input (source and window), known before the file is read."""
+        """Stable id of this input (source, window and caption: two captions of one video are two items),
+        known before the file is read."""
         from engine.ids import stable_id
 
-        return stable_id(self.source, self.start_s, self.end_s)
+        return stable_id(self.source, self.start_s, self.end_s, self.caption)

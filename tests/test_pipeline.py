@@ -195,3 +195,32 @@ def test_model_fault_on_one_video_does_not_stop_the_batch(entities_video, tmp_pa
     runner = _runner(dataset, ENTITIES[:1], backends={**backends, "detector": ServerDown()}, force=True, transient=(ConnectionError,))
     with pytest.raises(ConnectionError):  # transient faults propagate for the orchestrator's retry
         runner.run(_items(path))
+
+
+def test_other_entities_or_options_redo_a_complete_video(entities_video, tmp_path):
+    path, _ = entities_video
+    dataset = Dataset(str(tmp_path / "ds"))
+    assert _runner(dataset, ENTITIES[:1]).run(_items(path))[0].status == "done"
+    assert _runner(dataset, ENTITIES[:2]).run(_items(path))[0].status == "done"  # new entities: not skipped
+    assert _runner(dataset, ENTITIES[:2], baseline=True).run(_items(path))[0].status == "done"
+    assert _runner(dataset, ENTITIES[:2], baseline=True).run(_items(path))[0].status == "skipped"
+
+
+def test_a_failing_batch_step_rejects_each_item_and_keeps_the_batch(entities_video, tmp_path):
+    path, _ = entities_video
+    dataset = Dataset(str(tmp_path / "ds"))
+    runner = _runner(dataset, ENTITIES[:1])
+
+    class BrokenPrepare:
+        name = "broken"
+
+        def prepare(self, items):
+            raise RuntimeError("batched call failed")
+
+        def start(self, ctx):
+            return None
+
+    runner.pipeline.stages.insert(0, BrokenPrepare())
+    (outcome,) = runner.run(_items(path))
+    assert outcome.status == "rejected" and "broken failed for the batch" in outcome.detail
+    assert dataset.completion("clip-and-track", WorkItem(source=str(path)).key)["status"] == "rejected"

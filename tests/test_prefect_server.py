@@ -36,7 +36,7 @@ PREFECT = Path(sys.executable).parent / "prefect"
 
 SERVER_START_TIMEOUT_S = 60  # about 20 s here
 CLI_TIMEOUT_S = 60  # one `prefect ...` command (imports take a few seconds)
-FLOW_RUN_TIMEOUT_S = 150  # scheduled -> picked up by the worker -> a final state
+FLOW_RUN_TIMEOUT_S = 180  # scheduled -> picked up -> final; about 70 s here when the 2 CPUs are not shared
 FINAL_STATES = {"COMPLETED", "FAILED", "CANCELLED", "CRASHED"}
 LOG_TAIL_CHARS = 6000
 
