@@ -169,8 +169,9 @@ class Dataset:
         cols = list(columns) if columns else None
         parts = []
         for name, ranges in sorted(self.committed_ranges(table).items()):
-            with self.fs.open(_join(self.root, table, name), "rb") as f:
-                shard = pq.read_table(f, columns=cols, schema=schema)
+            # A path and the filesystem, not an open file or a buffer: with those, pyarrow 23 can abort the
+            # interpreter at exit ("terminate called without an active exception").
+            shard = pq.read_table(_join(self.root, table, name), filesystem=self.fs, columns=cols, schema=schema)
             parts += [shard.slice(first, count) for first, count in sorted(ranges)]
         if not parts:
             empty = schema.empty_table()

@@ -208,6 +208,7 @@ def run(
 
 def _run(pipeline, source, out, profile, config_file, batch_size, limit, data_types, frame_rate, force) -> None:
     import logging
+    import os
 
     from flows.pipelines import load
 
@@ -215,20 +216,25 @@ def _run(pipeline, source, out, profile, config_file, batch_size, limit, data_ty
     _warn_tiny(config)
     if limit is not None and limit < 1:
         raise ValueError("--limit must be >= 1")
+    # Prefect's ephemeral API can take tens of seconds to come up on a busy machine (its default wait is 20 s).
+    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "180")
     with err.status("starting Prefect (ephemeral API) and the flow"):
         from flows.prefect_flows import build_videorefer_flow
     logging.getLogger("prefect.events").setLevel(logging.CRITICAL)  # shutdown noise of the ephemeral server
-    result = build_videorefer_flow(
-        source=list(source),
+    try:
+        result = build_videorefer_flow(
+            source=list(source),
         out=out,
         profile=profile,
         config_file=str(config_file) if config_file else None,
         batch_size=batch_size,
         limit=limit,
-        data_types=[d.value for d in data_types] if data_types else ["detailed_caption", "short_caption", "object_qa"],
-        frame_rate=frame_rate,
-        force=force,
-    )
+            data_types=[d.value for d in data_types] if data_types else ["detailed_caption", "short_caption", "object_qa"],
+            frame_rate=frame_rate,
+            force=force,
+        )
+    except RuntimeError as exc:  # a failed batch or an API that did not start: one line, not a traceback
+        _fail(f"the flow failed: {str(exc).splitlines()[0]}", code=1)
     _print_funnel(result["stats"]["counters"])
     statuses = Counter(result["items"].values())
     console.print(

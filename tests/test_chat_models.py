@@ -550,8 +550,9 @@ def test_http_chat_works_inside_a_running_event_loop() -> None:
 
 
 @pytest.fixture(scope="module")
-def served_tiny(tmp_path_factory) -> Iterator[str]:
-    """`transformers serve` on loopback, serving the tiny model saved with save_pretrained; its base URL."""
+def served_tiny(tmp_path_factory) -> Iterator[tuple[str, str]]:
+    """`transformers serve` on loopback, serving the tiny model saved with save_pretrained: (base URL, the
+    model's name there, which is its folder)."""
     for module in ("fastapi", "uvicorn", "openai"):
         pytest.importorskip(module, reason="transformers serve needs the test extra (transformers[serving])")
     from engine.models.tiny_vlm import build_tiny_qwen2_5_vl
@@ -584,7 +585,7 @@ def served_tiny(tmp_path_factory) -> Iterator[str]:
             if time.monotonic() > deadline:
                 pytest.fail("transformers serve did not start within 180 s")
             time.sleep(0.25)
-        yield f"http://127.0.0.1:{port}/v1"
+        yield f"http://127.0.0.1:{port}/v1", str(folder)
     finally:
         server.terminate()
         try:
@@ -597,7 +598,8 @@ def served_tiny(tmp_path_factory) -> Iterator[str]:
 
 @pytest.mark.integration
 def test_http_chat_against_transformers_serve(served_tiny) -> None:
-    with HttpChat.from_pretrained("tiny", base_url=served_tiny, structured="none", max_in_flight=4) as chat:
+    base_url, model = served_tiny
+    with HttpChat.from_pretrained(model, base_url=base_url, structured="none", max_in_flight=4) as chat:
         requests = [
             user("hello", max_tokens=8),
             user(ChatImage(scene(0)), "what is this?", max_tokens=8),
