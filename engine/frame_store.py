@@ -175,5 +175,16 @@ class Keyframes:
         self.frames[index] = frame.copy()  # the decoder's frame is shared: keep our own
         self.times[index] = time
 
+    def chat_video(self):
+        """The kept frames, in time order, as a `ChatVideo` for a video LLM (None when none were kept); its
+        fps is the rate they were sampled at."""
+        from engine.models.interfaces import ChatVideo
+
+        if not self.frames:
+            return None
+        shown = sorted(self.frames)
+        span = max(self.times[shown[-1]] - self.times[shown[0]], 1e-6)
+        return ChatVideo(tuple(self.frames[i] for i in shown), fps=max(len(shown) - 1, 1) / span)
+
     def close(self) -> None:
         self.frames.clear()

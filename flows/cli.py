@@ -52,16 +52,17 @@ def _run_guarded(fn, *args, **kwargs):
 @app.command("clip-and-track")
 def clip_and_track(
     videos: Annotated[list[str], typer.Argument(help="Video files or fsspec URLs; several run one after another.")],
+    out: Annotated[str, typer.Option("--out", "-o", help="Dataset folder (local path or fsspec URL).")],
     entity: Annotated[
-        list[str],
+        Optional[list[str]],
         typer.Option(
             "--entity",
             "-e",
             help="EXPRESSION[:GENERALIZED_NOUN], repeatable, e.g. 'girl in a blue dress:person'. "
-            "Without a noun the expression itself prompts the detector.",
+            "Without a noun the expression itself prompts the detector. Without --entity, the engine finds "
+            "each video's entities (Strefer's Entity Recognizer and Referring Parser).",
         ),
-    ],
-    out: Annotated[str, typer.Option("--out", "-o", help="Dataset folder (local path or fsspec URL).")],
+    ] = None,
     profile: ProfileOpt = "default",
     config: ConfigOpt = None,
     render: Annotated[bool, typer.Option(help="Also write renders/<video_id>.mp4 with the masklets drawn.")] = False,
@@ -96,11 +97,11 @@ def _clip_and_track(videos, entity, out, profile, config_file, render, baseline,
     from flows.pipelines import finish_run, load, run_items
     from schemas import EntityRef, WorkItem
 
-    if not entity:
-        raise ValueError("give at least one --entity EXPRESSION[:NOUN]")
-    entities = [EntityRef.parse(e) for e in entity]
+    entities = [EntityRef.parse(e) for e in entity or []]
     config = load(profile, str(config_file) if config_file else None, device=device)
     _warn_tiny(config)
+    if not entities:
+        err.print("no --entity: the Entity Recognizer and Referring Parser find each video's entities")
     Dataset(out).prepare()
 
     with _progress_bars() as bars:

@@ -4,9 +4,12 @@ stages, plus the Grounded-SAM-2 baseline and the overlay render as optional stag
 from __future__ import annotations
 
 import tempfile
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, Sequence
 
+from agents.entity_recognizer import EntityRecognizer, RecognizerConfig
 from agents.grounder import ChatGrounder
+from agents.referring_parser import ParserConfig, ReferringParser, to_entity_refs
 from agents.masklet_generator import GroundedSam2Baseline, MaskletConfig, ReferringMaskletGenerator
 from agents.video_clipper import ClipperConfig, VideoClipper
 from engine.config import EngineConfig
@@ -18,14 +21,36 @@ from engine.storage import Dataset
 from schemas import EntityRef
 
 NAME = "clip-and-track"
-SETTINGS = {"decode": DecodeLimits, "clipper": ClipperConfig, "masklets": MaskletConfig}
 
 
-def roles(config: EngineConfig) -> dict[str, str]:
-    """Model roles (and the interface each must provide) this pipeline needs under `config`."""
+@dataclass(frozen=True)
+class EntitiesConfig:
+    recognizer_frames: int = 16  # frames from the whole video shown to the Entity Recognizer (Prompt P.1)
+    frame_max_side: int = 768
+
+    def __post_init__(self) -> None:
+        if self.recognizer_frames < 1 or self.frame_max_side < 28:
+            raise ValueError("recognizer_frames must be >= 1 and frame_max_side >= 28")
+
+
+SETTINGS = {
+    "decode": DecodeLimits,
+    "clipper": ClipperConfig,
+    "masklets": MaskletConfig,
+    "entities": EntitiesConfig,
+    "recognizer": RecognizerConfig,
+    "parser": ParserConfig,
+}
+
+
+def roles(config: EngineConfig, *, entities: Sequence[Any] = (), **_: Any) -> dict[str, str]:
+    """Model roles (and the interface each must provide) this pipeline needs under `config`; without
+    entities, the Entity Recognizer (vlm) and the Referring Parser (llm) find them."""
     needed = {"detector": "detector", "tracker": "tracker", "grounder": "chat", "embedder": "embedder"}
     if config.section("masklets").get("prompt") == "mask":
         needed["box_segmenter"] = "box_segmenter"
+    if not entities:
+        needed.update({"vlm": "chat", "llm": "chat"})
     return needed
 
 
@@ -38,6 +63,39 @@ class _Pass:
 
     def finish(self, decoded: DecodeResult, so_far: Outputs) -> Outputs:
         return self._finish(decoded, so_far)
+
+
+class EntityStage:
+    """Strefer's Entity Recognizer (Prompt P.1 on frames from the whole video) and Referring Parser
+    (expressions, nouns, generalized categories): the entities of a video when none were given. They are
+    found after the decode, before the masklet generator reads them (its frames are kept meanwhile)."""
+
+    name = "entities"
+
+    def __init__(self, recognizer: EntityRecognizer, parser: ReferringParser, config: EntitiesConfig) -> None:
+        self.recognizer, self.parser, self.config = recognizer, parser, config
+
+    def start(self, ctx: VideoContext) -> _Pass | None:
+        if ctx.entities:
+            return None
+        keyframes = ctx.keyframes(count=self.config.recognizer_frames, max_side=self.config.frame_max_side)
+
+        def finish(decoded: DecodeResult, so_far: Outputs) -> Outputs:
+            video = keyframes.chat_video()
+            if video is None:
+                return Outputs(rejections=[ctx.rejection("recognizer", "no_frames", "no frames were decoded")])
+            (paragraph,) = self.recognizer.recognize([video])
+            if not isinstance(paragraph, str):
+                return Outputs(rejections=[ctx.rejection("recognizer", paragraph.reason, paragraph.detail, raw=paragraph.raw_answer)])
+            (parsed,) = self.parser.parse([paragraph])
+            if not isinstance(parsed, list):
+                detail = f"{parsed.detail} (paragraph: {paragraph[:300]!r})"
+                return Outputs(rejections=[ctx.rejection("parser", parsed.reason, detail, raw=parsed.raw_answer)])
+            ctx.entities = to_entity_refs(parsed)
+            ctx.state["entity_paragraph"] = paragraph
+            return Outputs()
+
+        return _Pass([], finish)
 
 
 class ClipStage:
@@ -61,34 +119,36 @@ class ClipStage:
 
 
 class MaskletStage:
-    """The Referring Masklet Generator (or the baseline) over the video's shared tracker frames."""
+    """The Referring Masklet Generator (or the baseline) over the video's shared tracker frames. The frames
+    are kept during the decode; the entities are read at `finish`, so a stage before it (the Entity
+    Recognizer and Referring Parser) may find them from the same decode."""
 
     def __init__(self, generator: ReferringMaskletGenerator) -> None:
         self.generator = generator
         self.name = f"masklets.{generator.method}"
 
-    def start(self, ctx: VideoContext) -> _Pass | None:
-        if not ctx.entities:
-            return None
+    def start(self, ctx: VideoContext) -> _Pass:
         gen, cfg = self.generator, self.generator.config
         frames = ctx.track_frames(
             size=gen.tracker.image_size, fps=cfg.track_fps, quality=cfg.frame_jpeg_quality, memory_mb=cfg.frame_memory_mb
         )
-        masklet_pass = gen.start(
-            video_id=ctx.video_id,
-            source=ctx.item.source,
-            width=ctx.info.decode_width,
-            height=ctx.info.decode_height,
-            entities=ctx.entities,
-            provenance=ctx.provenance,
-            frames=frames,
-        )
 
         def finish(decoded: DecodeResult, so_far: Outputs) -> Outputs:
+            if not ctx.entities:
+                return Outputs()  # nothing to track; whoever found no entities said why
+            masklet_pass = gen.start(
+                video_id=ctx.video_id,
+                source=ctx.item.source,
+                width=ctx.info.decode_width,
+                height=ctx.info.decode_height,
+                entities=ctx.entities,
+                provenance=ctx.provenance,
+                frames=frames,
+            )
             result = masklet_pass.finish()
             return Outputs(masklets=result.masklets, rejections=result.rejections)
 
-        return _Pass(masklet_pass.consumers, finish)
+        return _Pass([], finish)
 
 
 class RenderStage:
@@ -125,7 +185,7 @@ def build(
     *,
     stats: Stats,
     dataset: Dataset,
-    entities: list[EntityRef | dict],
+    entities: Sequence[EntityRef | dict] = (),
     baseline: bool = False,
     render: bool = False,
 ) -> Pipeline:
@@ -140,7 +200,14 @@ def build(
         config=masklet_config,
         stats=stats,
     )
-    stages: list[Any] = [
+    stages: list[Any] = []
+    prompt_hashes = {"grounder": template_hash("grounder")}
+    if not entities:
+        recognizer = EntityRecognizer(backends["vlm"], RecognizerConfig(**config.section("recognizer")), stats)
+        parser = ReferringParser(backends["llm"], ParserConfig(**config.section("parser")), stats)
+        stages.append(EntityStage(recognizer, parser, EntitiesConfig(**config.section("entities"))))
+        prompt_hashes.update({p: template_hash(p) for p in (*recognizer.prompts, *parser.prompts)})
+    stages += [
         ClipStage(VideoClipper(embedder=backends["embedder"], config=ClipperConfig(**config.section("clipper")), stats=stats)),
         MaskletStage(generator),
     ]
@@ -155,7 +222,7 @@ def build(
         stages=stages,
         config=config,
         models={role: getattr(b, "model_id", "?") for role, b in backends.items()},
-        prompt_hashes={"grounder": template_hash("grounder")},
+        prompt_hashes=prompt_hashes,
         entities=[EntityRef.model_validate(e) for e in entities],
         options={"baseline": baseline},  # rendering adds a file, not rows: a rerun need not redo for it
     )

@@ -67,7 +67,7 @@ def run_items(
 
     module = pipeline_module(name)
     dataset = Dataset(out)
-    backends = factory.build(config, module.roles(config), pipeline=name)
+    backends = factory.build(config, module.roles(config, **options), pipeline=name)
     pipeline = module.build(config, backends, stats=stats, dataset=dataset, **options)
     runner = Runner(pipeline, dataset, stats=stats, force=force, progress=progress, transient=transient)
     return runner.run(items)

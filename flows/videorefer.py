@@ -81,7 +81,7 @@ SETTINGS = {
 }
 
 
-def roles(config: EngineConfig) -> dict[str, str]:
+def roles(config: EngineConfig, **_: Any) -> dict[str, str]:
     return {
         "llm": "chat",  # Analyzer, Reviewer's judge
         "vlm": "chat",  # Annotator
@@ -233,12 +233,10 @@ class AnnotatorStage:
         keyframes = ctx.keyframes(count=self.config.annotator_frames, max_side=self.config.frame_max_side)
 
         def finish(decoded: DecodeResult) -> Outputs:
-            if not keyframes.frames:
+            work.video = keyframes.chat_video()
+            if work.video is None:
                 return Outputs(rejections=[ctx.rejection(self.name, "no_frames", "no frames were decoded")])
-            shown = sorted(keyframes.frames)
-            span = max(keyframes.times[shown[-1]] - keyframes.times[shown[0]], 1e-6)
-            work.frames_shown = shown
-            work.video = ChatVideo(tuple(keyframes.frames[i] for i in shown), fps=max(len(shown) - 1, 1) / span)
+            work.frames_shown = sorted(keyframes.frames)
             rejections = []
             if nouns:
                 work.annotations = self.annotator.annotate(work.video, nouns)

@@ -84,17 +84,29 @@ class Mixed(BaseModel):
     tags: list[str]
 
 
-def mixed_requests(seed: int) -> list[ChatRequest]:
+def mixed_requests(seed: int, max_tokens: int = 512) -> list[ChatRequest]:
     """Text, image, video and image + video requests, for one batch."""
     return [
-        user("List the nouns of: the dog chases a red ball."),
-        user(ChatImage(scene(seed)), "List the nouns in this image."),
-        user(clip(seed), "List the nouns in this video."),
-        user(ChatImage(scene(seed + 1)), clip(seed + 2), "Is there a dog?"),
+        user("List the nouns of: the dog chases a red ball.", max_tokens=max_tokens),
+        user(ChatImage(scene(seed)), "List the nouns in this image.", max_tokens=max_tokens),
+        user(clip(seed), "List the nouns in this video.", max_tokens=max_tokens),
+        user(ChatImage(scene(seed + 1)), clip(seed + 2), "Is there a dog?", max_tokens=max_tokens),
     ]
 
 
 # ---------------------------------------------------------------- transformers backend, tiny model
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_torch_thread() -> Iterator[None]:
+    """The tiny model's ops are too small to share among threads; on a busy machine two torch threads that
+    spin-wait for each other made these tests ten times slower."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")
@@ -123,7 +135,7 @@ class CountingGenerate:
 @pytest.mark.integration
 def test_tiny_chat_answers_text_image_and_video_in_one_batch(tiny_chat) -> None:
     assert isinstance(tiny_chat, ChatModel) and tiny_chat.model_id == "tiny-random/qwen2.5-vl"
-    requests = mixed_requests(0) + [
+    requests = mixed_requests(0, max_tokens=24) + [  # a random model never stops on its own
         ChatRequest(
             (ChatMessage("system", ("You are a helpful assistant.",)), ChatMessage.user("hello"),
              ChatMessage.assistant("yes"), ChatMessage.user(ChatImage(scene(3)), "and this?")),
@@ -166,6 +178,20 @@ def test_tiny_chat_json_is_schema_valid_on_every_seed(seed: int) -> None:
         assert len(answer.value.model_dump_json()) > 10
     assert stats.counters["analyzer_invalid_json"] == stats.counters["checker_invalid_json"] == 0
     assert stats.counters["analyzer_backend_calls"] == 1 and stats.counters["analyzer_requests"] == 4
+
+
+@pytest.mark.integration
+def test_tiny_chat_rows_with_different_schemas_share_one_generate(tiny_chat) -> None:
+    schemas = [Nouns, Mixed, Nouns, Mixed]
+    requests = [
+        ChatRequest(r.messages, json_schema=schema.model_json_schema())
+        for r, schema in zip(mixed_requests(5), schemas)
+    ]
+    with CountingGenerate(tiny_chat.model) as counting:
+        answers = tiny_chat.chat(requests)
+    assert counting.batches == [4]  # one grammar matcher per row
+    for answer, schema in zip(answers, schemas):
+        schema.model_validate_json(answer)
 
 
 def test_tighten_schema_bounds_every_open_value_and_keeps_the_rest() -> None:
@@ -407,7 +433,7 @@ def free_port() -> int:
 
 def test_http_batch_answers_in_order_and_builds_openai_bodies() -> None:
     with ScriptedServer(lambda n, body: (200, completion(body["messages"][-1]["content"][-1]["text"]), {}, 0.0)) \
-            as server, http_chat(server.base_url) as chat:
+            as server, http_chat(server.base_url, max_in_flight=9) as chat:
         assert isinstance(chat, ChatModel)
         schema = Nouns.model_json_schema()
         answers = chat.chat([
@@ -415,9 +441,9 @@ def test_http_batch_answers_in_order_and_builds_openai_bodies() -> None:
             for i in range(5)
         ])
         assert answers == [f"question {i}" for i in range(5)]
-        client = chat._client
+        clients = list(chat._clients)
         chat.chat([user(ChatImage(scene(0)), "again")])
-        assert chat._client is client  # one connection pool across calls
+        assert len(clients) == 9 and all(a is b for a, b in zip(chat._clients, clients))  # pools persist
     body = next(b for _, b in server.requests if b["messages"][0]["content"][-1]["text"] == "question 0")
     assert body["model"] == "served-model" and body["max_tokens"] == 7 and body["temperature"] == 0.0
     assert body["response_format"] == {

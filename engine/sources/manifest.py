@@ -74,21 +74,22 @@ def _parquet_rows(path: str) -> Iterator[Row]:
     import fsspec
     import pyarrow.parquet as pq
 
-    with fsspec.open(path, "rb") as file:
-        try:
-            parquet = pq.ParquetFile(file)
-        except Exception as exc:  # pyarrow raises ArrowInvalid and friends, not one base class
-            raise BadInputError(f"{path} is not a readable Parquet file: {one_line(exc)}") from exc
-        # Only the columns used are read: manifests often carry wide extra columns (embeddings, scores).
-        columns = [name for name in parquet.schema_arrow.names if name in _READ_COLUMNS]
-        if not columns:
-            names = ", ".join(parquet.schema_arrow.names) or "none"
-            raise BadInputError(f"{path} has no video or caption column (its columns: {names})")
-        number = 0
-        for batch in parquet.iter_batches(batch_size=4096, columns=columns):
-            for row in batch.to_pylist():
-                number += 1
-                yield f"row {number}", row
+    # A path and the filesystem, not an open Python file: pyarrow 23 can abort at interpreter exit otherwise.
+    fs, local = fsspec.core.url_to_fs(path)
+    try:
+        parquet = pq.ParquetFile(local, filesystem=fs)
+    except Exception as exc:  # pyarrow raises ArrowInvalid and friends, not one base class
+        raise BadInputError(f"{path} is not a readable Parquet file: {one_line(exc)}") from exc
+    # Only the columns used are read: manifests often carry wide extra columns (embeddings, scores).
+    columns = [name for name in parquet.schema_arrow.names if name in _READ_COLUMNS]
+    if not columns:
+        names = ", ".join(parquet.schema_arrow.names) or "none"
+        raise BadInputError(f"{path} has no video or caption column (its columns: {names})")
+    number = 0
+    for batch in parquet.iter_batches(batch_size=4096, columns=columns):
+        for row in batch.to_pylist():
+            number += 1
+            yield f"row {number}", row
 
 
 def _item(at: str, row: dict[str, Any], base: str, frame_rate: float | None) -> WorkItem:
