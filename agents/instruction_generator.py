@@ -25,7 +25,7 @@ import re
 from collections import Counter
 from dataclasses import dataclass, field
 from functools import lru_cache
-from typing import Any, Literal, NamedTuple, Optional, Sequence
+from typing import TYPE_CHECKING, Any, Literal, NamedTuple, Optional, Sequence
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
@@ -45,7 +45,10 @@ from engine.ids import stable_id
 from engine.models.interfaces import ChatMessage, ChatModel, ChatRequest
 from engine.stats import Stats
 from prompts import render
-from schemas.records import MaskletRecord, Provenance, Record, SampleRecord, Turn
+from schemas.records import ClipRecord, MaskletRecord, Provenance, Record, SampleRecord, Turn
+
+if TYPE_CHECKING:
+    from agents.transcriber import Transcript
 
 AGENT = "instruction_llm"
 PIPELINE = "strefer"
@@ -61,7 +64,6 @@ MAX_QUESTION_CHARS = 1000  # hard bounds of the LLM's JSON; the config's limits 
 MAX_ANSWER_CHARS = 2000
 MAX_OPTIONS = 6
 
-TaskType = int  # 1..11, Table 7
 Group = Literal["G1", "G2", "G3", "G4", "G5", "G6", "G7", "G8"]
 Referring = Literal["language", "mask"]
 Form = Literal["open", "multiple_choice"]
@@ -151,10 +153,10 @@ class TranscriptEntity(Record):
 
 
 class TranscriptInput(Record):
-    """One video's transcript: its clips, and per entity per clip whether it is present and what it does.
+    """One video's transcript, as the Instruction Generator needs it: the video's duration and clips, and per
+    entity its noun, masklet and first appearance, and per clip whether it is present and what it does.
 
-    Defined here until the Video Transcriber's own record exists; any record with these fields converts with
-    `TranscriptInput.model_validate(record.model_dump())`."""
+    `from_transcript` builds one from the Video Transcriber's `Transcript` and the video's masklets."""
 
     video_id: str = Field(min_length=1)
     duration_s: float = Field(gt=0)
@@ -182,7 +184,8 @@ class TranscriptInput(Record):
                 )
         keys = [entity_key(e.expression) for e in self.entities]
         if len(set(keys)) != len(keys) or not all(keys):
-            raise ValueError(f"entity expressions must be distinct and non-empty, got {[e.expression for e in self.entities]}")
+            names = [e.expression for e in self.entities]
+            raise ValueError(f"entity expressions must be distinct and non-empty, got {names}")
         known = set(indexes)
         for e in self.entities:
             seen = [o.clip_index for o in e.clips]
@@ -195,6 +198,37 @@ class TranscriptInput(Record):
             if t is not None and not (math.isfinite(t) and 0 <= t <= end):
                 raise ValueError(f"entity {e.expression!r}: first_appearance_time {t} is outside the video")
         return self
+
+    @classmethod
+    def from_transcript(
+        cls,
+        transcript: "Transcript",
+        *,
+        duration_s: float,
+        masklets: Sequence[MaskletRecord] = (),
+        clips: Sequence[ClipRecord] = (),
+    ) -> "TranscriptInput":
+        """The Video Transcriber's `Transcript` joined with the video's masklets, matched by expression (noun,
+        masklet id, first appearance); an entity without one keeps its expression as its noun. The clips are
+        `clips` where given, else those of the transcript's entries."""
+        by_expression = {entity_key(m.expression): m for m in masklets}
+        spans = {c.clip_index: ClipSpan(c.clip_index, c.start_time, c.end_time) for c in clips}
+        for entity in transcript.entities:
+            for entry in entity.clips:
+                spans.setdefault(entry.clip_index, ClipSpan(entry.clip_index, entry.start_time, entry.end_time))
+        entities = []
+        for entity in transcript.entities:
+            masklet = by_expression.get(entity_key(entity.expression))
+            entities.append(TranscriptEntity(
+                expression=entity.expression,
+                noun=masklet.noun if masklet is not None else entity.expression,
+                masklet_id=masklet.masklet_id if masklet is not None else None,
+                first_appearance_time=first_appearance(masklet) if masklet is not None else None,
+                clips=[Observation(clip_index=e.clip_index, present=e.present, description=e.description)
+                       for e in entity.clips],
+            ))
+        return cls(video_id=transcript.video_id, duration_s=duration_s, clips=list(spans.values()),
+                   entities=entities)
 
     def clip(self, clip_index: int) -> ClipSpan:
         return next(c for c in self.clips if c.clip_index == clip_index)
@@ -244,12 +278,13 @@ class Instruction(Record):
 
     @model_validator(mode="after")
     def _consistent(self) -> "Instruction":
-        if self.group != group_of(self.task_type, self.referring):
-            raise ValueError(f"type {self.task_type} {self.referring} is group {group_of(self.task_type, self.referring)}")
+        group, frames = group_of(self.task_type, self.referring), "clip" if self.task_type in CLIP_TYPES else "video"
+        if self.group != group:
+            raise ValueError(f"type {self.task_type} {self.referring}-referring is group {group}, not {self.group}")
         if self.source != source_of(self.task_type):
             raise ValueError(f"type {self.task_type} comes from {source_of(self.task_type)}")
-        if self.frames != ("clip" if self.task_type in CLIP_TYPES else "video"):
-            raise ValueError(f"type {self.task_type} is shown {'clip' if self.task_type in CLIP_TYPES else 'video'} frames")
+        if self.frames != frames:
+            raise ValueError(f"type {self.task_type} is shown {frames} frames, not {self.frames}")
         if self.question.count(REGION) != len(self.masklet_ids):
             raise ValueError("the question needs one <region> token per masklet id")
         if (self.referring == "mask") != self.question.startswith(MASK_PREFIX):
@@ -284,7 +319,9 @@ def make_instruction(
     else:
         span, clip_index = (0.0, duration), None
     return Instruction(
-        instruction_id=stable_id(transcript.video_id, task_type, referring, form, question, answer, list(masklet_ids)),
+        instruction_id=stable_id(
+            transcript.video_id, task_type, referring, form, question, answer, list(masklet_ids)
+        ),
         video_id=transcript.video_id,
         task_type=task_type,
         group=group_of(task_type, referring),
@@ -302,7 +339,9 @@ def make_instruction(
         clip_index=clip_index,
         duration_s=duration,
         temporal_tokens=TokenText(
-            question=timestamps_to_tokens(question, duration, m), answer=timestamps_to_tokens(answer, duration, m), m=m
+            question=timestamps_to_tokens(question, duration, m),
+            answer=timestamps_to_tokens(answer, duration, m),
+            m=m,
         ),
     )
 
@@ -430,7 +469,9 @@ class LLMQuestion(BaseModel):
             raise ValueError("the language-referring question must not contain <region>: name the entity")
         if self.form == "multiple_choice":
             if not 2 <= len(self.options) <= MAX_OPTIONS:
-                raise ValueError(f"a multiple-choice question needs 2 to {MAX_OPTIONS} options, got {len(self.options)}")
+                raise ValueError(
+                    f"a multiple-choice question needs 2 to {MAX_OPTIONS} options, got {len(self.options)}"
+                )
             keys = [_option_key(o) for o in self.options]
             if not all(keys):
                 raise ValueError("an option is blank")
@@ -449,7 +490,8 @@ class LLMQuestion(BaseModel):
                 raise ValueError(f"a type 9 answer must be the coarse range {self.coarse_range!r}")
             for option in self.options:
                 if not any(_mentions(option, r) for r in COARSE_RANGES):
-                    raise ValueError(f"a type 9 option must be a coarse range ({', '.join(COARSE_RANGES)}), got {option!r}")
+                    ranges = ", ".join(COARSE_RANGES)
+                    raise ValueError(f"a type 9 option must be a coarse range ({ranges}), got {option!r}")
         if self.task_type in (10, 11):
             if self.relation is None:
                 raise ValueError(f"type {self.task_type} needs relation: before, during or after")
@@ -533,9 +575,15 @@ def check_llm_answer(transcript: TranscriptInput, questions: Sequence[LLMQuestio
         if q.mask_entity is not None:
             entity = transcript.entity(q.mask_entity)
             if entity is None:
-                return f"{where}.mask_entity names {q.mask_entity!r}, which is not an entity of this video; use only {known}"
+                return (
+                    f"{where}.mask_entity names {q.mask_entity!r}, which is not an entity of this video; use only "
+                    f"{known}"
+                )
             if entity.masklet_id is None:
-                return f"{where}.mask_entity {entity.expression!r} has no mask: set mask_entity and mask_question to null"
+                return (
+                    f"{where}.mask_entity {entity.expression!r} has no mask: set mask_entity and mask_question to "
+                    "null"
+                )
             if entity_key(entity.expression) in q.mask_question.lower():
                 return (
                     f"{where}.mask_question names {entity.expression!r}: replace its words with a pronoun or a "
@@ -583,7 +631,10 @@ class InstructionConfig:
         if not 2 <= self.order_options <= len(LETTERS):
             raise ValueError(f"order_options must be in [2, {len(LETTERS)}], got {self.order_options}")
         if not self.min_order_gap_s >= 0 or self.max_range_clips < 1:
-            raise ValueError(f"need min_order_gap_s >= 0 and max_range_clips >= 1, got {self.min_order_gap_s}, {self.max_range_clips}")
+            raise ValueError(
+                f"need min_order_gap_s >= 0 and max_range_clips >= 1, got {self.min_order_gap_s}, "
+                f"{self.max_range_clips}"
+            )
         if self.open_per_type < 0 or self.choice_per_type < 0 or self.open_per_type + self.choice_per_type < 1:
             raise ValueError(f"open_per_type and choice_per_type must be >= 0 with a sum >= 1, got "
                              f"{self.open_per_type}, {self.choice_per_type}")
@@ -667,8 +718,10 @@ class InstructionGenerator:
             return check_llm_answer(transcripts[asked[k]], value.questions)
 
         with stats.timer(AGENT):
-            outcomes = _ask_checked(requests, ask_round, check, lambda e: REPAIR_PROMPT.format(error=e, schema=schema_text),
-                                    retries=cfg.retries, stats=stats, agent=AGENT)
+            outcomes = _ask_checked(
+                requests, ask_round, check, lambda error: REPAIR_PROMPT.format(error=error, schema=schema_text),
+                retries=cfg.retries, stats=stats, agent=AGENT,
+            )
         for i, out in zip(asked, outcomes):
             if out.error is None:
                 instructions = self._build(transcripts[i], out.value.questions)
@@ -727,7 +780,9 @@ class InstructionGenerator:
             out.append(make_instruction(t, q.task_type, "language", stem, answer, **common))
             if q.mask_entity is not None and cfg.mask_versions:
                 masklet = t.entity(q.mask_entity).masklet_id
-                out.append(make_instruction(t, q.task_type, "mask", mask_stem, answer, masklet_ids=[masklet], **common))
+                out.append(
+                    make_instruction(t, q.task_type, "mask", mask_stem, answer, masklet_ids=[masklet], **common)
+                )
         return out
 
     def _count(self, instructions: Sequence[Instruction]) -> None:

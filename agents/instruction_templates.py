@@ -25,7 +25,6 @@ from typing import Callable, NamedTuple, Sequence
 from agents.instruction_generator import (
     LETTERS,
     MASK_PREFIX,
-    ClipSpan,
     Instruction,
     InstructionConfig,
     TranscriptEntity,
@@ -138,8 +137,10 @@ class Referent(NamedTuple):
 
 _SHE, _HE = Referent("she", "her", "is", "does"), Referent("he", "him", "is", "does")
 _THEY, _IT = Referent("they", "them", "are", "do"), Referent("it", "it", "is", "does")
-_PERSON, _INDIVIDUAL = Referent("this person", "this person", "is", "does"), Referent("this individual", "this individual", "is", "does")
-_ANIMAL, _OBJECT = Referent("this animal", "this animal", "is", "does"), Referent("this object", "this object", "is", "does")
+_PERSON = Referent("this person", "this person", "is", "does")
+_INDIVIDUAL = Referent("this individual", "this individual", "is", "does")
+_ANIMAL = Referent("this animal", "this animal", "is", "does")
+_OBJECT = Referent("this object", "this object", "is", "does")
 
 
 def words(text: str) -> list[str]:
@@ -151,17 +152,35 @@ def content_words(text: str) -> set[str]:
     return {w for w in words(text) if len(w) > 2 and w not in _STOP}
 
 
+_HEAD_END = frozenset(
+    "in on at of with near by from behind beside under over wearing holding carrying who that which while and "
+    "or".split()
+)
+
+
+def head_word(expression: str) -> str:
+    """The head noun of a referring expression: the last word before its first modifier ("girl in a white
+    dress" -> "girl", "man holding a cup" -> "man", "brown dog" -> "dog")."""
+    head = ""
+    for w in words(expression):
+        if w in _HEAD_END or (w.endswith("ing") and len(w) > 4):
+            break
+        head = w
+    return head
+
+
 def entity_kind(expression: str, noun: str) -> str:
-    """female, male, person, animal or object, from the noun's head word, else from the expression's words."""
-    for text in (noun, expression):
-        ws = words(text)
-        head = ws[-1] if ws else ""
-        for kind, vocab in (("female", FEMALE), ("male", MALE), ("person", PERSON), ("animal", ANIMAL)):
-            if head in vocab or head.rstrip("s") in vocab:
+    """female, male, person, animal or object: from the expression's head noun ("bride in white" is female even
+    when its noun is the generalized "person"), else the noun's last word, else any word of the expression."""
+    vocabularies = (("female", FEMALE), ("male", MALE), ("person", PERSON), ("animal", ANIMAL))
+    noun_words = words(noun)
+    for head in (head_word(expression), noun_words[-1] if noun_words else ""):
+        for kind, vocab in vocabularies:
+            if head in vocab or (head.endswith("s") and head[:-1] in vocab):
                 return kind
-    ws = set(words(expression))
-    for kind, vocab in (("female", FEMALE), ("male", MALE), ("person", PERSON), ("animal", ANIMAL)):
-        if ws & vocab:
+    present = set(words(expression))
+    for kind, vocab in vocabularies:
+        if present & vocab:
             return kind
     return "object"
 
@@ -424,6 +443,6 @@ def _cap(instructions: list[Instruction], limit: int, rng: random.Random) -> lis
 
 
 __all__ = [
-    "ClipSpan", "GENERATORS", "appearance_window", "content_words", "entity_kind", "first_appearance_order",
+    "GENERATORS", "appearance_window", "content_words", "entity_kind", "first_appearance_order", "head_word",
     "mask_question", "referents", "template_instructions",
 ]

@@ -1,6 +1,6 @@
 """Benchmark of clip-and-track (not a test): figures side by side with their baselines, in one run.
 
-    python -m benchmarks.run [--profile tiny] [--real PATH] [--long-seconds 60] [--out benchmarks/out]
+    python -m benchmarks.run [--profile tiny] [--config FILE] [--real PATH] [--long-seconds 60] [--out benchmarks/out]
 
 Reports, per video (a real 720p one and synthetic 720p ones of 60 s and 10 s):
 - frames decoded against frames in the file (target: each frame decoded once for all stages),
@@ -50,7 +50,7 @@ def _masklet_methods(pipeline) -> list[str]:
     return [s.generator.method for s in pipeline.stages if hasattr(s, "generator")]
 
 
-def run_one(video: str, entities: list[str], profile: str, out: str) -> dict:
+def run_one(video: str, entities: list[str], profile: str, out: str, config_file: str | None = None) -> dict:
     """One video through the pipeline with the baseline beside it; runs in its own process."""
     from engine.decode import DecodeLimits
     from engine.models import factory
@@ -61,7 +61,7 @@ def run_one(video: str, entities: list[str], profile: str, out: str) -> dict:
     from flows import clip_and_track, pipelines
     from schemas import EntityRef, WorkItem
 
-    config = pipelines.load(profile)
+    config = pipelines.load(profile, config_file)
     stats = Stats()
     dataset = Dataset(out)
     rss_before = _peak_rss_mib()
@@ -183,10 +183,11 @@ def oracle_comparison(tmp: Path) -> list[list]:
     return rows
 
 
-def _child(video: str, entities: list[str], profile: str, out: Path) -> dict:
+def _child(video: str, entities: list[str], profile: str, out: Path, config_file: str | None) -> dict:
     report = out / f"{Path(video).stem}.json"
     cmd = [sys.executable, "-m", "benchmarks.run", "--one", video, "--profile", profile, "--json", str(report),
-           "--dataset", str(out / "dataset"), *[a for e in entities for a in ("--entity", e)]]
+           "--dataset", str(out / "dataset"), *[a for e in entities for a in ("--entity", e)],
+           *(["--config", config_file] if config_file else [])]
     subprocess.run(cmd, check=True)
     return json.loads(report.read_text())
 
@@ -200,6 +201,7 @@ def _table(rows: list[list], header: list[str]) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--profile", default="tiny", help="model profile (default: tiny, runs offline on CPU)")
+    parser.add_argument("--config", help="YAML deep-merged over the bundled profiles.yaml (as the CLI's --config)")
     parser.add_argument("--real", default=str(SHARED_VIDEOS / "01_dog.mp4"), help="a real 720p video")
     parser.add_argument("--long-seconds", type=float, default=60.0)
     parser.add_argument("--short-seconds", type=float, default=10.0)
@@ -212,7 +214,7 @@ def main() -> None:
     args = parser.parse_args()
 
     if args.one:  # child process: one video
-        report = run_one(args.one, args.entity, args.profile, args.dataset)
+        report = run_one(args.one, args.entity, args.profile, args.dataset, args.config)
         Path(args.json).write_text(json.dumps(report, indent=1))
         return
 
@@ -236,12 +238,12 @@ def main() -> None:
         runs = {}
         for label, path, entities in videos:
             print(f"running {label} ...", file=sys.stderr)
-            runs[label] = _child(path, entities, args.profile, out)
+            runs[label] = _child(path, entities, args.profile, out, args.config)
         clipper = {label: clipper_vs_scenedetect(path, args.repeats) for label, path, _ in videos}
         oracle = oracle_comparison(Path(tmp))
 
     stages = sorted({s for r in runs.values() for s in r["seconds"]})
-    report = [f"# clip-and-track benchmark (profile {args.profile})", ""]
+    report = [f"# clip-and-track benchmark (profile {args.profile}{f', config {args.config}' if args.config else ''})", ""]
     report += ["## Per video", ""]
     report.append(
         _table(

@@ -1,6 +1,6 @@
 """Benchmark of the VideoRefer pipeline (not a test): how well each agent batches its model requests.
 
-    python -m benchmarks.videorefer [--profile tiny] [--videos N] [--out benchmarks/out]
+    python -m benchmarks.videorefer [--profile tiny] [--config FILE] [--videos N] [--out benchmarks/out]
 
 Inputs, written or gathered in a temporary folder:
 - a caption manifest (JSONL) of the real videos in ../shared/videos/ (skipped, with a note, where absent),
@@ -177,7 +177,8 @@ def write_mevis(root: Path, *, width: int = 128, height: int = 96, frames: int =
 # -- the run --------------------------------------------------------------------------------------------------
 
 
-def run(profile: str, n_videos: int, out: Path, data_types: Sequence[str], shared: Path) -> dict:
+def run(profile: str, n_videos: int, out: Path, data_types: Sequence[str], shared: Path,
+        config_file: str | None = None) -> dict:
     from engine.models import factory
     from engine.runner import Runner
     from engine.sources import open_source
@@ -188,7 +189,7 @@ def run(profile: str, n_videos: int, out: Path, data_types: Sequence[str], share
     dataset_path = out / "videorefer-dataset"
     if dataset_path.exists():  # a fresh dataset: the sample counts are this run's alone
         shutil.rmtree(dataset_path)
-    config = pipelines.load(profile)
+    config = pipelines.load(profile, config_file)
     with tempfile.TemporaryDirectory() as tmp:
         tmp_path = Path(tmp)
         manifest, rows = write_manifest(tmp_path, n_videos, shared)
@@ -344,6 +345,7 @@ def report(r: dict) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--profile", default="tiny", help="model profile (default: tiny, runs offline on CPU)")
+    parser.add_argument("--config", help="YAML deep-merged over the bundled profiles.yaml (as the CLI's --config)")
     parser.add_argument("--videos", type=int, default=4, help="videos in the caption manifest (real first, then synthetic)")
     parser.add_argument("--shared", default=str(SHARED_VIDEOS), help="folder of real .mp4 videos")
     parser.add_argument("--data-types", default="detailed_caption,short_caption,object_qa")
@@ -355,7 +357,8 @@ def main() -> None:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
-    result = run(args.profile, args.videos, out, data_types, Path(args.shared))
+    result = run(args.profile, args.videos, out, data_types, Path(args.shared), args.config)
+    result["config_file"] = args.config
     result["total_s"] = round(time.perf_counter() - start, 2)
     text = report(result) + f"\nTotal benchmark time {result['total_s']} s.\n"
     print(text)

@@ -170,6 +170,7 @@ def _print_summary(outcomes, render_root: str | None = None) -> None:
 
 class Pipeline(str, Enum):
     videorefer = "videorefer"
+    strefer = "strefer"
 
 
 class DataType(str, Enum):
@@ -201,13 +202,20 @@ def run(
     frame_rate: Annotated[
         Optional[float], typer.Option(help="Frames per second of frame folders (MeViS 6, Ref-YouTube-VOS 6).")
     ] = None,
+    entity: Annotated[
+        Optional[list[str]],
+        typer.Option("--entity", "-e", help="strefer: EXPRESSION[:NOUN], repeatable; default: found per video."),
+    ] = None,
     force: Annotated[bool, typer.Option(help="Redo items already complete with this config.")] = False,
 ) -> None:
-    """Run a pipeline's Prefect flow here, on Prefect's ephemeral API (nothing to start by hand)."""
-    _run_guarded(_run, pipeline.value, source, out, profile, config, batch_size, limit, data_type, frame_rate, force)
+    """Run a pipeline's Prefect flow here, on Prefect's ephemeral API (nothing to start by hand).
+
+    videorefer: build-videorefer-700k (detailed captions, short captions, object-level QA).
+    strefer: build-strefer (entities, clips, masklets, transcripts, the 11 task types of Table 7)."""
+    _run_guarded(_run, pipeline.value, source, out, profile, config, batch_size, limit, data_type, frame_rate, entity, force)
 
 
-def _run(pipeline, source, out, profile, config_file, batch_size, limit, data_types, frame_rate, force) -> None:
+def _run(pipeline, source, out, profile, config_file, batch_size, limit, data_types, frame_rate, entities, force) -> None:
     import logging
     import os
 
@@ -219,21 +227,30 @@ def _run(pipeline, source, out, profile, config_file, batch_size, limit, data_ty
         raise ValueError("--limit must be >= 1")
     # Prefect's ephemeral API can take tens of seconds to come up on a busy machine (its default wait is 20 s).
     os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "180")
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")  # no telemetry calls from a data run
+    if data_types and pipeline != "videorefer":
+        raise ValueError("--data-type is for the videorefer pipeline")
+    if entities and pipeline != "strefer":
+        raise ValueError("--entity is for the strefer pipeline (and engine clip-and-track)")
     with err.status("starting Prefect (ephemeral API) and the flow"):
-        from flows.prefect_flows import build_videorefer_flow
+        from flows.prefect_flows import build_strefer_flow, build_videorefer_flow
     logging.getLogger("prefect.events").setLevel(logging.CRITICAL)  # shutdown noise of the ephemeral server
-    try:
-        result = build_videorefer_flow(
-            source=list(source),
+    common = dict(
+        source=list(source),
         out=out,
         profile=profile,
         config_file=str(config_file) if config_file else None,
         batch_size=batch_size,
         limit=limit,
-            data_types=[d.value for d in data_types] if data_types else ["detailed_caption", "short_caption", "object_qa"],
-            frame_rate=frame_rate,
-            force=force,
-        )
+        frame_rate=frame_rate,
+        force=force,
+    )
+    try:
+        if pipeline == "videorefer":
+            types = [d.value for d in data_types] if data_types else ["detailed_caption", "short_caption", "object_qa"]
+            result = build_videorefer_flow(**common, data_types=types)
+        else:
+            result = build_strefer_flow(**common, entities=list(entities or []))
     except RuntimeError as exc:  # a failed batch or an API that did not start: one line, not a traceback
         _fail(f"the flow failed: {str(exc).splitlines()[0]}", code=1)
     _print_funnel(result["stats"]["counters"])
@@ -267,12 +284,21 @@ def _print_funnel(counters: dict[str, int]) -> None:
             share = f"{row['out'] / row['in']:.0%}" if row["in"] else "-"
             why = ", ".join(f"{r} {n}" for r, n in sorted(row["dropped"].items()) if n)
             table.add_row(agent, str(row["in"]), str(row["out"]), share, why or "-")
-    console.print(table)
+    if table.row_count:
+        console.print(table)
     samples = Table("data type", "samples kept", "dropped by the reviewer")
-    types = sorted({k.split(".")[1] for k in counters if k.startswith("samples.")})
+    types = sorted({k.split(".")[1] for k in counters if k.startswith("samples.") and k.count(".") == 2})
     for data_type in types:
         samples.add_row(data_type, str(counters.get(f"samples.{data_type}.kept", 0)), str(counters.get(f"samples.{data_type}.dropped", 0)))
-    console.print(samples)
+    if samples.row_count:
+        console.print(samples)
+    groups = Table("group (Strefer Table 1)", "task type", "instructions")
+    for name, n in sorted(counters.items()):
+        if name.startswith("samples.strefer."):
+            _, _, group, task = name.split(".")
+            groups.add_row(group, task, str(n))
+    if groups.row_count:
+        console.print(groups)
 
 
 class ExportFormat(str, Enum):

@@ -17,9 +17,9 @@ from schemas import WorkItem
 
 
 def _modules() -> dict[str, ModuleType]:
-    from flows import clip_and_track, videorefer
+    from flows import clip_and_track, strefer, videorefer
 
-    return {m.NAME: m for m in (clip_and_track, videorefer)}
+    return {m.NAME: m for m in (clip_and_track, videorefer, strefer)}
 
 
 def pipeline_names() -> list[str]:

@@ -98,6 +98,23 @@ def run_pipeline_flow(
     return {"items": statuses, "tables": manifest["tables"], "stats": stats.as_dict()}
 
 
+def _items(source: list[str], limit: Optional[int], frame_rate: Optional[float]) -> list[WorkItem]:
+    """Work items from every source in turn, at most `limit` of them."""
+    from itertools import islice
+
+    from engine.sources import open_source
+
+    if isinstance(source, str):  # a single path given where a list is expected
+        source = [source]
+    items: list[WorkItem] = []
+    for spec in source:
+        room = None if limit is None else limit - len(items)
+        if room == 0:
+            break
+        items += islice(open_source(spec, frame_rate=frame_rate), room)
+    return items
+
+
 @flow(name="clip-and-track", log_prints=True)
 def clip_and_track_flow(
     videos: list[str],
@@ -141,25 +158,46 @@ def build_videorefer_flow(
     """VideoRefer's multi-agent engine (Analyzer, Annotator, Segmentor, Reviewer, Refiner) over caption
     manifests (detailed and short captions) and mask datasets in the MeViS or Ref-YouTube-VOS layout
     (object-level QA). `source` lists manifests, dataset folders or videos; `limit` caps the items."""
-    from itertools import islice
-
-    from engine.sources import open_source
     from flows.videorefer import check_data_types
 
     check_data_types(data_types)
-    items: list[WorkItem] = []
-    for spec in source:
-        room = None if limit is None else limit - len(items)
-        if room == 0:
-            break
-        items += islice(open_source(spec, frame_rate=frame_rate), room)
     return run_pipeline_flow(
         "videorefer",
-        items,
+        _items(source, limit, frame_rate),
         out,
         profile=profile,
         config_file=config_file,
         batch_size=batch_size,
         force=force,
         options={"data_types": list(data_types)},
+    )
+
+
+@flow(name="build-strefer", log_prints=True)
+def build_strefer_flow(
+    source: list[str],
+    out: str,
+    profile: str = "default",
+    config_file: Optional[str] = None,
+    batch_size: int = 8,
+    limit: Optional[int] = None,
+    entities: list[str] = [],
+    frame_rate: Optional[float] = None,
+    force: bool = False,
+) -> dict:
+    """Strefer's instruction engine: entities (found by the Entity Recognizer and Referring Parser unless
+    given as `EXPRESSION[:NOUN]`), clips, masklets, transcripts and instructions of the 11 task types over
+    videos, folders of videos, manifests or frame folders."""
+    from schemas import EntityRef
+
+    parsed = [EntityRef.parse(e).model_dump() for e in entities]
+    return run_pipeline_flow(
+        "strefer",
+        _items(source, limit, frame_rate),
+        out,
+        profile=profile,
+        config_file=config_file,
+        batch_size=batch_size,
+        force=force,
+        options={"entities": parsed},
     )

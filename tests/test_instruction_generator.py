@@ -28,6 +28,8 @@ from agents.instruction_generator import (
 )
 from agents.instruction_templates import (
     ABSENT_ANSWERS,
+    entity_kind,
+    head_word,
     BEHAVIOUR_QUESTIONS,
     PRESENCE_QUESTIONS,
     RANGE_QUESTIONS,
@@ -258,8 +260,10 @@ ORDER_TRUTH = {"red kite": 2.0, "blue ball": 12.5, "old man": 20.0, "small cat":
 
 def order_transcript(video_id: str = "order") -> TranscriptInput:
     def entity(name, t, first_clip, masklet=True):
-        clips = [{"clip_index": c, "present": c >= first_clip, "description": f"The {name} moves." if c >= first_clip else None}
-                 for c in range(3)] if first_clip is not None else obs((0, None), (1, None), (2, None))
+        if first_clip is None:
+            clips = obs((0, None), (1, None), (2, None))
+        else:
+            clips = obs(*((c, f"The {name} moves." if c >= first_clip else None) for c in range(3)))
         return {"expression": name, "noun": name.split()[-1], "masklet_id": f"m-{name}" if masklet else None,
                 "first_appearance_time": t, "clips": clips}
 
@@ -308,7 +312,8 @@ def test_type5_needs_enough_ordered_entities_and_first_appearance_comes_from_mas
     # uncertain (0-12 s) and overlaps the girl's, so only two entities can be ordered.
     t = park().model_dump()
     t["entities"][1]["clips"][0] = {"clip_index": 0, "present": True, "description": "The dog sleeps."}
-    assert template_instructions(TranscriptInput.model_validate(t), InstructionConfig(template_types=(5,)), stats) == []
+    uncertain = TranscriptInput.model_validate(t)
+    assert template_instructions(uncertain, InstructionConfig(template_types=(5,)), stats) == []
     assert stats.counters["instructions_type5_too_few_entities"] == 1
 
     masklet = MaskletRecord(
@@ -420,6 +425,56 @@ def test_mask_referring_questions_start_with_the_sentence_and_hide_the_entity():
     assert not [i for i in off if i.referring == "mask"]
 
 
+@pytest.mark.parametrize(
+    "expression, noun, kind, head",
+    [
+        ("bride in a white gown", "person", "female", "bride"),
+        ("man holding a girl's hand", "person", "male", "man"),
+        ("child riding a tricycle", "child", "person", "child"),
+        ("brown dog", "dog", "animal", "dog"),
+        ("parrot on a perch", "bird", "animal", "parrot"),
+        ("red kite", "kite", "object", "kite"),
+        ("women dancing", "person", "female", "women"),
+    ],
+)
+def test_pronoun_rules_follow_the_head_noun(expression, noun, kind, head):
+    assert head_word(expression) == head
+    assert entity_kind(expression, noun) == kind
+
+
+def test_from_transcript_joins_the_transcriber_output_with_masklets():
+    from agents.transcriber import ClipEntry, EntityTranscript, Transcript
+
+    def entry(i, start, end, description):
+        return ClipEntry(clip_index=i, start_time=start, end_time=end, present=description is not None,
+                         description=description, raw_presence="Yes" if description else "No")
+
+    transcript = Transcript(video_id="v1", entities=[
+        EntityTranscript(expression="bride in white",
+                         clips=[entry(0, 0.0, 4.0, None), entry(1, 4.0, 9.0, "She dances.")]),
+        EntityTranscript(expression="red kite",
+                         clips=[entry(0, 0.0, 4.0, "It flies."), entry(1, 4.0, 9.0, None)]),
+    ])
+    masklet = MaskletRecord(
+        masklet_id="m-bride", video_id="v1", expression="Bride in white", noun="person", method="strefer",
+        start_frame=50, start_time=5.0, detector_score=0.9, detector_box=[0, 0, 1, 1],
+        assignment=Assignment(method="grounder", candidate_index=0, num_candidates=2, score=1.0),
+        num_frames_tracked=40,
+        frames=[FrameMask(frame_index=f, timestamp=f / 10, rle=Rle(size=[2, 2], counts="04"), box=[0, 0, 1, 1])
+                for f in (45, 50, 60)],
+        provenance=PROVENANCE,
+    )
+    t = TranscriptInput.from_transcript(transcript, duration_s=9.0, masklets=[masklet])
+    assert t.clips == [(0, 0.0, 4.0), (1, 4.0, 9.0)] and t.duration_s == 9.0
+    bride, kite = t.entities
+    assert (bride.noun, bride.masklet_id, bride.first_appearance_time) == ("person", "m-bride", pytest.approx(4.5))
+    assert (kite.noun, kite.masklet_id, kite.first_appearance_time) == ("red kite", None, None)
+    assert bride.observation(1).description == "She dances." and bride.observation(0).present is False
+    out = template_instructions(t, InstructionConfig(template_types=(1,)))
+    (masked,) = [i for i in out if i.referring == "mask"]
+    assert masked.masklet_ids == ["m-bride"] and masked.entities == ["bride in white"]
+
+
 def test_generator_counts_types_and_groups():
     stats = Stats()
     out = InstructionGenerator(stats=stats).from_templates(park())
@@ -489,12 +544,14 @@ def q(task_type, form="open", *, question, answer, options=(), coarse=None, rela
 def valid_answer(dog: str = DOG) -> dict:
     """Two questions (open, multiple choice) of each type 7-11 about `park()`."""
     return {"questions": [
-        q(7, question=f"What does the {dog} do between 00:00:10 and 00:00:20.000?", answer="The dog runs across the lawn.",
-          entities=[dog], mask_entity=dog, mask_question="What does it do between 00:00:10.000 and 00:00:20.000?"),
+        q(7, question=f"What does the {dog} do between 00:00:10 and 00:00:20.000?",
+          answer="The dog runs across the lawn.", entities=[dog], mask_entity=dog,
+          mask_question="What does it do between 00:00:10.000 and 00:00:20.000?"),
         q(7, "multiple_choice", question="What happens between 00:00:20.000 and 00:00:30.000?",
           answer="The man walks in.", options=["The girl waves.", "The man walks in.", "The dog sleeps."]),
         q(8, question=f"What does the {GIRL} do in the beginning of the video?", answer="She waves at the camera.",
-          coarse="beginning", entities=[GIRL], mask_entity=GIRL, mask_question="What does she do in the beginning of the video?"),
+          coarse="beginning", entities=[GIRL], mask_entity=GIRL,
+          mask_question="What does she do in the beginning of the video?"),
         q(8, "multiple_choice", question="What happens at the end of the video?", answer="The man walks in.",
           options=["The man walks in.", "The girl waves.", "The dog runs."], coarse="end"),
         q(9, question=f"During which part of the video does the {dog} run across the lawn?", answer="The middle.",
@@ -502,8 +559,9 @@ def valid_answer(dog: str = DOG) -> dict:
           mask_question="During which part of the video does this animal run across the lawn?"),
         q(9, "multiple_choice", question=f"When does the {MAN} walk in?", answer="The end.",
           options=["The beginning.", "The middle.", "The end."], coarse="end", entities=[MAN]),
-        q(10, question=f"What is the {dog} doing while the {MAN} walks in?", answer="The dog barks.", relation="during",
-          entities=[dog, MAN], mask_entity=dog, mask_question=f"What is it doing while the {MAN} walks in?"),
+        q(10, question=f"What is the {dog} doing while the {MAN} walks in?", answer="The dog barks.",
+          relation="during", entities=[dog, MAN], mask_entity=dog,
+          mask_question=f"What is it doing while the {MAN} walks in?"),
         q(10, "multiple_choice", question=f"What does the {GIRL} do after the {dog} runs across the lawn?",
           answer="She sits down on a bench.", options=["She sits down on a bench.", "She waves.", "She runs."],
           relation="after", entities=[GIRL, dog]),
@@ -594,7 +652,8 @@ ADVERSARIAL = {
     "bad_coarse_range": (lambda qs: qs[2].update(coarse_range="start"), "coarse_range"),
     "type_out_of_range": (lambda qs: qs[0].update(task_type=6), "task_type"),
     "mask_on_entity_without_masklet": (
-        lambda qs: qs[5].update(mask_entity=MAN, mask_question=f"{MASK_PREFIX} When does he walk in?"), "has no mask"),
+        lambda qs: qs[5].update(mask_entity=MAN, mask_question=f"{MASK_PREFIX} When does he walk in?"),
+        "has no mask"),
     "mask_question_names_entity": (
         lambda qs: qs[4].update(mask_question=f"{MASK_PREFIX} When does the brown dog 0 run?"), "replace its words"),
     "mask_question_without_prefix": (lambda qs: qs[4].update(mask_question="When does it run?"), "must start with"),
@@ -682,3 +741,15 @@ def test_generator_names_its_prompt():
 
     assert InstructionGenerator.prompts == ("instruction_llm",)
     assert len(template_hash("instruction_llm")) == 12
+
+
+def test_llm_options_are_shuffled_by_seed_and_the_letter_follows_the_answer():
+    answer = json.dumps(valid_answer())
+    letters = set()
+    for seed in range(8):
+        (out,) = InstructionGenerator(FakeChat([answer]), InstructionConfig(seed=seed)).from_llm([park()])
+        mc9 = next(i for i in out if i.task_type == 9 and i.form == "multiple_choice" and i.referring == "language")
+        assert sorted(mc9.options) == ["The beginning.", "The end.", "The middle."]
+        assert mc9.options["ABC".index(mc9.answer_letter)] == "The end."
+        letters.add(mc9.answer_letter)
+    assert len(letters) >= 2  # the LLM listed the answer third every time; the stored position varies

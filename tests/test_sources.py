@@ -496,3 +496,13 @@ def test_open_source_dispatches_on_what_it_is_given(tmp_path: Path) -> None:
             open_source(str(spec))
         assert "\n" not in str(e.value)
     assert "Ref-YouTube-VOS" in describe_sources() and "Panda-70M" in describe_sources()
+
+
+def test_a_folder_of_videos_gives_one_item_per_video(tmp_path):
+    from engine.sources import open_source
+    from tests import synthetic
+
+    for name in ("b10.mp4", "b2.mp4"):
+        synthetic.short_video(tmp_path / name, seconds=0.5, fps=4)
+    (tmp_path / "notes.txt").write_text("not a video")
+    assert [i.source for i in open_source(str(tmp_path))] == [str(tmp_path / "b2.mp4"), str(tmp_path / "b10.mp4")]

@@ -10,7 +10,7 @@ import os
 from typing import Iterator
 
 from engine.errors import BadInputError
-from engine.probe import list_frame_images
+from engine.probe import list_frame_images, natural_key
 from engine.sources.manifest import MANIFEST_SUFFIXES, read_manifest
 from engine.sources.mevis import MEVIS_FPS, read_mevis
 from engine.sources.ref_youtube_vos import REF_YOUTUBE_VOS_FPS, read_ref_youtube_vos
@@ -23,7 +23,8 @@ VIDEO_SUFFIXES = (
     ".3gp", ".ogv",
 )
 _ACCEPTED = (
-    "give a video file (.mp4, .mov, .mkv, .webm, ...), a folder of frames (.jpg/.png, with a frame rate), "
+    "give a video file (.mp4, .mov, .mkv, .webm, ...), a folder of video files, a folder of frames (.jpg/.png, "
+    "with a frame rate), "
     "a caption manifest (.jsonl, .csv, .parquet), a MeViS folder (with mask_dict.json) or a Ref-YouTube-VOS "
     "folder (with Annotations/ and meta_expressions.json)"
 )
@@ -52,13 +53,19 @@ def open_source(spec: str, *, frame_rate: float | None = None) -> Iterator[WorkI
         if frame_rate is None:
             raise BadInputError(f"{spec} is a folder of frames: give its frame_rate (frames per second)")
         return iter([WorkItem(source=spec, frame_rate=frame_rate)])
+    videos = sorted(
+        (os.path.join(spec, n) for n in os.listdir(spec) if n.lower().endswith(VIDEO_SUFFIXES)), key=natural_key
+    )
+    if videos:  # a folder of video files: each is an item
+        return iter([WorkItem(source=v) for v in videos if os.path.isfile(v)])
     raise BadInputError(f"{spec} is a folder the engine cannot read: {_ACCEPTED}")
 
 
 def describe_sources() -> str:
     """What `open_source` accepts, as one paragraph for the CLI's help."""
     return (
-        "Inputs: a video file or URL (.mp4, .mov, .mkv, .webm, ...); a folder of frames (.jpg, .jpeg, .png, "
+        "Inputs: a video file or URL (.mp4, .mov, .mkv, .webm, ...); a folder of video files (each an item); a "
+        "folder of frames (.jpg, .jpeg, .png, "
         "ordered by name with numbers compared by value, timed by the frame rate given); a caption manifest "
         "in the Panda-70M style (.jsonl, .csv or .parquet with columns video (or video_path, path; relative "
         "to the manifest), caption, and optional start/end in seconds or HH:MM:SS.xxx, or timestamp "
