@@ -4,6 +4,10 @@ entities (found by the Entity Recognizer and Referring Parser unless given), cli
 then what happens), and instructions of the 11 task types (Instruction Generator: templates for 1-6, an LLM
 for 7-11, mask-referring versions where Table 7 has one), written as `samples` labelled with their task type
 and group G1-G8.
+
+Times in the transcript and the instructions are seconds from the item's first frame: for a window of a longer
+file (`WorkItem.start_s`), from the window's start, and the temporal tokens spread over the window. Frame
+indexes (`SampleRecord.frames`, masklets) stay those of the whole file, as in every table.
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ from engine.runner import Outputs, Pipeline, VideoContext
 from engine.stats import Stats
 from engine.storage import Dataset
 from flows import clip_and_track
+from schemas import ClipRecord, MaskletRecord
 
 NAME = "strefer"
 TimeFormat = Literal["timestamp", "tokens"]
@@ -47,6 +52,20 @@ SETTINGS = {
 }
 
 
+def _from_item_start(clips: Sequence[ClipRecord], masklets: Sequence[MaskletRecord], t0: float):
+    """Clips and masklets with their times counted from `t0`, the item's first frame (a window's start); the
+    stored records keep the file's times."""
+    if not t0:
+        return list(clips), list(masklets)
+    shift = lambda t: max(round(t - t0, 6), 0.0)  # noqa: E731
+    clips = [c.model_copy(update={"start_time": shift(c.start_time), "end_time": shift(c.end_time)}) for c in clips]
+    masklets = [
+        m.model_copy(update={"frames": [f.model_copy(update={"timestamp": shift(f.timestamp)}) for f in m.frames]})
+        for m in masklets
+    ]
+    return clips, masklets
+
+
 def roles(config: EngineConfig, *, entities: Sequence[Any] = (), **_: Any) -> dict[str, str]:
     return {**clip_and_track.roles(config, entities=entities), "vlm": "chat", "llm": "chat"}
 
@@ -67,7 +86,8 @@ class TranscriberStage:
                 return Outputs()
             indexes = sorted(keyframes.frames)
             views = []
-            for clip in so_far.clips:
+            clips, _ = _from_item_start(so_far.clips, (), decoded.first_time)
+            for clip in clips:
                 inside = [i for i in indexes if clip.start_frame <= i < clip.end_frame]
                 # A clip shorter than the sampling step still gets its nearest frame.
                 inside = inside or [min(indexes, key=lambda i: abs(i - clip.start_frame))]
@@ -93,18 +113,26 @@ class InstructionStage:
             transcript = ctx.state.get("transcript")
             if transcript is None:
                 return Outputs()
-            masklets = [m for m in so_far.masklets if m.method == "strefer"]
-            duration = decoded.end_time - (decoded.first_time or 0.0)
-            source = TranscriptInput.from_transcript(transcript, duration_s=duration, masklets=masklets, clips=so_far.clips)
+            # A window's times count from its start (clips and masklets keep the file's times and frame indexes).
+            t0 = decoded.first_time or 0.0
+            clips, masklets = _from_item_start(so_far.clips, [m for m in so_far.masklets if m.method == "strefer"], t0)
+            duration = decoded.end_time - t0
+            source = TranscriptInput.from_transcript(transcript, duration_s=duration, masklets=masklets, clips=clips)
             (result,) = self.generator.generate([source])
             out = Outputs()
             if result.failure is not None:
                 f = result.failure
                 out.rejections.append(ctx.rejection("instructions", f.reason, f.detail, raw=f.raw_answer))
             for instruction in result.instructions:
-                frames = scope_frames(
-                    instruction, fps=ctx.info.fps, num_frames=decoded.frames_decoded, count=self.config.sample_frames
-                )
+                frames = [
+                    decoded.first_index + i  # the window's frames, as indexes of the file
+                    for i in scope_frames(
+                        instruction,
+                        fps=ctx.info.fps,
+                        num_frames=decoded.frames_decoded - decoded.first_index,
+                        count=self.config.sample_frames,
+                    )
+                ]
                 for form in self.config.time_formats:
                     out.samples.append(
                         to_sample(instruction, source=ctx.item.source, provenance=ctx.provenance, frames=frames, time_format=form)

@@ -26,9 +26,11 @@ class FakeColorDetector:
         self.colors_by_phrase = colors_by_phrase
         self.min_pixels = min_pixels
         self.calls: list[int] = []  # batch sizes
+        self.phrases: list[tuple[str, ...]] = []  # the phrases of each call
 
     def detect(self, images, phrases, *, box_threshold, text_threshold) -> list[list[Detection]]:
         self.calls.append(len(images))
+        self.phrases.append(tuple(phrases))
         out = []
         for image in images:
             dets = []

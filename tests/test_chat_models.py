@@ -32,7 +32,7 @@ from agents.grounder import ChatGrounder, parse_indexes
 from engine.chat import ask_json, ask_text
 from engine.draw import draw_numbered_boxes
 from engine.errors import ChatBackendError, ConfigError, MissingWeightsError
-from engine.models.chat_http import HttpChat, openai_messages
+from engine.models.chat_http import HttpChat, openai_messages, strict_schema
 from engine.models.chat_transformers import TIGHT_BOUND, TransformersChat, tighten_schema
 from engine.models.interfaces import (
     ChatImage,
@@ -333,7 +333,8 @@ def test_ask_json_retries_wrong_types_and_empty_lists_per_request() -> None:
     assert len(typed.raw) == len(empty.raw) == 2 and len(fine.raw) == 1
     assert [len(b) for b in fake.batches] == [3, 2]  # only the invalid ones are asked again, together
     repairs = [r.messages[-1].content[0] for r in fake.batches[1]]
-    assert "nouns: Input should be a valid array" in repairs[0] and "subject: Input should be a valid string" in repairs[0]
+    assert "nouns: Input should be a valid array" in repairs[0]
+    assert "subject: Input should be a valid string" in repairs[0]
     assert "list at least one noun" in repairs[1]
 
 
@@ -446,9 +447,9 @@ def test_http_batch_answers_in_order_and_builds_openai_bodies() -> None:
         assert len(clients) == 9 and all(a is b for a, b in zip(chat._clients, clients))  # pools persist
     body = next(b for _, b in server.requests if b["messages"][0]["content"][-1]["text"] == "question 0")
     assert body["model"] == "served-model" and body["max_tokens"] == 7 and body["temperature"] == 0.0
-    assert body["response_format"] == {
-        "type": "json_schema", "json_schema": {"name": "Nouns", "schema": schema, "strict": True}
-    }
+    sent = body["response_format"]["json_schema"]
+    assert body["response_format"]["type"] == "json_schema" and sent["name"] == "Nouns" and sent["strict"] is True
+    assert sent["schema"] == {**schema, "additionalProperties": False}  # OpenAI's strict mode wants it closed
     image_part = body["messages"][0]["content"][0]
     assert image_part["type"] == "image_url"
     prefix, data = image_part["image_url"]["url"].split(",", 1)
@@ -479,6 +480,24 @@ def test_http_message_and_structured_output_variants() -> None:
             http_chat(**{"base_url": "http://127.0.0.1:1/v1", **bad})
     with pytest.raises(ConfigError, match="tiny"):
         HttpChat.tiny(device="cpu")
+
+
+def test_strict_schema_closes_every_object_and_requires_every_property() -> None:
+    class Item(BaseModel):
+        name: str
+        note: str = ""
+
+    class Doc(BaseModel):
+        items: list[Item]
+        extra: Item | None = None
+
+    schema = Doc.model_json_schema()
+    strict = strict_schema(schema)
+    assert "additionalProperties" not in schema  # the input is not modified
+    assert strict["additionalProperties"] is False and strict["required"] == ["items", "extra"]
+    item = strict["$defs"]["Item"]
+    assert item["additionalProperties"] is False and item["required"] == ["name", "note"]
+    assert Doc.model_validate_json('{"items": [{"name": "a", "note": ""}], "extra": null}')  # still valid
 
 
 def test_http_refused_connection_is_retried_then_fails() -> None:
@@ -697,7 +716,8 @@ def test_vllm_builds_the_engine_from_options(fake_vllm) -> None:
     assert isinstance(chat, ChatModel) and chat.model_id == "Qwen/Qwen2.5-VL-7B-Instruct"
     assert fake_vllm.llms[0].kwargs == {
         "model": "Qwen/Qwen2.5-VL-7B-Instruct", "dtype": "auto", "gpu_memory_utilization": 0.85,
-        "tensor_parallel_size": 1, "load_format": "auto", "seed": 0, "max_model_len": 32768,
+        "tensor_parallel_size": 1, "load_format": "auto", "seed": 0, "trust_remote_code": False,
+        "max_model_len": 32768,
         "limit_mm_per_prompt": {"image": 2, "video": 1}, "enforce_eager": True,
     }
     with pytest.raises(ConfigError, match="CUDA GPU"):

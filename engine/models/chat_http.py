@@ -85,6 +85,25 @@ def openai_messages(messages: Sequence[ChatMessage], *, video_as: VideoAs = "fra
     return out
 
 
+def strict_schema(schema: dict) -> dict:
+    """A copy of `schema` as OpenAI's strict structured outputs require it: every object closed
+    (additionalProperties false) with all its properties required. Answers still validate against the
+    original (a field with a default is merely always written); vLLM's grammar closes objects anyway."""
+
+    def walk(node: Any) -> Any:
+        if isinstance(node, list):
+            return [walk(x) for x in node]
+        if not isinstance(node, dict):
+            return node
+        out = {k: walk(v) for k, v in node.items()}
+        if isinstance(out.get("properties"), dict) and out.get("type", "object") == "object":
+            out.setdefault("additionalProperties", False)
+            out["required"] = list(out["properties"])
+        return out
+
+    return walk(schema)
+
+
 def _retry_after_s(value: str | None) -> float | None:
     """Retry-After as seconds: a number of seconds, or an HTTP date."""
     if not value:
@@ -227,7 +246,7 @@ class HttpChat:
             name = "".join(c if c.isalnum() or c in "_-" else "_" for c in name)[:64]
             body["response_format"] = {
                 "type": "json_schema",
-                "json_schema": {"name": name, "schema": request.json_schema, "strict": True},
+                "json_schema": {"name": name, "schema": strict_schema(request.json_schema), "strict": True},
             }
         elif request.json_schema is not None and self.structured == "structured_outputs":
             body["structured_outputs"] = {"json": request.json_schema}

@@ -134,10 +134,12 @@ class TransformersChat:
         max_pixels: int | None = DEFAULT_MAX_PIXELS,
         batch_size: int = 8,
         max_string_length: int | None = None,
+        trust_remote_code: bool = False,
     ) -> "TransformersChat":
         """Weights from a Hugging Face id (e.g. Qwen/Qwen2.5-VL-7B-Instruct) or a local folder; `dtype` is
         "auto" (the checkpoint's) or a torch dtype name such as "bfloat16". A model that is not an
-        image-text-to-text architecture loads as a text-only causal LM."""
+        image-text-to-text architecture loads as a text-only causal LM. `trust_remote_code` runs the
+        checkpoint's own code (only for checkpoints you trust)."""
         from transformers import AutoModelForCausalLM, AutoModelForImageTextToText, AutoProcessor, AutoTokenizer
 
         from engine.device import pick_device
@@ -145,12 +147,13 @@ class TransformersChat:
 
         device = pick_device(device)
         with missing_weights_as_error(model_id_or_path, role="chat"):
+            remote = {"trust_remote_code": trust_remote_code}
             try:
-                model = AutoModelForImageTextToText.from_pretrained(model_id_or_path, dtype=dtype)
-                processor = AutoProcessor.from_pretrained(model_id_or_path)
+                model = AutoModelForImageTextToText.from_pretrained(model_id_or_path, dtype=dtype, **remote)
+                processor = AutoProcessor.from_pretrained(model_id_or_path, **remote)
             except ValueError:  # "Unrecognized configuration class": not a VLM, so a text-only LM
-                model = AutoModelForCausalLM.from_pretrained(model_id_or_path, dtype=dtype)
-                processor = AutoTokenizer.from_pretrained(model_id_or_path)
+                model = AutoModelForCausalLM.from_pretrained(model_id_or_path, dtype=dtype, **remote)
+                processor = AutoTokenizer.from_pretrained(model_id_or_path, **remote)
         return cls(
             model=model.to(device), processor=processor, model_id=model_id_or_path, device=device,
             max_new_tokens=max_new_tokens, max_pixels=max_pixels, batch_size=batch_size,

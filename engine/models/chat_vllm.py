@@ -77,12 +77,14 @@ class VllmChat:
         load_format: str = "auto",
         seed: int = 0,
         mm_processor_kwargs: dict[str, Any] | None = None,
+        trust_remote_code: bool = False,
         engine_args: dict[str, Any] | None = None,
     ) -> "VllmChat":
         """Weights from a Hugging Face id or a local folder. `limit_mm_per_prompt` e.g. {"image": 4, "video": 1};
         `load_format="dummy"` runs random weights from a folder's config and tokenizer (for timing);
         `mm_processor_kwargs` go to the model's HF processor (e.g. {"max_pixels": 802816});
-        `engine_args` are any other `vllm.LLM` keyword arguments."""
+        `trust_remote_code` runs the checkpoint's own code (InternVL2 needs it); `engine_args` are any other
+        `vllm.LLM` keyword arguments."""
         from engine.device import pick_device
         from engine.models.hf_loading import missing_weights_as_error
 
@@ -101,6 +103,7 @@ class VllmChat:
             tensor_parallel_size=tensor_parallel_size,
             load_format=load_format,
             seed=seed,
+            trust_remote_code=trust_remote_code,
         )
         if max_model_len is not None:
             args["max_model_len"] = max_model_len
