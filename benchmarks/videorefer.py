@@ -66,6 +66,13 @@ CPU_OVERLAY = {
     "reviewer": {"caption_max_tokens": 32},
     "refiner": {"merge_max_tokens": 48},
 }
+# With the overlay, the grammar also caps every JSON string at this many characters. The tiny profile's own
+# `max_string_length` bounds only strings that have no maxLength, and the agents' schemas give theirs 60 to
+# 2000 characters: a random model then writes each JSON answer until max_tokens cuts it (invalid, retried twice).
+CPU_JSON_STRING_CAP = 24
+# Seed of the tiny chat model's random weights. With the profile's seed 0 it never marks a subject, so the
+# Analyzer rejects every detailed caption and nothing of that path runs; with 2 it lists nouns.
+TINY_CHAT_SEED = 2
 SYNTHETIC_CAPTION = (
     "A red person walks from left to right while a white ball circles in the middle and a cyan box slides "
     "down, as the background changes color."
@@ -76,15 +83,24 @@ SYNTHETIC_CAPTION = (
 
 
 class CountingChat:
-    """A `ChatModel` that forwards to `inner` and records each `chat()` call: role, agent, batch size, seconds."""
+    """A `ChatModel` that forwards to `inner` and records each `chat()` call: role, agent, batch size, seconds.
+    With `cap_strings`, the JSON Schema sent for grammar-constrained decoding caps every string at that many
+    characters (answers are still validated against the agent's own schema by `engine.chat`)."""
 
-    def __init__(self, inner: Any, role: str, calls: list[dict]) -> None:
-        self.inner, self.role, self.calls = inner, role, calls
+    def __init__(self, inner: Any, role: str, calls: list[dict], *, cap_strings: int | None = None) -> None:
+        self.inner, self.role, self.calls, self.cap_strings = inner, role, calls, cap_strings
         self.model_id = getattr(inner, "model_id", "?")
         self._lock = threading.Lock()
 
     def chat(self, requests: Sequence[Any]) -> list[str]:
+        from dataclasses import replace
+
         agent = _calling_agent()
+        if self.cap_strings:
+            requests = [
+                replace(r, json_schema=cap_strings(r.json_schema, self.cap_strings)) if r.json_schema else r
+                for r in requests
+            ]
         start = time.perf_counter()
         answers = self.inner.chat(requests)
         seconds = time.perf_counter() - start
@@ -97,6 +113,18 @@ class CountingChat:
 
     def __getattr__(self, name: str) -> Any:  # anything else a backend offers (e.g. image_size)
         return getattr(self.inner, name)
+
+
+def cap_strings(schema: Any, limit: int) -> Any:
+    """A copy of a JSON Schema whose free strings have maxLength <= `limit` (never below their minLength)."""
+    if isinstance(schema, list):
+        return [cap_strings(x, limit) for x in schema]
+    if not isinstance(schema, dict):
+        return schema
+    out = {k: cap_strings(v, limit) for k, v in schema.items()}
+    if out.get("type") == "string" and not any(k in out for k in ("enum", "const", "pattern", "format")):
+        out["maxLength"] = max(min(out.get("maxLength", limit), limit), out.get("minLength", 0))
+    return out
 
 
 def _calling_agent() -> str:
@@ -193,7 +221,8 @@ def write_mevis(root: Path, *, width: int = 128, height: int = 96, frames: int =
 
 
 def run(profile: str, n_videos: int, out: Path, data_types: Sequence[str], shared: Path,
-        config_file: str | None = None, overlay: dict | None = None) -> dict:
+        config_file: str | None = None, overlay: dict | None = None, cap: int | None = None,
+        chat_seed: int | None = None) -> dict:
     from engine.models import factory
     from engine.runner import Runner
     from engine.sources import open_source
@@ -211,6 +240,13 @@ def run(profile: str, n_videos: int, out: Path, data_types: Sequence[str], share
         settings = _deep_merge(config.pipeline, overlay)
         validate_settings(settings, pipelines.settings_sections())
         config = config.model_copy(update={"pipeline": settings})
+    if chat_seed is not None:  # the random weights of every tiny chat role (they stay one shared model)
+        roles = {
+            role: spec.model_copy(update={"options": {**spec.options, "seed": chat_seed}})
+            if spec.is_tiny and spec.backend == "transformers" else spec
+            for role, spec in config.roles.items()
+        }
+        config = config.model_copy(update={"roles": roles})
     with tempfile.TemporaryDirectory() as tmp:
         tmp_path = Path(tmp)
         manifest, rows = write_manifest(tmp_path, n_videos, shared)
@@ -225,7 +261,7 @@ def run(profile: str, n_videos: int, out: Path, data_types: Sequence[str], share
         load_s = time.perf_counter() - start
         calls: list[dict] = []
         chat_roles = [r for r, kind in videorefer.roles(config).items() if kind == "chat"]
-        proxied = {r: CountingChat(b, r, calls) if r in chat_roles else b for r, b in backends.items()}
+        proxied = {r: CountingChat(b, r, calls, cap_strings=cap) if r in chat_roles else b for r, b in backends.items()}
         start = time.perf_counter()
         pipeline = videorefer.build(config, proxied, stats=stats, dataset=dataset, data_types=data_types)
         outcomes = Runner(pipeline, dataset, stats=stats, force=True).run(items)
@@ -275,6 +311,8 @@ def run(profile: str, n_videos: int, out: Path, data_types: Sequence[str], share
         "profile": profile,
         "config_hash": config.hash,
         "overlay": overlay or {},
+        "json_string_cap": cap,
+        "chat_seed": chat_seed,
         "data_types": list(data_types),
         "items": len(items),
         "items_done": done,
@@ -315,7 +353,9 @@ def report(r: dict) -> str:
         f"Model load {r['model_load_s']} s, pipeline wall {r['wall_s']} s. Per-video figures divide by the "
         f"{r['items_done']} items done.",
         "",
-        *([f"Settings laid over the profile for a CPU run (`CPU_OVERLAY`): `{json.dumps(r['overlay'])}`.", ""]
+        *([f"Settings laid over the profile for a CPU run (`CPU_OVERLAY`): `{json.dumps(r['overlay'])}`; "
+           f"JSON strings capped at {r['json_string_cap']} characters in the grammar; tiny chat seed "
+           f"{r['chat_seed']}.", ""]
           if r["overlay"] else []),
         "## Chat requests per agent",
         "",
@@ -372,7 +412,9 @@ def main() -> None:
     parser.add_argument("--config", help="YAML deep-merged over the bundled profiles.yaml (as the CLI's --config)")
     parser.add_argument("--as-configured", action="store_true",
                         help="run the tiny profile with its own settings, without the CPU overlay (slow on a CPU)")
-    parser.add_argument("--videos", type=int, default=4, help="videos in the caption manifest (real first, then synthetic)")
+    parser.add_argument("--chat-seed", type=int, default=TINY_CHAT_SEED,
+                        help=f"seed of the tiny chat model's random weights (default {TINY_CHAT_SEED}; -1: the profile's)")
+    parser.add_argument("--videos", type=int, default=6, help="videos in the caption manifest (real first, then synthetic)")
     parser.add_argument("--shared", default=str(SHARED_VIDEOS), help="folder of real .mp4 videos")
     parser.add_argument("--data-types", default="detailed_caption,short_caption,object_qa")
     parser.add_argument("--out", default="benchmarks/out")
@@ -384,7 +426,9 @@ def main() -> None:
     out.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
     overlay = CPU_OVERLAY if args.profile == "tiny" and not (args.config or args.as_configured) else None
-    result = run(args.profile, args.videos, out, data_types, Path(args.shared), args.config, overlay)
+    cap = CPU_JSON_STRING_CAP if overlay else None
+    seed = args.chat_seed if args.profile == "tiny" and args.chat_seed >= 0 else None
+    result = run(args.profile, args.videos, out, data_types, Path(args.shared), args.config, overlay, cap, seed)
     result["config_file"] = args.config
     result["total_s"] = round(time.perf_counter() - start, 2)
     text = report(result) + f"\nTotal benchmark time {result['total_s']} s.\n"

@@ -38,9 +38,11 @@ def draw_numbered_boxes(
     image: np.ndarray,
     boxes: Sequence[Sequence[float]] | np.ndarray,
     labels: Sequence[str] | None = None,
+    colors: Sequence[Color] | None = None,
 ) -> np.ndarray:
-    """A copy of `image` (RGB uint8, H x W x 3) with each xyxy box outlined in its own color and its label
-    (default: its 0-based index) written in a filled tag at the box's top-left corner."""
+    """A copy of `image` (RGB uint8, H x W x 3) with each xyxy box outlined in its own color (default: the
+    palette's, by position) and its label (default: its 0-based index) written in a filled tag at the box's
+    top-left corner. Set-of-Mark prompts and the overlay render both draw with it."""
     import cv2
 
     check_rgb_uint8(image)
@@ -49,6 +51,9 @@ def draw_numbered_boxes(
         labels = [str(i) for i in range(len(boxes_arr))]
     if len(labels) != len(boxes_arr):
         raise ValueError(f"got {len(labels)} labels for {len(boxes_arr)} boxes")
+    colors = palette(len(boxes_arr)) if colors is None else list(colors)
+    if len(colors) != len(boxes_arr):
+        raise ValueError(f"got {len(colors)} colors for {len(boxes_arr)} boxes")
 
     out = np.ascontiguousarray(image.copy())
     h, w = out.shape[:2]
@@ -56,7 +61,7 @@ def draw_numbered_boxes(
     thickness = max(1, round(min(h, w) / 200))
     font = cv2.FONT_HERSHEY_SIMPLEX
     scale = max(0.35, min(h, w) / 700)
-    for (x0, y0, x1, y1), label, color in zip(boxes_arr, labels, palette(len(boxes_arr))):
+    for (x0, y0, x1, y1), label, color in zip(boxes_arr, labels, colors):
         x0, x1 = sorted((int(np.clip(round(x0), 0, w - 1)), int(np.clip(round(x1), 0, w - 1))))
         y0, y1 = sorted((int(np.clip(round(y0), 0, h - 1)), int(np.clip(round(y1), 0, h - 1))))
         cv2.rectangle(out, (x0, y0), (x1, y1), color, thickness)  # axis-aligned: crisp, exact color

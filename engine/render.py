@@ -10,7 +10,7 @@ import numpy as np
 
 from engine import masks
 from engine.decode import decode_video
-from engine.draw import palette
+from engine.draw import draw_numbered_boxes, palette
 from engine.probe import VideoInfo
 from schemas import ClipRecord, MaskletRecord
 
@@ -60,7 +60,9 @@ class _Overlay:
                 continue
             canvas[mask] = (0.45 * canvas[mask] + 0.55 * np.array(color)).astype(np.uint8)
             labels.append((fm.box, f"{m.expression} [{m.method}]", color))
-        _draw_labels(canvas, labels)
+        if labels:
+            boxes, texts, colors = zip(*labels)
+            canvas = draw_numbered_boxes(canvas, boxes, texts, colors)
         self._draw_clip(canvas, index)
         packet_frame = av.VideoFrame.from_ndarray(canvas, format="rgb24")
         for packet in self.stream.encode(packet_frame):
@@ -90,18 +92,6 @@ def _rate(fps: float):
     from fractions import Fraction
 
     return Fraction(fps).limit_denominator(1001) if fps > 0 else Fraction(30)
-
-
-def _draw_labels(canvas: np.ndarray, labels: list[tuple[list[float], str, tuple[int, int, int]]]) -> None:
-    import cv2
-
-    for box, text, color in labels:
-        x0, y0, x1, y1 = (int(v) for v in box)
-        cv2.rectangle(canvas, (x0, y0), (x1 - 1, y1 - 1), color, 2)
-        (tw, th), base = cv2.getTextSize(text, cv2.FONT_HERSHEY_SIMPLEX, 0.45, 1)
-        top = max(y0 - th - base - 4, 0)
-        cv2.rectangle(canvas, (x0, top), (x0 + tw + 4, top + th + base + 4), color, thickness=-1)
-        cv2.putText(canvas, text, (x0 + 2, top + th + 2), cv2.FONT_HERSHEY_SIMPLEX, 0.45, (0, 0, 0), 1, cv2.LINE_AA)
 
 
 def render_overlay(

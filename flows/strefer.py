@@ -115,7 +115,8 @@ class InstructionStage:
                 return Outputs()
             # A window's times count from its start (clips and masklets keep the file's times and frame indexes).
             t0 = decoded.first_time or 0.0
-            clips, masklets = _from_item_start(so_far.clips, [m for m in so_far.masklets if m.method == "strefer"], t0)
+            tracked = [m for m in so_far.masklets if m.method == "strefer"]
+            clips, masklets = _from_item_start(so_far.clips, tracked, t0)
             duration = decoded.end_time - t0
             source = TranscriptInput.from_transcript(transcript, duration_s=duration, masklets=masklets, clips=clips)
             (result,) = self.generator.generate([source])

@@ -90,6 +90,10 @@ def test_draw_numbered_boxes_custom_labels_and_errors() -> None:
         draw_numbered_boxes(image, [(0, 0, 10, 10)], labels=["a", "b"])
     with pytest.raises(ValueError, match="RGB uint8"):
         draw_numbered_boxes(image.astype(np.float32), [])
+    drawn = draw_numbered_boxes(image, [(10, 20, 40, 45)], labels=["dog"], colors=[(200, 10, 10)])
+    assert tuple(drawn[30, 10]) == (200, 10, 10)  # the render's own color per masklet
+    with pytest.raises(ValueError, match="colors"):
+        draw_numbered_boxes(image, [(0, 0, 10, 10)], colors=[])
 
 
 def test_palette_is_distinct_bright_and_prefix_stable() -> None:

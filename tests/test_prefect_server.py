@@ -64,6 +64,49 @@ def _check_clip_and_track(tmp: Path, params: dict[str, Any]) -> None:
     assert pq.read_table(out / "videos").num_rows == 1
 
 
+def _read(out: Path, table: str) -> list[dict]:
+    from engine.storage import Dataset
+
+    return Dataset(str(out)).read_table(table).to_pylist()
+
+
+def _videorefer_params(tmp: Path) -> dict[str, Any]:
+    from tests.test_sources import mevis_layout
+
+    video = tmp / "clip.mp4"
+    synthetic.short_video(video, seconds=2.0, fps=4)
+    manifest = tmp / "captions.jsonl"
+    manifest.write_text(json.dumps({"video": "clip.mp4", "caption": "A dog runs across the grass."}) + "\n")
+    mevis_layout(tmp / "mevis")
+    return {"source": [str(manifest), str(tmp / "mevis")], "out": str(tmp / "dataset")}
+
+
+def _check_videorefer(tmp: Path, params: dict[str, Any]) -> None:
+    out = Path(params["out"])
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["items"]["videorefer"].get("done", 0) == 3, manifest["items"]  # 1 caption + 2 MeViS videos
+    masklets = _read(out, "masklets")
+    assert sum(m["method"] == "source" for m in masklets) == 3  # MeViS anno ids 10, 11 and 20 (12 is empty)
+    stats = json.loads((out / "stats.json").read_text())["counters"]
+    for agent in ("analyzer", "annotator", "refiner"):  # these chat agents asked the tiny model for real
+        asked = sum(n for k, n in stats.items() if k.startswith(f"{agent}_") and k.endswith("_requests"))
+        assert asked > 0, (agent, stats)
+
+
+def _strefer_params(tmp: Path) -> dict[str, Any]:
+    videos = tmp / "videos"
+    videos.mkdir()
+    synthetic.short_video(videos / "a.mp4", seconds=2.0, fps=4)
+    return {"source": [str(videos)], "entities": ["dog:dog"], "out": str(tmp / "dataset")}
+
+
+def _check_strefer(tmp: Path, params: dict[str, Any]) -> None:
+    out = Path(params["out"])
+    assert len(_read(out, "videos")) == 1 and _read(out, "clips")
+    samples = _read(out, "samples")
+    assert samples and all(s["pipeline"] == "strefer" and s["labels"]["group"].startswith("G") for s in samples)
+
+
 @dataclass(frozen=True)
 class DeploymentCase:
     name: str  # FLOW_NAME/DEPLOYMENT_NAME, as `prefect deployment run` takes it
@@ -73,6 +116,8 @@ class DeploymentCase:
 
 DEPLOYMENTS = [
     DeploymentCase("clip-and-track/tiny-wiring-check", _clip_and_track_params, _check_clip_and_track),
+    DeploymentCase("build-videorefer-700k/tiny", _videorefer_params, _check_videorefer),
+    DeploymentCase("build-strefer/tiny", _strefer_params, _check_strefer),
 ]
 
 

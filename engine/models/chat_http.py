@@ -23,13 +23,13 @@ import os
 import random
 import threading
 import time
-from typing import Any, Literal, Sequence
+from typing import Any, Callable, Literal, Sequence
 
 import numpy as np
 
 from engine.errors import ChatBackendError, ConfigError
 from engine.images import check_rgb_uint8
-from engine.models.interfaces import ChatImage, ChatMessage, ChatRequest, ChatVideo
+from engine.models.interfaces import ChatImage, ChatMessage, ChatPart, ChatRequest, ChatVideo
 
 log = logging.getLogger(__name__)
 
@@ -59,30 +59,40 @@ def video_data_url(video: ChatVideo) -> str:
     return "data:video/jpeg;base64," + ",".join(jpeg_base64(f) for f in video.frames)
 
 
-def openai_messages(messages: Sequence[ChatMessage], *, video_as: VideoAs = "frames") -> list[dict]:
-    """Messages in the OpenAI chat format: plain-text content as a string, anything else as a list of parts
-    with images (and, with video_as="frames", each video frame) as base64 JPEG data URLs."""
+def content_parts(messages: Sequence[ChatMessage], part: Callable[[ChatPart], list[dict]]) -> list[dict]:
+    """Messages as chat-API dicts: plain-text content as a string, anything else as a list of parts, each
+    part turned into dicts by `part` (the wire formats differ only there)."""
     out = []
     for message in messages:
         if all(isinstance(p, str) for p in message.content):
             out.append({"role": message.role, "content": "".join(message.content)})  # type: ignore[arg-type]
             continue
         parts: list[dict] = []
-        for part in message.content:
-            if isinstance(part, str):
-                parts.append({"type": "text", "text": part})
-            elif isinstance(part, ChatImage):
-                parts.append({"type": "image_url", "image_url": {"url": image_data_url(part.pixels)}})
-            elif isinstance(part, ChatVideo) and video_as == "video_url":
-                parts.append({"type": "video_url", "video_url": {"url": video_data_url(part)}})
-            elif isinstance(part, ChatVideo):
-                if not part.frames:
-                    raise ValueError("a ChatVideo needs at least one frame")
-                parts.extend({"type": "image_url", "image_url": {"url": image_data_url(f)}} for f in part.frames)
+        for item in message.content:
+            if isinstance(item, str):
+                parts.append({"type": "text", "text": item})
+            elif isinstance(item, (ChatImage, ChatVideo)):
+                parts.extend(part(item))
             else:
-                raise ValueError(f"unknown message part {type(part).__name__}")
+                raise ValueError(f"unknown message part {type(item).__name__}")
         out.append({"role": message.role, "content": parts})
     return out
+
+
+def openai_messages(messages: Sequence[ChatMessage], *, video_as: VideoAs = "frames") -> list[dict]:
+    """Messages in the OpenAI chat format, images (and, with video_as="frames", each video frame) as base64
+    JPEG data URLs."""
+
+    def part(item: ChatPart) -> list[dict]:
+        if isinstance(item, ChatImage):
+            return [{"type": "image_url", "image_url": {"url": image_data_url(item.pixels)}}]
+        if video_as == "video_url":
+            return [{"type": "video_url", "video_url": {"url": video_data_url(item)}}]
+        if not item.frames:
+            raise ValueError("a ChatVideo needs at least one frame")
+        return [{"type": "image_url", "image_url": {"url": image_data_url(f)}} for f in item.frames]
+
+    return content_parts(messages, part)
 
 
 def strict_schema(schema: dict) -> dict:
@@ -191,27 +201,11 @@ class HttpChat:
         self._start_lock = threading.Lock()
 
     @classmethod
-    def from_pretrained(
-        cls,
-        model: str,
-        *,
-        device: str | None = None,  # the server owns the device; accepted so the factory can pass it
-        base_url: str,
-        api_key_env: str | None = "OPENAI_API_KEY",
-        max_in_flight: int = 16,
-        timeout_s: float = 120.0,
-        max_retries: int = 5,
-        backoff_s: float = 1.0,
-        structured: Structured = "response_format",
-        video_as: VideoAs = "frames",
-    ) -> "HttpChat":
-        """`model` is the name the server serves (its `--served-model-name`, or the path it loaded)."""
+    def from_pretrained(cls, model: str, *, device: str | None = None, **options: Any) -> "HttpChat":
+        """`model` is the name the server serves (its `--served-model-name`, or the path it loaded); options
+        are the constructor's. `device` is accepted for the factory: the server owns the device."""
         del device
-        return cls(
-            model=model, base_url=base_url, api_key_env=api_key_env, max_in_flight=max_in_flight,
-            timeout_s=timeout_s, max_retries=max_retries, backoff_s=backoff_s, structured=structured,
-            video_as=video_as,
-        )
+        return cls(model=model, **options)
 
     @classmethod
     def tiny(cls, **options: Any) -> "HttpChat":

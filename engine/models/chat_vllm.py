@@ -15,8 +15,8 @@ from typing import Any, Sequence
 
 from engine.errors import ConfigError
 from engine.images import check_rgb_uint8
-from engine.models.chat_http import video_data_url
-from engine.models.interfaces import ChatImage, ChatMessage, ChatRequest, ChatVideo
+from engine.models.chat_http import content_parts, video_data_url
+from engine.models.interfaces import ChatImage, ChatMessage, ChatPart, ChatRequest
 
 
 def _import_vllm() -> tuple[Any, Any]:
@@ -34,26 +34,15 @@ def _import_vllm() -> tuple[Any, Any]:
 
 
 def vllm_messages(messages: Sequence[ChatMessage]) -> list[dict]:
-    """One conversation in `LLM.chat`'s format: plain-text content as a string, else a list of parts."""
+    """One conversation in `LLM.chat`'s format: images as PIL images, videos as vLLM's JPEG data URL."""
     from PIL import Image
 
-    out = []
-    for message in messages:
-        if all(isinstance(p, str) for p in message.content):
-            out.append({"role": message.role, "content": "".join(message.content)})  # type: ignore[arg-type]
-            continue
-        parts: list[dict] = []
-        for part in message.content:
-            if isinstance(part, str):
-                parts.append({"type": "text", "text": part})
-            elif isinstance(part, ChatImage):
-                parts.append({"type": "image_pil", "image_pil": Image.fromarray(check_rgb_uint8(part.pixels))})
-            elif isinstance(part, ChatVideo):
-                parts.append({"type": "video_url", "video_url": {"url": video_data_url(part)}})
-            else:
-                raise ValueError(f"unknown message part {type(part).__name__}")
-        out.append({"role": message.role, "content": parts})
-    return out
+    def part(item: ChatPart) -> list[dict]:
+        if isinstance(item, ChatImage):
+            return [{"type": "image_pil", "image_pil": Image.fromarray(check_rgb_uint8(item.pixels))}]
+        return [{"type": "video_url", "video_url": {"url": video_data_url(item)}}]
+
+    return content_parts(messages, part)
 
 
 class VllmChat:
