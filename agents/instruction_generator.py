@@ -319,8 +319,8 @@ def make_instruction(
     else:
         span, clip_index = (0.0, duration), None
     return Instruction(
-        instruction_id=stable_id(
-            transcript.video_id, task_type, referring, form, question, answer, list(masklet_ids)
+        instruction_id=stable_id(  # the clip too: one question can be asked of two clips
+            transcript.video_id, task_type, referring, form, question, answer, list(masklet_ids), clip_index, span
         ),
         video_id=transcript.video_id,
         task_type=task_type,

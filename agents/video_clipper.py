@@ -253,6 +253,7 @@ class ClipperPass:
     ) -> None:
         self.cfg, self.stats = clipper.config, clipper.stats
         self.video_id, self.fps, self.provenance = video_id, fps, provenance
+        self._first = 0
         self._cut = _CutDetector(config=self.cfg, fps=fps, width=width, height=height, stats=self.stats)
         self._sampler = (
             _Sampler(embedder=clipper.embedder, config=self.cfg, cuts=self._cut.cuts, stats=self.stats)
@@ -264,11 +265,13 @@ class ClipperPass:
     def consumers(self) -> list[FrameConsumer]:
         return [self._cut] if self._sampler is None else [self._cut, self._sampler]
 
-    def finish(self, *, frames_decoded: int, end_time: float) -> list[ClipRecord]:
-        """Clips covering frames [0, frames_decoded) contiguously; pass DecodeResult's two fields."""
-        if frames_decoded < 1:
+    def finish(self, *, frames_decoded: int, end_time: float, first_frame: int = 0) -> list[ClipRecord]:
+        """Clips covering frames [first_frame, frames_decoded) contiguously; pass DecodeResult's fields
+        (`first_frame` is `first_index`: where a window of the source starts, 0 for a whole video)."""
+        if frames_decoded <= first_frame:
             raise ValueError("no frames were decoded: there is nothing to clip")
-        cuts = sorted({c for c in self._cut.cuts if 0 < c < frames_decoded})
+        self._first = first_frame
+        cuts = sorted({c for c in self._cut.cuts if first_frame < c < frames_decoded})
         self.stats.count("cuts_found", len(cuts))
         if cuts:
             return self._clips(cuts, "content", frames_decoded, end_time)
@@ -285,17 +288,17 @@ class ClipperPass:
                 min_len_samples=min_len,
             )
             indexes = sampler.indexes[::step]
-            bounds = [i for i in (indexes[s] for s in starts) if 0 < i < frames_decoded]
+            bounds = [i for i in (indexes[s] for s in starts) if first_frame < i < frames_decoded]
             if bounds:
                 return self._clips(bounds, "siglip-hac", frames_decoded, end_time)
         return self._clips([], "single", frames_decoded, end_time)
 
     def _time(self, frame: int) -> float:
-        times = self._cut.times
-        return times[frame] if frame < len(times) else frame / self.fps
+        times, at = self._cut.times, frame - self._first  # times holds the frames the detector saw, from the first
+        return times[at] if 0 <= at < len(times) else frame / self.fps
 
     def _clips(self, bounds: list[int], method: str, frames_decoded: int, end_time: float) -> list[ClipRecord]:
-        edges = [0, *bounds, frames_decoded]
+        edges = [self._first, *bounds, frames_decoded]
         return [
             ClipRecord(
                 clip_id=stable_id(self.video_id, self.provenance.config_hash, i),

@@ -1,6 +1,6 @@
 """Benchmark of the VideoRefer pipeline (not a test): how well each agent batches its model requests.
 
-    python -m benchmarks.videorefer [--profile tiny] [--config FILE] [--videos N] [--out benchmarks/out]
+    python -m benchmarks.videorefer [--profile tiny] [--config FILE] [--videos 6] [--out benchmarks/out]
 
 Inputs, written or gathered in a temporary folder:
 - a caption manifest (JSONL) of the real videos in ../shared/videos/ (skipped, with a note, where absent),
@@ -18,7 +18,12 @@ time per stage (`stats.seconds`). Writes <out>/videorefer.md and <out>/videorefe
 
 The `tiny` profile (default) runs a random-weight Qwen2.5-VL through the real transformers chat backend with
 grammar-constrained JSON: every request is a real generate call, but the answers are meaningless, so the
-funnel (what survives each agent) says nothing about quality, only that each path runs.
+funnel (what survives each agent) says nothing about quality, only which paths ran. For a run of about two
+minutes on two CPU cores the tiny profile gets `CPU_OVERLAY` (smaller frames, 1 fps tracking, short text
+answers), JSON strings capped at `CPU_JSON_STRING_CAP` characters in the grammar, and chat seed
+`TINY_CHAT_SEED`; `--as-configured` and `--chat-seed -1` turn these off. With tiny models the Reviewer and the
+Refiner's merge are never reached: the tiny detector's vocabulary never matches the random nouns, so no
+caption noun gets a masklet. A real profile (`--profile default`, on a GPU) exercises every agent.
 """
 
 from __future__ import annotations
@@ -51,17 +56,16 @@ CAPTIONS = {
     "kettle.",
     "bedroom": "A little girl in a blue skirt jumps on a bed in a bedroom while a small boy kneels beside her.",
 }
-# Settings laid over the tiny profile (unless --config or --as-configured is given) so a run fits in minutes
-# on two CPU cores: fewer and smaller frames for the video LLM and the tracker, short free-text answers (a
-# random model never stops early, so each text request costs its whole max_tokens), the tracker in float32
-# (bfloat16 autocast on a CPU without bf16 units is ~3x slower), and the Segmentor's detector thresholds at zero
-# as the tiny profile already sets them for clip-and-track (random scores cluster near the middle), so that
-# nouns get masklets and the Reviewer and Refiner have work. How requests are batched does not change; how many
-# there are follows from what survives each agent, which with random weights is chance either way.
+# Settings laid over the tiny profile (unless --as-configured is given; over a --config file too) so a run fits
+# in about two minutes on two CPU cores: fewer and smaller frames for the video LLM, the tracker at 1 fps and in
+# float32 (bfloat16 autocast is ~3x slower on a CPU without bf16 units), short free-text answers (a random model
+# never stops early, so each text request costs its whole max_tokens). Which requests are sent and how they are
+# batched does not change; how many there are follows from what survives each agent, which with random weights
+# is chance either way.
 CPU_OVERLAY = {
     "dtype": "float32",
     "videorefer": {"annotator_frames": 4, "frame_max_side": 224},
-    "segmentor": {"track_fps": 1.0, "num_detect_frames": 4, "box_threshold": 0.0, "text_threshold": 0.0},
+    "segmentor": {"track_fps": 1.0},
     "annotator": {"static_max_tokens": 32},
     "reviewer": {"caption_max_tokens": 32},
     "refiner": {"merge_max_tokens": 48},
@@ -425,7 +429,7 @@ def main() -> None:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
-    overlay = CPU_OVERLAY if args.profile == "tiny" and not (args.config or args.as_configured) else None
+    overlay = CPU_OVERLAY if args.profile == "tiny" and not args.as_configured else None
     cap = CPU_JSON_STRING_CAP if overlay else None
     seed = args.chat_seed if args.profile == "tiny" and args.chat_seed >= 0 else None
     result = run(args.profile, args.videos, out, data_types, Path(args.shared), args.config, overlay, cap, seed)

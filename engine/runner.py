@@ -231,7 +231,7 @@ class Runner:
             prepare = getattr(stage, "prepare", None)
             if prepare is not None and todo:
                 try:
-                    with self.stats.timer(stage.name):
+                    with self.stats.timer(f"stage.{stage.name}"):
                         prepare(todo)
                 except self.transient:
                     raise
@@ -313,7 +313,7 @@ class Runner:
             for stage in self.pipeline.stages:
                 if stage.name in self._prepare_failed:
                     raise RuntimeError(f"{stage.name} failed for the batch: {self._prepare_failed[stage.name]}")
-                with self.stats.timer(stage.name):
+                with self.stats.timer(f"stage.{stage.name}"):
                     started = stage.start(ctx)
                 if started is not None:
                     passes.append((stage, started))
@@ -334,7 +334,7 @@ class Runner:
                 # Keep what decoded before the damage, and say so.
                 outputs.rejections.append(ctx.rejection("decode", "truncated_stream", decoded.error))
             for stage, started in passes:
-                with self.stats.timer(stage.name):
+                with self.stats.timer(f"stage.{stage.name}"):
                     outputs.extend(started.finish(decoded, outputs))
         finally:
             ctx.close()
@@ -345,9 +345,9 @@ class Runner:
             content_sha256=sha,
             start_s=item.start_s,
             end_s=item.end_s,
-            duration_s=round(decoded.end_time, 6) if decoded.frames_decoded else 0.0,
+            duration_s=round(decoded.end_time - decoded.first_time, 6),
             fps=info.fps,
-            num_frames=decoded.frames_decoded,
+            num_frames=decoded.frames_decoded - decoded.first_index,
             width=info.width,
             height=info.height,
             rotation=info.rotation,

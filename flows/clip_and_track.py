@@ -113,7 +113,11 @@ class ClipStage:
         def finish(decoded: DecodeResult, so_far: Outputs) -> Outputs:
             if not decoded.frames_decoded:
                 return Outputs()
-            return Outputs(clips=clip_pass.finish(frames_decoded=decoded.frames_decoded, end_time=decoded.end_time))
+            return Outputs(
+                clips=clip_pass.finish(
+                    frames_decoded=decoded.frames_decoded, end_time=decoded.end_time, first_frame=decoded.first_index
+                )
+            )
 
         return _Pass(clip_pass.consumers, finish)
 

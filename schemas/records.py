@@ -32,9 +32,9 @@ class VideoRecord(Record):
     content_sha256: str
     start_s: Optional[float] = Field(default=None, description="start of the window of the source this row covers")
     end_s: Optional[float] = Field(default=None, description="end of that window (exclusive)")
-    duration_s: float = Field(description="end of the last decoded frame, in seconds from the source's start")
+    duration_s: float = Field(description="seconds decoded: from the first frame of the window (or video) to the end of the last")
     fps: float
-    num_frames: int = Field(description="frames actually decoded")
+    num_frames: int = Field(description="frames of the item (its window, or the whole video) actually decoded")
     width: int = Field(description="display width of the source, rotation applied")
     height: int
     rotation: int = Field(description="rotation metadata in degrees, already applied to width/height")

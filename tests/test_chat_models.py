@@ -212,12 +212,14 @@ def test_tighten_schema_bounds_every_open_value_and_keeps_the_rest() -> None:
     schema["properties"]["short"]["maxItems"] = 2
     schema["properties"]["positive"]["minimum"] = 1
     schema["properties"]["long"] = {"type": "string", "minLength": 40}
+    schema["properties"]["essay"] = {"type": "string", "maxLength": 2000}
     before = json.dumps(schema, sort_keys=True)
     tight = tighten_schema(schema, max_string_length=12, max_items=3)
     assert json.dumps(schema, sort_keys=True) == before  # the input is not modified
     props = tight["properties"]
     assert props["word"]["maxLength"] == 12
     assert props["long"]["maxLength"] == 40  # never below minLength
+    assert props["essay"]["maxLength"] == 12  # an agent's own generous bound is tightened too
     assert "maxLength" not in props["code_like"]  # a pattern bounds it already
     assert props["items"]["maxItems"] == 3 and props["short"]["maxItems"] == 2
     assert props["short"]["items"] == {"type": "integer", "minimum": -TIGHT_BOUND, "maximum": TIGHT_BOUND}

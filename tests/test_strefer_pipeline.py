@@ -581,10 +581,6 @@ def test_export_writes_strefer_json(built, video, tmp_path):
                 assert (pred & gt).sum() / (pred | gt).sum() > 0.6, (masklet.expression, key)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "agents/instruction_generator.py make_instruction: instruction_id hashes video, type, referring, form, "
-    "question, answer and masklets but not the clip, so the same type 1-4 question and answer in two clips "
-    "(\"Is there a man in a red shirt? ...\" -> \"Yes.\") share one instruction_id and sample_id"))
 def test_sample_ids_are_unique(built):
     dataset, _, _, _, _ = built
     ids = Counter(s.sample_id for s in _samples(dataset))
@@ -650,10 +646,6 @@ def test_a_window_counts_its_times_from_its_start(windowed):
     assert sorted(correct, key=first.get) == correct
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "agents/video_clipper.py ClipperPass._clips/_time: clips of a window start at frame 0 and the cut's time is "
-    "read from the list of the window's frame times by the file's frame index (cut at frame 36 = 3.0 s comes out "
-    "at 4.0 s); flows/clip_and_track.py ClipStage passes no first_index"))
 def test_a_window_is_clipped_at_its_true_cut(windowed):
     _, _, outcome = windowed
     clips = [(c.start_frame, c.end_frame, c.start_time, c.end_time) for c in outcome.outputs.clips]

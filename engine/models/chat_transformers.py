@@ -41,8 +41,8 @@ def fit_pixels(image: np.ndarray, max_pixels: int | None) -> np.ndarray:
 
 def tighten_schema(schema: dict, *, max_string_length: int, max_items: int = TIGHT_MAX_ITEMS) -> dict:
     """A copy of `schema` whose every value has a bounded length, for grammar-constrained decoding:
-    - a string without maxLength/pattern/enum/const/format gets maxLength `max_string_length`;
-    - an array without maxItems gets maxItems `max_items`;
+    - a string without pattern/enum/const/format gets maxLength at most `max_string_length`;
+    - an array gets maxItems at most `max_items`;
     - an integer without bounds gets [-TIGHT_BOUND, TIGHT_BOUND], and a number becomes such an integer (an
       integer is a valid JSON number, so answers still validate against the original schema).
 
@@ -58,10 +58,12 @@ def tighten_schema(schema: dict, *, max_string_length: int, max_items: int = TIG
         if out.get("type") == "number" and "multipleOf" not in out:
             out["type"] = "integer"
         kind = out.get("type")
-        if kind == "string" and not {"maxLength", "pattern", "enum", "const", "format"} & out.keys():
-            out["maxLength"] = max(max_string_length, int(out.get("minLength", 0)))
-        elif kind == "array" and "maxItems" not in out:
-            out["maxItems"] = max(max_items, int(out.get("minItems", 0)))
+        # Bounds a schema already has are tightened too: an agent's maxLength of 2000 is a run of 2000 tokens
+        # for a random model.
+        if kind == "string" and not {"pattern", "enum", "const", "format"} & out.keys():
+            out["maxLength"] = max(min(max_string_length, out.get("maxLength", max_string_length)), int(out.get("minLength", 0)))
+        elif kind == "array":
+            out["maxItems"] = max(min(max_items, out.get("maxItems", max_items)), int(out.get("minItems", 0)))
         elif kind == "integer" and not {"enum", "const"} & out.keys():
             low = out.get("minimum", out.get("exclusiveMinimum"))
             high = out.get("maximum", out.get("exclusiveMaximum"))
