@@ -118,3 +118,47 @@ def test_clip_and_track_tiny_on_real_video(tmp_path):
     assert videos[0]["num_frames"] == info.num_frames
     reasons = {r["source"]: r["reason"] for r in pq.read_table(tmp_path / "r" / "rejections").to_pylist()}
     assert reasons[str(bad)] == "unreadable_video"
+
+
+@pytest.mark.integration
+def test_clip_and_track_without_entities_finds_them(entities_video, tmp_path):
+    out = tmp_path / "found"
+    result = _run("clip-and-track", str(entities_video), "--profile", "tiny", "--out", str(out))
+    assert result.exit_code == 0, result.output
+    assert "Entity Recognizer and Referring Parser" in result.output
+    from engine.storage import Dataset
+
+    stats = __import__("json").loads((out / "stats.json").read_text())["counters"]
+    assert stats["recognizer_requests"] == 1 and stats["parser_requests"] >= 1  # they ran, on the tiny models
+    rejections = Dataset(str(out)).read_table("rejections").to_pylist()
+    masklets = Dataset(str(out)).read_table("masklets").to_pylist()
+    # random models: either entities were found and tracked (or rejected with a reason), or the parser said why not
+    assert masklets or any(r["stage"] in ("parser", "recognizer", "assign", "detect") for r in rejections)
+
+
+@pytest.mark.integration
+@pytest.mark.skipif(not SHARED_VIDEOS.is_dir(), reason=f"real videos not found at {SHARED_VIDEOS}")
+def test_run_strefer_through_prefect_and_export(tmp_path, monkeypatch):
+    import json
+
+    monkeypatch.setenv("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "180")
+    videos = tmp_path / "videos"
+    videos.mkdir()
+    (videos / "blocks.mp4").symlink_to(SHARED_VIDEOS / "03_blocks.mp4")
+    out = tmp_path / "st"
+    result = _run("run", "strefer", "--source", str(videos), "--out", str(out), "--profile", "tiny", "-e", "hand:hand")
+    assert result.exit_code == 0, result.output
+    assert "group (Strefer Table 1)" in result.output  # the Table 1 style summary
+    from engine.storage import Dataset
+
+    samples = Dataset(str(out)).read_table("samples").to_pylist()
+    assert samples and {s["labels"]["time_format"] for s in samples} == {"timestamp", "tokens"}
+    exported = _run("export", str(out), "--out", str(tmp_path / "json"))
+    assert exported.exit_code == 0, exported.output
+    entries = json.loads((tmp_path / "json" / "strefer.json").read_text())
+    kept = [s for s in samples if s["kept"]]
+    assert len(entries) == len(kept)
+    for entry in entries:
+        human = entry["conversations"][0]["value"]
+        assert human.startswith("<video>\n") and len(entry["annotation"]) == human.count("<region>")
+        assert entry["video"] == str(videos / "blocks.mp4") and entry["height"] and entry["width"]

@@ -653,3 +653,42 @@ def test_data_types_choose_the_work(manifest, mevis, tmp_path):
     assert (rejection.reason, rejection.source) == ("nothing_to_annotate", items[3].source)
     with pytest.raises(ValueError, match="data types must be among"):
         _runner(dataset, models, data_types=["dialogue"])
+
+
+@pytest.mark.integration
+def test_the_prefect_flow_writes_all_three_data_types_and_exports_them(manifest, mevis, tmp_path, monkeypatch):
+    """build-videorefer-700k as Prefect runs it (flow, one task per batch, stats merged, manifest and card),
+    over a caption manifest and a MeViS folder. The models are the fakes above (the factory is patched to
+    return them): random tiny models cannot produce every data type."""
+    monkeypatch.setenv("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "180")
+    from prefect.testing.utilities import prefect_test_harness
+
+    from engine.models import factory
+    from flows.prefect_flows import build_videorefer_flow
+
+    models = Models()
+    monkeypatch.setattr(factory, "build", lambda config, roles, pipeline="": {r: getattr(models, r) for r in roles})
+    out = tmp_path / "ds"
+    with prefect_test_harness():
+        result = build_videorefer_flow(
+            source=[str(manifest[0]), str(mevis[0])], out=str(out), profile="tiny", batch_size=2
+        )
+    assert set(result["items"].values()) == {"done"} and len(result["items"]) == 4
+    counters = result["stats"]["counters"]
+    assert counters["analyzer_backend_calls"] == 4  # two batches, detailed and short mode each
+    samples = _samples(Dataset(str(out)))
+    assert {s.data_type for s in samples if s.kept} == {"detailed_caption", "short_caption", "object_qa"}
+    manifest_json = json.loads((out / "manifest.json").read_text())
+    assert manifest_json["tables"]["samples"]["rows"] == len(samples) and (out / "README.md").exists()
+    summary = export(str(out), str(tmp_path / "json"))
+    assert {Path(p).name for p in summary.files} == {"detailed_caption.json", "short_caption.json", "object_qa.json"}
+    for path, n in summary.files.items():
+        entries = json.loads(Path(path).read_text())
+        assert len(entries) == n > 0
+        for entry in entries:
+            assert entry["conversations"][0]["value"].count("<region>") == len(entry["annotation"])
+            for region in entry["annotation"]:
+                for frame, ann in region.items():
+                    rle = ann["segmentation"]
+                    assert int(frame) >= 0 and rle["size"] == [entry["height"], entry["width"]]
+                    assert mask_utils.decode({"size": rle["size"], "counts": rle["counts"].encode()}).any()
