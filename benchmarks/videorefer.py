@@ -224,19 +224,12 @@ def write_mevis(root: Path, *, width: int = 128, height: int = 96, frames: int =
 # -- the run --------------------------------------------------------------------------------------------------
 
 
-def run(profile: str, n_videos: int, out: Path, data_types: Sequence[str], shared: Path,
-        config_file: str | None = None, overlay: dict | None = None, cap: int | None = None,
-        chat_seed: int | None = None) -> dict:
-    from engine.models import factory
-    from engine.runner import Runner
-    from engine.sources import open_source
-    from engine.stats import Stats
-    from engine.storage import Dataset
-    from flows import pipelines, videorefer
+def configure(profile: str, config_file: str | None = None, overlay: dict | None = None,
+              chat_seed: int | None = None) -> Any:
+    """The profile's `EngineConfig` (with `config_file` merged), `overlay` deep-merged over its pipeline
+    settings (validated whole), and `chat_seed` as the seed of every tiny transformers chat role."""
+    from flows import pipelines
 
-    dataset_path = out / "videorefer-dataset"
-    if dataset_path.exists():  # a fresh dataset: the sample counts are this run's alone
-        shutil.rmtree(dataset_path)
     config = pipelines.load(profile, config_file)
     if overlay:
         from engine.config import _deep_merge, validate_settings
@@ -251,6 +244,55 @@ def run(profile: str, n_videos: int, out: Path, data_types: Sequence[str], share
             for role, spec in config.roles.items()
         }
         config = config.model_copy(update={"roles": roles})
+    return config
+
+
+def agent_stats(calls: list[dict], counters: dict, agents: Sequence[str], done: int,
+                counter_keys: dict[str, tuple[str | None, str | None]] | None = None) -> dict[str, dict]:
+    """Per agent (`agents` first, then any other agent `calls` name): requests and backend calls, per video
+    (`done` videos) and per call, batch sizes, chat seconds, retries, and the engine's own counters beside
+    them. `counter_keys` maps an agent to its (requests, backend calls) counter names where they are not
+    `<agent>_requests` / `<agent>_backend_calls`; None: the engine has no such counter (not compared)."""
+    out = {}
+    for agent in [*agents, *sorted({c["agent"] for c in calls} - set(agents))]:
+        mine = [c for c in calls if c["agent"] == agent]
+        batches = [c["batch"] for c in mine]
+        requests, n_calls = sum(batches), len(batches)
+        req_key, calls_key = (counter_keys or {}).get(agent, (f"{agent}_requests", f"{agent}_backend_calls"))
+        stats_requests = counters.get(req_key, 0) if req_key else None
+        stats_calls = counters.get(calls_key, 0) if calls_key else None
+        out[agent] = {
+            "roles": sorted({c["role"] for c in mine}),
+            "requests": requests,
+            "backend_calls": n_calls,
+            "requests_per_video": round(requests / max(done, 1), 2),
+            "calls_per_video": round(n_calls / max(done, 1), 2),
+            "requests_per_call": round(requests / n_calls, 2) if n_calls else None,
+            "max_batch": max(batches, default=0),
+            "batches": batches,
+            "chat_s": round(sum(c["seconds"] for c in mine), 2),
+            "retried_requests": counters.get(f"{agent}_retried_requests", 0),
+            "stats_requests": stats_requests,
+            "stats_backend_calls": stats_calls,
+            "agrees": stats_requests in (None, requests) and stats_calls in (None, n_calls),
+        }
+    return out
+
+
+def run(profile: str, n_videos: int, out: Path, data_types: Sequence[str], shared: Path,
+        config_file: str | None = None, overlay: dict | None = None, cap: int | None = None,
+        chat_seed: int | None = None) -> dict:
+    from engine.models import factory
+    from engine.runner import Runner
+    from engine.sources import open_source
+    from engine.stats import Stats
+    from engine.storage import Dataset
+    from flows import pipelines, videorefer
+
+    dataset_path = out / "videorefer-dataset"
+    if dataset_path.exists():  # a fresh dataset: the sample counts are this run's alone
+        shutil.rmtree(dataset_path)
+    config = configure(profile, config_file, overlay, chat_seed)
     with tempfile.TemporaryDirectory() as tmp:
         tmp_path = Path(tmp)
         manifest, rows = write_manifest(tmp_path, n_videos, shared)
@@ -286,28 +328,7 @@ def run(profile: str, n_videos: int, out: Path, data_types: Sequence[str], share
             })
 
     done = sum(o.status == "done" for o in outcomes)
-    counters = stats.counters
-    agents = {}
-    for agent in [*AGENTS, *sorted({c["agent"] for c in calls} - set(AGENTS))]:
-        mine = [c for c in calls if c["agent"] == agent]
-        batches = [c["batch"] for c in mine]
-        requests, n_calls = sum(batches), len(batches)
-        agents[agent] = {
-            "roles": sorted({c["role"] for c in mine}),
-            "requests": requests,
-            "backend_calls": n_calls,
-            "requests_per_video": round(requests / max(done, 1), 2),
-            "calls_per_video": round(n_calls / max(done, 1), 2),
-            "requests_per_call": round(requests / n_calls, 2) if n_calls else None,
-            "max_batch": max(batches, default=0),
-            "batches": batches,
-            "chat_s": round(sum(c["seconds"] for c in mine), 2),
-            "retried_requests": counters.get(f"{agent}_retried_requests", 0),
-            "stats_requests": counters.get(f"{agent}_requests", 0),
-            "stats_backend_calls": counters.get(f"{agent}_backend_calls", 0),
-            "agrees": counters.get(f"{agent}_requests", 0) == requests
-            and counters.get(f"{agent}_backend_calls", 0) == n_calls,
-        }
+    agents = agent_stats(calls, stats.counters, AGENTS, done)
     by_type: dict[str, Counter] = defaultdict(Counter)
     for s in samples:
         by_type[s["data_type"]]["kept" if s["kept"] else "dropped"] += 1
@@ -348,6 +369,31 @@ def _batches(batches: list[int]) -> str:
     return f"median {statistics.median(batches):g}, max {max(batches)} ({len(batches)} calls)"
 
 
+def agents_table(agents: dict[str, dict], done: int) -> str:
+    """The markdown table of `agent_stats`, with a total row; per-video figures divide by `done`."""
+    rows = []
+    for agent, a in agents.items():
+        stats = " / ".join("-" if v is None else str(v) for v in (a["stats_requests"], a["stats_backend_calls"]))
+        rows.append([
+            agent, ", ".join(a["roles"]) or "-", a["requests"], a["backend_calls"], a["requests_per_video"],
+            a["calls_per_video"], a["requests_per_call"] if a["requests_per_call"] is not None else "-",
+            _batches(a["batches"]), a["retried_requests"], a["chat_s"],
+            f"{stats} {'ok' if a['agrees'] else 'DIFFERS'}",
+        ])
+    total_req = sum(a["requests"] for a in agents.values())
+    total_calls = sum(a["backend_calls"] for a in agents.values())
+    done = max(done, 1)
+    rows.append([
+        "**all**", "", total_req, total_calls, round(total_req / done, 2), round(total_calls / done, 2),
+        round(total_req / total_calls, 2) if total_calls else "-", "", "",
+        round(sum(a["chat_s"] for a in agents.values()), 2), "",
+    ])
+    return _table(rows, [
+        "agent", "role", "requests", "backend calls", "requests / video", "calls / video", "requests / call",
+        "batch sizes", "of which retries", "chat s", "stats (req / calls)",
+    ])
+
+
 def report(r: dict) -> str:
     videos = ", ".join(f"{n} {k}" for k, n in r["videos"].items())
     lines = [
@@ -367,26 +413,7 @@ def report(r: dict) -> str:
         "`stats` is the engine's own `<agent>_requests / <agent>_backend_calls`, which should agree.",
         "",
     ]
-    rows = []
-    for agent, a in r["agents"].items():
-        rows.append([
-            agent, ", ".join(a["roles"]) or "-", a["requests"], a["backend_calls"], a["requests_per_video"],
-            a["calls_per_video"], a["requests_per_call"] if a["requests_per_call"] is not None else "-",
-            _batches(a["batches"]), a["retried_requests"], a["chat_s"],
-            f"{a['stats_requests']} / {a['stats_backend_calls']} {'ok' if a['agrees'] else 'DIFFERS'}",
-        ])
-    total_req = sum(a["requests"] for a in r["agents"].values())
-    total_calls = sum(a["backend_calls"] for a in r["agents"].values())
-    done = max(r["items_done"], 1)
-    rows.append([
-        "**all**", "", total_req, total_calls, round(total_req / done, 2), round(total_calls / done, 2),
-        round(total_req / total_calls, 2) if total_calls else "-", "", "",
-        round(sum(a["chat_s"] for a in r["agents"].values()), 2), "",
-    ])
-    lines.append(_table(rows, [
-        "agent", "role", "requests", "backend calls", "requests / video", "calls / video", "requests / call",
-        "batch sizes", "of which retries", "chat s", "stats (req / calls)",
-    ]))
+    lines.append(agents_table(r["agents"], r["items_done"]))
     lines += ["", "## Samples written per data type", ""]
     lines.append(_table(
         [[t, c.get("kept", 0), c.get("dropped", 0), c.get("kept", 0) + c.get("dropped", 0)] for t, c in r["samples"].items()]

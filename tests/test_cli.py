@@ -152,7 +152,7 @@ def test_run_strefer_through_prefect_and_export(tmp_path, monkeypatch):
     from engine.storage import Dataset
 
     samples = Dataset(str(out)).read_table("samples").to_pylist()
-    assert samples and {s["labels"]["time_format"] for s in samples} == {"timestamp", "tokens"}
+    assert samples and {dict(s["labels"])["time_format"] for s in samples} == {"timestamp", "tokens"}  # Arrow map: pairs
     exported = _run("export", str(out), "--out", str(tmp_path / "json"))
     assert exported.exit_code == 0, exported.output
     entries = json.loads((tmp_path / "json" / "strefer.json").read_text())

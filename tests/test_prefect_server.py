@@ -104,7 +104,8 @@ def _check_strefer(tmp: Path, params: dict[str, Any]) -> None:
     out = Path(params["out"])
     assert len(_read(out, "videos")) == 1 and _read(out, "clips")
     samples = _read(out, "samples")
-    assert samples and all(s["pipeline"] == "strefer" and s["labels"]["group"].startswith("G") for s in samples)
+    # labels is an Arrow map: pyarrow reads it back as (key, value) pairs
+    assert samples and all(s["pipeline"] == "strefer" and dict(s["labels"])["group"].startswith("G") for s in samples)
 
 
 @dataclass(frozen=True)
