@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass, field, replace
-from typing import Generic, Sequence, TypeVar
+from typing import Any, Callable, Generic, Sequence, TypeVar
 
 from pydantic import BaseModel, ValidationError
 
@@ -38,6 +38,16 @@ class JsonAnswer(Generic[T]):
 def schema_of(model: type[BaseModel]) -> dict:
     """The JSON Schema sent to backends for structured decoding."""
     return model.model_json_schema()
+
+
+def map_schema(schema: Any, node: Callable[[dict], dict]) -> Any:
+    """A copy of a JSON Schema with `node` applied to every object in it, innermost first (backends adapt
+    schemas to what their decoder or server accepts)."""
+    if isinstance(schema, list):
+        return [map_schema(x, node) for x in schema]
+    if not isinstance(schema, dict):
+        return schema
+    return node({k: map_schema(v, node) for k, v in schema.items()})
 
 
 def _short_error(exc: Exception) -> str:

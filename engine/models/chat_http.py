@@ -100,18 +100,15 @@ def strict_schema(schema: dict) -> dict:
     (additionalProperties false) with all its properties required. Answers still validate against the
     original (a field with a default is merely always written); vLLM's grammar closes objects anyway."""
 
-    def walk(node: Any) -> Any:
-        if isinstance(node, list):
-            return [walk(x) for x in node]
-        if not isinstance(node, dict):
-            return node
-        out = {k: walk(v) for k, v in node.items()}
+    from engine.chat import map_schema
+
+    def close(out: dict) -> dict:
         if isinstance(out.get("properties"), dict) and out.get("type", "object") == "object":
             out.setdefault("additionalProperties", False)
             out["required"] = list(out["properties"])
         return out
 
-    return walk(schema)
+    return map_schema(schema, close)
 
 
 def _retry_after_s(value: str | None) -> float | None:

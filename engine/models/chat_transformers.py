@@ -11,7 +11,6 @@ which exists for miniature random models only (see `tighten_schema`).
 
 from __future__ import annotations
 
-import copy
 import json
 import math
 import threading
@@ -49,12 +48,9 @@ def tighten_schema(schema: dict, *, max_string_length: int, max_items: int = TIG
     For miniature random models only: they rarely pick a closing quote or bracket, or a digit's end, so an
     unbounded value runs until max_new_tokens and the JSON never closes. A real model needs none of this."""
 
-    def walk(node: Any) -> Any:
-        if isinstance(node, list):
-            return [walk(x) for x in node]
-        if not isinstance(node, dict):
-            return node
-        out = {k: walk(v) for k, v in node.items()}
+    from engine.chat import map_schema
+
+    def tighten(out: dict) -> dict:
         if out.get("type") == "number" and "multipleOf" not in out:
             out["type"] = "integer"
         kind = out.get("type")
@@ -73,7 +69,7 @@ def tighten_schema(schema: dict, *, max_string_length: int, max_items: int = TIG
                 out["maximum"] = max(TIGHT_BOUND, math.ceil(low) + 1)
         return out
 
-    return walk(copy.deepcopy(schema))
+    return map_schema(schema, tighten)
 
 
 def _is_vlm(processor: Any) -> bool:
