@@ -133,10 +133,6 @@ class _Pass:
         return self._finish(decoded)
 
 
-def _caption_key(item: WorkItem) -> str:
-    return stable_id(item.key, item.caption)
-
-
 def _work(ctx: VideoContext) -> _Work:
     return ctx.state.setdefault(NAME, _Work())
 
@@ -148,7 +144,7 @@ class AnalyzerStage:
 
     def __init__(self, analyzer: Analyzer, data_types: Sequence[str], stats: Stats) -> None:
         self.analyzer, self.data_types, self.stats = analyzer, set(data_types), stats
-        # Keyed by `_caption_key` (item and caption): two rows of a manifest can caption one video differently.
+        # Keyed by item (its key includes the caption: two rows of a manifest can caption one video differently).
         self._detailed: dict[str, NounsResult] = {}
         self._short: dict[str, NounsResult] = {}
         self._faults: dict[str, Exception] = {}  # the model fault a caption caused, raised when its item starts
@@ -164,30 +160,30 @@ class AnalyzerStage:
         """One call for every caption. A fault of that call is asked again caption by caption, so one bad item
         cannot lose the batch: an item that still fails keeps its own fault, raised when the runner starts it
         (an `internal_error` row for that item only). Faults of the model server are not retried here."""
-        items = [i for i in items if _caption_key(i) not in self._faults]
+        items = [i for i in items if i.key not in self._faults]
         if not items:
             return
         try:
-            results.update(zip(map(_caption_key, items), self.analyzer.analyze([i.caption or "" for i in items], short=short)))
+            results.update(zip((i.key for i in items), self.analyzer.analyze([i.caption or "" for i in items], short=short)))
             return
         except SYSTEMIC_FAULTS:
             raise  # the orchestrator retries the batch; committed items are skipped then
         except Exception as exc:
             if len(items) == 1:
-                self._faults[_caption_key(items[0])] = exc
+                self._faults[items[0].key] = exc
                 return
             self.stats.count(f"{self.name}_batch_faults")
         for item in items:
             try:
-                (results[_caption_key(item)],) = self.analyzer.analyze([item.caption or ""], short=short)
+                (results[item.key],) = self.analyzer.analyze([item.caption or ""], short=short)
             except SYSTEMIC_FAULTS:
                 raise
             except Exception as exc:
-                self._faults[_caption_key(item)] = exc
+                self._faults[item.key] = exc
 
     def start(self, ctx: VideoContext) -> _Pass | None:
         work = _work(ctx)
-        key = _caption_key(ctx.item)
+        key = ctx.item.key
         work.nouns = self._detailed.pop(key, None)
         work.subject = self._short.pop(key, None)
         fault = self._faults.pop(key, None)
