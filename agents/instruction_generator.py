@@ -30,7 +30,6 @@ from typing import TYPE_CHECKING, Any, Literal, NamedTuple, Optional, Sequence
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from agents.analyzer import Failure
-from agents.refiner import _ask_checked
 from agents.timecodes import (
     DEFAULT_M,
     END_TOLERANCE_S,
@@ -40,7 +39,7 @@ from agents.timecodes import (
     normalize_timestamps,
     timestamps_to_tokens,
 )
-from engine.chat import REPAIR_PROMPT, ask_json, schema_of
+from engine.chat import REPAIR_PROMPT, ask_checked, ask_json, schema_of
 from engine.ids import stable_id
 from engine.models.interfaces import ChatMessage, ChatModel, ChatRequest
 from engine.stats import Stats
@@ -718,8 +717,9 @@ class InstructionGenerator:
             return check_llm_answer(transcripts[asked[k]], value.questions)
 
         with stats.timer(AGENT):
-            outcomes = _ask_checked(
-                requests, ask_round, check, lambda error: REPAIR_PROMPT.format(error=error, schema=schema_text),
+            outcomes = ask_checked(
+                requests, ask_round, check=check,
+                repair=lambda error: REPAIR_PROMPT.format(error=error, schema=schema_text),
                 retries=cfg.retries, stats=stats, agent=AGENT,
             )
         for i, out in zip(asked, outcomes):

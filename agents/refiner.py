@@ -16,14 +16,14 @@ from __future__ import annotations
 import json
 import re
 from collections import Counter
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from functools import lru_cache
-from typing import Any, Callable, Literal, NamedTuple, Sequence
+from typing import Any, Literal, NamedTuple, Sequence
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from agents.analyzer import Failure
-from engine.chat import REPAIR_PROMPT, ask_json, ask_text, schema_of
+from engine.chat import REPAIR_PROMPT, ask_checked, ask_json, ask_text, schema_of
 from engine.models.interfaces import ChatMessage, ChatModel, ChatRequest
 from engine.stats import Stats
 from prompts import render
@@ -243,49 +243,6 @@ def _names_beside(question: str, index: int, name: str) -> bool:
     return re.search(pattern, question) is not None
 
 
-@dataclass
-class _Outcome:
-    value: Any = None
-    raw: list[str] | None = None
-    error: str | None = None
-
-
-def _ask_checked(
-    requests: Sequence[ChatRequest],
-    ask_round: Callable[[list[ChatRequest]], list[tuple[Any, str, str | None]]],
-    check: Callable[[int, Any], str | None],
-    repair: Callable[[str], str],
-    *,
-    retries: int,
-    stats: Stats,
-    agent: str,
-) -> list[_Outcome]:
-    """Ask every request in one batch per round; an answer that fails `ask_round`'s parsing or `check` is asked
-    again, in the next round's batch, with its own answer and error appended, up to `retries` times."""
-    outcomes = [_Outcome(raw=[]) for _ in requests]
-    pending = dict(enumerate(requests))
-    for attempt in range(retries + 1):
-        if not pending:
-            break
-        order = list(pending)
-        if attempt:
-            stats.count(f"{agent}_retried_requests", len(order))
-        for i, (value, raw, error) in zip(order, ask_round([pending[i] for i in order])):
-            outcomes[i].raw.append(raw)
-            if error is None:
-                error = check(i, value)
-            if error is None:
-                outcomes[i].value, outcomes[i].error = value, None
-                del pending[i]
-                continue
-            outcomes[i].error = error
-            request = pending[i]
-            pending[i] = replace(
-                request, messages=(*request.messages, ChatMessage.assistant(raw), ChatMessage.user(repair(error)))
-            )
-    return outcomes
-
-
 def _clip(text: str, limit: int) -> str:
     text = " ".join(text.split())
     return text if len(text) <= limit else text[: limit - 3] + "..."
@@ -333,8 +290,8 @@ class Refiner:
             return f"Your answer was not valid: {error}\nWrite the description again, as one paragraph of plain text."
 
         with stats.timer(agent):
-            outcomes = _ask_checked(
-                requests, ask_round, lambda _, text: check_merged(text, cfg.max_description_chars), repair,
+            outcomes = ask_checked(
+                requests, ask_round, check=lambda _, text: check_merged(text, cfg.max_description_chars), repair=repair,
                 retries=cfg.retries, stats=stats, agent=agent,
             )
         for i, out in zip(asked, outcomes):
@@ -381,8 +338,8 @@ class Refiner:
             return REPAIR_PROMPT.format(error=error, schema=schema_text)
 
         with stats.timer(agent):
-            outcomes = _ask_checked(
-                requests, ask_round, lambda k, value: check_qa(jobs[asked[k]], value.pairs), repair,
+            outcomes = ask_checked(
+                requests, ask_round, check=lambda k, value: check_qa(jobs[asked[k]], value.pairs), repair=repair,
                 retries=cfg.retries, stats=stats, agent=agent,
             )
         for i, out in zip(asked, outcomes):

@@ -66,7 +66,7 @@ from benchmarks.videorefer import (
 # so its calls are told by their role.
 AGENTS = ("recognizer", "parser", "grounder", "transcriber_presence", "transcriber_behavior", "instruction_llm")
 COUNTER_KEYS = {"grounder": (None, "grounder_calls")}  # (requests, backend calls) counters, where not the usual
-RUNS = {"found": "entities found (Entity Recognizer + Referring Parser)", "given": "entities given"}
+RUNS = {"found": "entities found by the Entity Recognizer and the Referring Parser", "given": "entities given"}
 # Two expressions share the noun "person" (the grounder picks between their boxes); every noun is in the tiny
 # detector's vocabulary, so the tiny profile finds boxes for them.
 DEFAULT_ENTITIES = ("person on the left:person", "person on the right:person", "dog:dog")
@@ -110,9 +110,7 @@ def run_once(run: str, config: Any, items: list, kinds: list[str], entities: Seq
     load_s = time.perf_counter() - start
     calls: list[dict] = []
     proxy = ScriptedPresence if script_presence else CountingChat
-    proxied = {
-        role: proxy(b, role, calls) if role_kinds[role] == "chat" else b for role, b in backends.items()
-    }
+    proxied = {role: proxy(b, role, calls) if role_kinds[role] == "chat" else b for role, b in backends.items()}
     start = time.perf_counter()
     pipeline = strefer.build(config, proxied, stats=stats, dataset=dataset, entities=entities)
     outcomes = Runner(pipeline, dataset, stats=stats, force=True).run(items)
@@ -124,29 +122,29 @@ def run_once(run: str, config: Any, items: list, kinds: list[str], entities: Seq
 
     done = sum(o.status == "done" for o in outcomes)
     agents = agent_stats(calls, stats.counters, AGENTS, done, COUNTER_KEYS)
-    instructions: Counter = Counter()  # (group, task, referring, generator) -> instructions (one time form)
-    samples: Counter = Counter()  # (group, task) -> samples, both time forms
-    per_item = []
     first_form = (config.section("strefer").get("time_formats") or ("timestamp",))[0]
+    instructions: Counter = Counter()  # (group, task, referring, generator) -> instructions (one time form)
+    samples: Counter = Counter()  # the same -> samples (every time form)
+    rejections: Counter = Counter()
+    per_item = []
     for outcome, kind in zip(outcomes, kinds):
         o = outcome.outputs
         for s in o.samples:
-            lab = s.labels
-            samples[lab["group"], s.task] += 1
-            if lab.get("time_format") == first_form:
-                instructions[lab["group"], s.task, lab["referring"], lab["generator"]] += 1
-        masklets = [m for m in o.masklets if m.method == "strefer"]
-        record = dataset.completion(pipeline.name, outcome.item.key) or {}
-        cost = record.get("counters", {})  # what the item cost, as the runner commits it
+            key = (s.labels["group"], s.task, s.labels["referring"], s.labels["generator"])
+            samples[key] += 1
+            instructions[key] += s.labels.get("time_format") == first_form
+        rejections.update(f"{r.stage}: {r.reason}" for r in o.rejections)
+        cost = (dataset.completion(pipeline.name, outcome.item.key) or {}).get("counters", {})  # the item's own
         per_item.append({
             "source": Path(outcome.source).name, "kind": kind, "status": outcome.status, "detail": outcome.detail,
             "entities": len(entities) if entities else cost.get("parser_entities", 0),
-            "clips": len(o.clips), "masklets": len(masklets),
+            "clips": len(o.clips),
+            "masklets": sum(m.method == "strefer" for m in o.masklets),
             "samples": len(o.samples),
             "rejections": dict(Counter(f"{r.stage}: {r.reason}" for r in o.rejections)),
         })
     counters = stats.counters
-    rejections = Counter(f"{r['stage']}: {r['reason']}" for r in dataset.read_table("rejections", columns=["stage", "reason"]).to_pylist())
+    by_type = sorted(samples, key=lambda k: (k[0], int(k[1].removeprefix("type")), k[2]))
     return {
         "run": run,
         "entities_given": [e.model_dump() for e in entities],
@@ -157,11 +155,12 @@ def run_once(run: str, config: Any, items: list, kinds: list[str], entities: Seq
         "chat_calls": calls,
         "agents": agents,
         "instructions": [
-            {"group": g, "task": t, "referring": r, "generator": gen, "instructions": n, "samples": samples[g, t]}
-            for (g, t, r, gen), n in sorted(instructions.items(), key=lambda kv: (kv[0][0], int(kv[0][1][4:]), kv[0][2]))
+            {"group": g, "task": t, "referring": r, "generator": gen, "instructions": instructions[g, t, r, gen],
+             "samples": samples[g, t, r, gen]}
+            for g, t, r, gen in by_type
         ],
         "samples_written": sum(samples.values()),
-        "entities": counters.get("parser_entities", 0) if not entities else len(entities) * done,
+        "entities": sum(i["entities"] for i in per_item),
         "clips": sum(i["clips"] for i in per_item),
         "masklets": sum(i["masklets"] for i in per_item),
         "presence": {k: counters.get(f"transcriber_{k}", 0) for k in ("present", "absent", "unclear_presence")},
@@ -206,101 +205,87 @@ def _per_video(n: float, done: int) -> float:
 def report(r: dict) -> str:
     runs = r["runs"]
     videos = ", ".join(f"{n} {k}" for k, n in r["videos"].items())
-    given = runs["given"]["entities_given"]
+    given = ", ".join(f"`{e['expression']}:{e['noun']}`" for e in runs["given"]["entities_given"])
     lines = [
         f"# Strefer benchmark (profile {r['profile']})",
         "",
         f"{sum(r['videos'].values())} videos ({videos}), two runs: **found** ({RUNS['found']}) and **given** "
-        f"(entities {', '.join('`%s:%s`' % (e['expression'], e['noun']) for e in given)}, the same for every video). "
-        "Per-video figures divide by the videos done in that run.",
+        f"({given}, the same for every video). Per-video figures divide by the videos done in that run.",
         "",
         _table([[name, x["items_done"], x["model_load_s"], x["wall_s"]] for name, x in runs.items()],
                ["run", "videos done", "model load s", "pipeline wall s"]),
         "",
-        *([f"Tiny chat seed {r['chat_seed']}; the profile's settings otherwise."] if r["chat_seed"] is not None else []),
-        *([f"Config file: `{r['config_file']}`."] if r.get("config_file") else []),
-        "",
-        *(["Presence answers scripted (`--script-presence`): the Transcriber's presence requests are real generate "
-           "calls, but their answers are replaced by Yes / No in turn, so its behaviour requests and the instruction "
-           "LLM run (a random model never says yes).", ""] if r["script_presence"] else []),
-        "## Batching per agent, both runs",
-        "",
-        "A request is one conversation; a backend call is one `chat()` on the backend (one batch).",
-        "",
     ]
+    if r["chat_seed"] is not None:
+        lines += [f"Tiny chat seed {r['chat_seed']}; the profile's settings otherwise.", ""]
+    if r.get("config_file"):
+        lines += [f"Config file: `{r['config_file']}`.", ""]
+    if r["script_presence"]:
+        lines += ["Presence answers scripted (`--script-presence`): the Transcriber's presence requests are real "
+                  "generate calls, but their answers are replaced by Yes / No in turn, so its behaviour requests and "
+                  "the instruction LLM run (a random model never says yes).", ""]
+    lines += ["## Batching per agent, both runs", "",
+              "A request is one conversation; a backend call is one `chat()` on the backend (one batch).", ""]
     rows = []
-    for agent in dict.fromkeys([a for x in runs.values() for a in x["agents"]]):
+    for agent in dict.fromkeys(a for x in runs.values() for a in x["agents"]):
         row = [agent]
         for x in runs.values():
             a = x["agents"].get(agent)
-            if a is None or not a["backend_calls"]:
-                row += ["-", "-", "-"]
-            else:
-                row += [a["requests_per_video"], a["calls_per_video"], a["requests_per_call"]]
+            ran = a is not None and a["backend_calls"]
+            row += [a["requests_per_video"], a["calls_per_video"], a["requests_per_call"]] if ran else ["-"] * 3
         rows.append(row)
-    header = ["agent"]
-    for name in runs:
-        header += [f"{name}: requests / video", f"{name}: calls / video", f"{name}: requests / call"]
-    lines.append(_table(rows, header))
+    lines.append(_table(rows, ["agent", *[f"{name}: {what}" for name in runs
+                                          for what in ("requests / video", "calls / video", "requests / call")]]))
     for name, x in runs.items():
-        lines += [
-            "", f"## Chat requests per agent: {name} ({RUNS[name]})", "",
-            "`stats` is the engine's own `<agent>_requests / <agent>_backend_calls` (the grounder's `grounder_calls`), "
-            "which should agree.", "",
-            agents_table(x["agents"], x["items_done"]),
-        ]
+        lines += ["", f"## Chat requests per agent: {name} ({RUNS[name]})", "",
+                  "`stats` is the engine's own `<agent>_requests / <agent>_backend_calls` (the grounder's "
+                  "`grounder_calls`; it counts no requests), which should agree.", "",
+                  agents_table(x["agents"], x["items_done"])]
+
     lines += ["", "## Entities, clips, masklets, transcript", ""]
     rows = []
     for name, x in runs.items():
         d, p = x["items_done"], x["presence"]
-        rows.append([
-            name, x["entities"], _per_video(x["entities"], d), x["clips"], _per_video(x["clips"], d), x["masklets"],
-            _per_video(x["masklets"], d), f"{p['present']} / {p['absent']} ({p['unclear_presence']} unclear)",
-            x["samples_written"], _per_video(x["samples_written"], d),
-        ])
-    lines.append(_table(rows, [
-        "run", "entities", "per video", "clips", "per video", "masklets", "per video", "present / absent",
-        "samples", "samples / video",
-    ]))
+        rows.append([name, *[f"{x[k]} ({_per_video(x[k], d)})" for k in ("entities", "clips", "masklets")],
+                     f"{p['present']} / {p['absent']} ({p['unclear_presence']} unclear)",
+                     f"{x['samples_written']} ({_per_video(x['samples_written'], d)})"])
+    lines.append(_table(rows, ["run", "entities (/ video)", "clips (/ video)", "masklets (/ video)",
+                               "presence: present / absent", "samples written (/ video)"]))
+
     lines += ["", "## Instructions per group and task type", "",
-              "Instructions (each written as one sample per time form) per run, and per video.", ""]
-    keys = sorted({(i["group"], i["task"], i["referring"], i["generator"]) for x in runs.values() for i in x["instructions"]},
-                  key=lambda k: (k[0], int(k[1][4:]), k[2]))
-    rows = []
-    for key in keys:
-        row = list(key)
-        for x in runs.values():
-            n = sum(i["instructions"] for i in x["instructions"] if (i["group"], i["task"], i["referring"], i["generator"]) == key)
-            row += [n, _per_video(n, x["items_done"])]
-        rows.append(row)
-    totals = ["**all**", "", "", ""]
-    for x in runs.values():
-        n = sum(i["instructions"] for i in x["instructions"])
-        totals += [n, _per_video(n, x["items_done"])]
-    rows.append(totals)
-    header = ["group", "task", "referring", "generator"]
-    for name in runs:
-        header += [f"{name}", f"{name} / video"]
-    lines.append(_table(rows, header))
+              "Instructions per run (each written as one sample per time form), and per video.", ""]
+    table: dict[tuple, dict[str, int]] = {}
+    for name, x in runs.items():
+        for i in x["instructions"]:
+            table.setdefault((i["group"], i["task"], i["referring"], i["generator"]), {})[name] = i["instructions"]
+    table["**all**", "", "", ""] = {name: sum(i["instructions"] for i in x["instructions"]) for name, x in runs.items()}
+
+    def order(key: tuple) -> tuple:
+        return (key[0] == "**all**", key[0], int(key[1].removeprefix("type") or 0), key[2])
+
+    rows = [[*key, *[v for name, x in runs.items() for v in (n.get(name, 0), _per_video(n.get(name, 0), x["items_done"]))]]
+            for key, n in sorted(table.items(), key=lambda kv: order(kv[0]))]
+    lines.append(_table(rows, ["group", "task", "referring", "generator",
+                               *[h for name in runs for h in (name, f"{name} / video")]]))
+
     lines += ["", "## Wall time per timer (s, `stats.seconds`)", "",
-              "`stage.<name>` is the runner's time in a stage (start and finish); `decode`, `hash`, `write` the "
-              "runner's; the rest are the agents' own timers, nested inside their stage's.", ""]
-    timers = sorted({k for x in runs.values() for k in x["seconds"]}, key=lambda k: (_timer_kind(k) != "runner stage", k))
-    lines.append(_table(
-        [[k, _timer_kind(k), *[x["seconds"].get(k, "-") for x in runs.values()]] for k in timers],
-        ["timer", "kind", *runs],
-    ))
+              "`stage.<name>` is the runner's time in a stage (its start and its finish); `decode`, `hash` and "
+              "`write` the runner's too; the rest are the agents' own timers, nested inside their stage's.", ""]
+    timers = sorted({k for x in runs.values() for k in x["seconds"]},
+                    key=lambda k: (_timer_kind(k) != "runner stage", k))
+    lines.append(_table([[k, _timer_kind(k), *[x["seconds"].get(k, "-") for x in runs.values()]] for k in timers],
+                        ["timer", "kind", *runs]))
+
     lines += ["", "## Rejections", ""]
     reasons = list(dict.fromkeys(k for x in runs.values() for k in x["rejections"]))
-    lines.append(_table([[k, *[x["rejections"].get(k, 0) for x in runs.values()]] for k in reasons] or [["(none)", 0, 0]],
-                        ["stage: reason", *runs]))
+    lines.append(_table([[k, *[x["rejections"].get(k, 0) for x in runs.values()]] for k in reasons]
+                        or [["(none)", *[0 for _ in runs]]], ["stage: reason", *runs]))
     lines += ["", "## Per item", ""]
-    rows = []
-    for name, x in runs.items():
-        for i in x["per_item"]:
-            rows.append([name, i["source"], i["kind"], i["status"], i["entities"], i["clips"], i["masklets"], i["samples"],
-                         ", ".join(f"{k} {v}" for k, v in i["rejections"].items()) or "-"])
-    lines.append(_table(rows, ["run", "item", "kind", "status", "entities", "clips", "masklets", "samples", "rejections"]))
+    rows = [[name, i["source"], i["kind"], i["status"], i["entities"], i["clips"], i["masklets"], i["samples"],
+             ", ".join(f"{k} {v}" for k, v in i["rejections"].items()) or "-"]
+            for name, x in runs.items() for i in x["per_item"]]
+    lines.append(_table(rows, ["run", "item", "kind", "status", "entities", "clips", "masklets", "samples",
+                               "rejections"]))
     return "\n".join(lines) + "\n"
 
 
@@ -309,7 +294,8 @@ def main() -> None:
     parser.add_argument("--profile", default="tiny", help="model profile (default: tiny, runs offline on CPU)")
     parser.add_argument("--config", help="YAML deep-merged over the bundled profiles.yaml (as the CLI's --config)")
     parser.add_argument("--chat-seed", type=int, default=TINY_CHAT_SEED,
-                        help=f"seed of the tiny chat model's random weights (default {TINY_CHAT_SEED}; -1: the profile's)")
+                        help=f"seed of the tiny chat model's random weights (default {TINY_CHAT_SEED}; "
+                        "-1: the profile's)")
     parser.add_argument("--script-presence", action=argparse.BooleanOptionalAction, default=None,
                         help="replace the Transcriber's presence answers by Yes / No in turn (default: on for tiny, "
                         "whose random answers never say yes)")

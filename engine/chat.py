@@ -93,32 +93,71 @@ def ask_json(
     """Ask every request for JSON matching `schema`, in one batch; invalid answers are retried together (each
     shown its own error) up to `retries` times. Pydantic validators on `schema` are part of validation, so a
     semantic rule (equal list lengths, distinct items) is retried like a syntax error."""
-    if retries < 0:
-        raise ValueError(f"retries must be >= 0, got {retries}")
     json_schema = schema_of(schema)
     schema_text = json.dumps(json_schema, separators=(",", ":"))
-    pending = {i: replace(r, json_schema=json_schema) for i, r in enumerate(requests)}
-    results: list[JsonAnswer[T]] = [JsonAnswer(None) for _ in requests]
+
+    def ask_round(batch: list[ChatRequest]) -> list[tuple[T | None, str, str | None]]:
+        answers = model.chat(batch)
+        _count(stats, agent, len(batch))
+        out: list[tuple[T | None, str, str | None]] = []
+        for text in answers:
+            try:
+                out.append((_parse(schema, text), text, None))
+            except (ValidationError, ValueError) as exc:
+                out.append((None, text, _short_error(exc)))
+        return out
+
+    results = ask_checked(
+        [replace(r, json_schema=json_schema) for r in requests],
+        ask_round,
+        repair=lambda error: REPAIR_PROMPT.format(error=error, schema=schema_text),
+        retries=retries,
+        stats=stats,
+        agent=agent,
+    )
+    if stats is not None:
+        stats.count(f"{agent}_invalid_json", sum(not r.ok for r in results))
+    return results
+
+
+def ask_checked(
+    requests: Sequence[ChatRequest],
+    ask_round: Callable[[list[ChatRequest]], list[tuple[Any, str, str | None]]],
+    *,
+    repair: Callable[[str], str],
+    check: Callable[[int, Any], str | None] | None = None,
+    retries: int,
+    stats: Stats | None,
+    agent: str,
+) -> list[JsonAnswer]:
+    """The retry loop under `ask_json`, for agents with their own parsing or checks that depend on the request
+    (a placeholder that must name one of this video's regions). `ask_round(batch)` asks one batch and returns
+    per request (value, raw answer, parse error or None); `check(i, value)` may refuse a parsed value of
+    request i. A refused answer is asked again in the next round's batch, with its own answer and
+    `repair(error)` appended, up to `retries` times."""
+    if retries < 0:
+        raise ValueError(f"retries must be >= 0, got {retries}")
+    results: list[JsonAnswer] = [JsonAnswer(None) for _ in requests]
+    pending = dict(enumerate(requests))
     for attempt in range(retries + 1):
         if not pending:
             break
         order = list(pending)
-        answers = model.chat([pending[i] for i in order])
-        _count(stats, agent, len(order))
         if attempt:
             _count(stats, f"{agent}_retried", len(order))
-        for i, text in zip(order, answers):
-            results[i].raw.append(text)
-            try:
-                results[i].value, results[i].error = _parse(schema, text), None
+        for i, (value, raw, error) in zip(order, ask_round([pending[i] for i in order])):
+            results[i].raw.append(raw)
+            if error is None and check is not None:
+                error = check(i, value)
+            if error is None:
+                results[i].value, results[i].error = value, None
                 del pending[i]
-            except (ValidationError, ValueError) as exc:
-                results[i].error = _short_error(exc)
-                request = pending[i]
-                repair = ChatMessage.user(REPAIR_PROMPT.format(error=results[i].error, schema=schema_text))
-                pending[i] = replace(request, messages=(*request.messages, ChatMessage.assistant(text), repair))
-    if stats is not None:
-        stats.count(f"{agent}_invalid_json", sum(not r.ok for r in results))
+                continue
+            results[i].error = error
+            request = pending[i]
+            pending[i] = replace(
+                request, messages=(*request.messages, ChatMessage.assistant(raw), ChatMessage.user(repair(error)))
+            )
     return results
 
 
