@@ -24,3 +24,11 @@ class ConfigError(EngineError):
 class ChatBackendError(EngineError):
     """A chat model's server stayed unreachable or kept failing after the backend's retries (transient: a
     batch may be retried later)."""
+
+
+def transient_faults() -> tuple[type[BaseException], ...]:
+    """Faults worth a retry of a whole batch rather than a rejection of one item: a model server restarting,
+    a GPU momentarily out of memory. Committed items are skipped on the retry."""
+    import torch
+
+    return (ConnectionError, TimeoutError, MemoryError, torch.OutOfMemoryError, ChatBackendError)

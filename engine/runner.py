@@ -130,6 +130,19 @@ class StagePass(Protocol):
         ...
 
 
+class FunctionPass:
+    """A `StagePass` made of a finish function and the consumers it needs (what most stages are)."""
+
+    def __init__(
+        self, finish: Callable[[DecodeResult, Outputs], Outputs], consumers: Sequence[FrameConsumer] = ()
+    ) -> None:
+        self.consumers = list(consumers)
+        self._finish = finish
+
+    def finish(self, decoded: DecodeResult, so_far: Outputs) -> Outputs:
+        return self._finish(decoded, so_far)
+
+
 class Stage(Protocol):
     name: str  # timer and counter prefix
 

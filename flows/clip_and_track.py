@@ -15,7 +15,7 @@ from agents.video_clipper import ClipperConfig, VideoClipper
 from engine.config import EngineConfig
 from engine.decode import DecodeLimits, DecodeResult
 from engine.models.interfaces import Grounder
-from engine.runner import Outputs, Pipeline, VideoContext
+from engine.runner import FunctionPass, Outputs, Pipeline, VideoContext
 from engine.stats import Stats
 from engine.storage import Dataset
 from schemas import EntityRef
@@ -54,17 +54,6 @@ def roles(config: EngineConfig, *, entities: Sequence[Any] = (), **_: Any) -> di
     return needed
 
 
-class _Pass:
-    """Adapts an agent's per-video pass to the runner: its consumers, and a finish that returns rows."""
-
-    def __init__(self, consumers: list[Any], finish) -> None:
-        self.consumers = consumers
-        self._finish = finish
-
-    def finish(self, decoded: DecodeResult, so_far: Outputs) -> Outputs:
-        return self._finish(decoded, so_far)
-
-
 class EntityStage:
     """Strefer's Entity Recognizer (Prompt P.1 on frames from the whole video) and Referring Parser
     (expressions, nouns, generalized categories): the entities of a video when none were given. They are
@@ -75,7 +64,7 @@ class EntityStage:
     def __init__(self, recognizer: EntityRecognizer, parser: ReferringParser, config: EntitiesConfig) -> None:
         self.recognizer, self.parser, self.config = recognizer, parser, config
 
-    def start(self, ctx: VideoContext) -> _Pass | None:
+    def start(self, ctx: VideoContext) -> FunctionPass | None:
         if ctx.entities:
             return None
         keyframes = ctx.keyframes(count=self.config.recognizer_frames, max_side=self.config.frame_max_side)
@@ -95,7 +84,7 @@ class EntityStage:
             ctx.state["entity_paragraph"] = paragraph
             return Outputs()
 
-        return _Pass([], finish)
+        return FunctionPass(finish)
 
 
 class ClipStage:
@@ -104,7 +93,7 @@ class ClipStage:
     def __init__(self, clipper: VideoClipper) -> None:
         self.clipper = clipper
 
-    def start(self, ctx: VideoContext) -> _Pass:
+    def start(self, ctx: VideoContext) -> FunctionPass:
         info = ctx.info
         clip_pass = self.clipper.start(
             video_id=ctx.video_id, fps=info.fps, width=info.width, height=info.height, provenance=ctx.provenance
@@ -119,7 +108,7 @@ class ClipStage:
                 )
             )
 
-        return _Pass(clip_pass.consumers, finish)
+        return FunctionPass(finish, clip_pass.consumers)
 
 
 class MaskletStage:
@@ -131,7 +120,7 @@ class MaskletStage:
         self.generator = generator
         self.name = f"masklets.{generator.method}"
 
-    def start(self, ctx: VideoContext) -> _Pass:
+    def start(self, ctx: VideoContext) -> FunctionPass:
         gen, cfg = self.generator, self.generator.config
         frames = ctx.track_frames(
             size=gen.tracker.image_size, fps=cfg.track_fps, quality=cfg.frame_jpeg_quality, memory_mb=cfg.frame_memory_mb
@@ -152,7 +141,7 @@ class MaskletStage:
             result = masklet_pass.finish()
             return Outputs(masklets=result.masklets, rejections=result.rejections)
 
-        return _Pass([], finish)
+        return FunctionPass(finish)
 
 
 class RenderStage:
@@ -164,7 +153,7 @@ class RenderStage:
         self.dataset = dataset
         self.paths: dict[str, str] = {}  # video_id -> render path
 
-    def start(self, ctx: VideoContext) -> _Pass:
+    def start(self, ctx: VideoContext) -> FunctionPass:
         def finish(decoded: DecodeResult, so_far: Outputs) -> Outputs:
             from engine.render import render_overlay
 
@@ -175,7 +164,7 @@ class RenderStage:
             ctx.stats.count("frames_decoded_render", frames)
             return Outputs()
 
-        return _Pass([], finish)
+        return FunctionPass(finish)
 
 
 def _grounder(backend: Any) -> Grounder:

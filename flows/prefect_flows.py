@@ -12,19 +12,10 @@ from typing import Any, Optional
 from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NONE
 
+from engine.errors import transient_faults
 from engine.stats import Stats
 from flows.pipelines import finish_run, load, run_items
 from schemas import WorkItem
-
-
-def _transient() -> tuple[type[BaseException], ...]:
-    """Faults worth a retry of the whole batch: a model server restarting, a GPU momentarily out of memory.
-    Committed items are skipped on the retry."""
-    import torch
-
-    from engine.errors import ChatBackendError
-
-    return (ConnectionError, TimeoutError, MemoryError, torch.OutOfMemoryError, ChatBackendError)
 
 
 # No input caching: items can carry masks, and hashing them buys nothing (reruns skip committed items).
@@ -48,7 +39,7 @@ def run_batch(
         config=load(profile, config_file),
         stats=stats,
         force=force,
-        transient=_transient(),
+        transient=transient_faults(),
         **options,
     )
     return {"statuses": {o.item.source: o.status for o in outcomes}, "stats": stats.as_dict()}

@@ -20,7 +20,7 @@ from agents.instruction_generator import InstructionConfig, InstructionGenerator
 from agents.transcriber import ClipView, TranscribeJob, TranscriberConfig, VideoTranscriber
 from engine.config import EngineConfig
 from engine.decode import DecodeResult
-from engine.runner import Outputs, Pipeline, VideoContext
+from engine.runner import FunctionPass, Outputs, Pipeline, VideoContext
 from engine.stats import Stats
 from engine.storage import Dataset
 from flows import clip_and_track
@@ -76,7 +76,7 @@ class TranscriberStage:
     def __init__(self, transcriber: VideoTranscriber, config: StreferConfig, stats: Stats) -> None:
         self.transcriber, self.config, self.stats = transcriber, config, stats
 
-    def start(self, ctx: VideoContext) -> "_Pass":
+    def start(self, ctx: VideoContext) -> FunctionPass:
         keyframes = ctx.keyframes(count=self.config.transcriber_frames, max_side=self.config.frame_max_side)
 
         def finish(decoded: DecodeResult, so_far: Outputs) -> Outputs:
@@ -99,7 +99,7 @@ class TranscriberStage:
             ctx.state["transcript"] = transcript
             return Outputs()
 
-        return _Pass(finish)
+        return FunctionPass(finish)
 
 
 class InstructionStage:
@@ -108,7 +108,7 @@ class InstructionStage:
     def __init__(self, generator: InstructionGenerator, config: StreferConfig, stats: Stats) -> None:
         self.generator, self.config, self.stats = generator, config, stats
 
-    def start(self, ctx: VideoContext) -> "_Pass":
+    def start(self, ctx: VideoContext) -> FunctionPass:
         def finish(decoded: DecodeResult, so_far: Outputs) -> Outputs:
             transcript = ctx.state.get("transcript")
             if transcript is None:
@@ -143,16 +143,7 @@ class InstructionStage:
                 self.stats.count(f"samples.strefer.{group}.{task}", n)
             return out
 
-        return _Pass(finish)
-
-
-class _Pass:
-    def __init__(self, finish) -> None:
-        self.consumers: list[Any] = []
-        self._finish = finish
-
-    def finish(self, decoded: DecodeResult, so_far: Outputs) -> Outputs:
-        return self._finish(decoded, so_far)
+        return FunctionPass(finish)
 
 
 def build(

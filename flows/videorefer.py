@@ -28,11 +28,11 @@ from agents.segmentor import Segmentor, SegmentorConfig
 from engine import masks
 from engine.config import EngineConfig
 from engine.decode import DecodeLimits, DecodeResult
-from engine.errors import ChatBackendError
+from engine.errors import transient_faults
 from engine.frame_store import TrackFrames
 from engine.ids import stable_id
 from engine.models.interfaces import ChatVideo
-from engine.runner import Outputs, Pipeline, VideoContext
+from engine.runner import FunctionPass, Outputs, Pipeline, VideoContext
 from engine.stats import Stats
 from engine.storage import Dataset
 from schemas import Assignment, FrameMask, MaskletRecord, Review, SampleRecord, Turn, WorkItem
@@ -40,8 +40,6 @@ from schemas import Assignment, FrameMask, MaskletRecord, Review, SampleRecord, 
 NAME = "videorefer"
 DATA_TYPES = ("detailed_caption", "short_caption", "object_qa")
 # Faults of the model server, not of an item: never retried item by item (the orchestrator retries the batch).
-SYSTEMIC_FAULTS: tuple[type[BaseException], ...] = (ChatBackendError, ConnectionError, TimeoutError, MemoryError)
-
 REVIEWER_DROP_CODES = (INVALID_JUDGE, "empty_mask", "empty_region_caption")  # see agents/reviewer.py
 
 # Human turns of the caption samples; one is picked per sample by its id, so reruns agree.
@@ -124,15 +122,6 @@ class _Work:
     reviews: dict[str, Review] = field(default_factory=dict)  # noun -> verdict
 
 
-class _Pass:
-    def __init__(self, finish, consumers: list[Any] | None = None) -> None:
-        self.consumers = consumers or []
-        self._finish = finish
-
-    def finish(self, decoded: DecodeResult, so_far: Outputs) -> Outputs:
-        return self._finish(decoded)
-
-
 def _work(ctx: VideoContext) -> _Work:
     return ctx.state.setdefault(NAME, _Work())
 
@@ -166,7 +155,7 @@ class AnalyzerStage:
         try:
             results.update(zip((i.key for i in items), self.analyzer.analyze([i.caption or "" for i in items], short=short)))
             return
-        except SYSTEMIC_FAULTS:
+        except transient_faults():
             raise  # the orchestrator retries the batch; committed items are skipped then
         except Exception as exc:
             if len(items) == 1:
@@ -176,12 +165,12 @@ class AnalyzerStage:
         for item in items:
             try:
                 (results[item.key],) = self.analyzer.analyze([item.caption or ""], short=short)
-            except SYSTEMIC_FAULTS:
+            except transient_faults():
                 raise
             except Exception as exc:
                 self._faults[item.key] = exc
 
-    def start(self, ctx: VideoContext) -> _Pass | None:
+    def start(self, ctx: VideoContext) -> FunctionPass | None:
         work = _work(ctx)
         key = ctx.item.key
         work.nouns = self._detailed.pop(key, None)
@@ -199,7 +188,7 @@ class AnalyzerStage:
                 "expressions give object_qa samples"
             )
             rejection = ctx.rejection(self.name, "nothing_to_annotate", detail)
-            return _Pass(lambda decoded: Outputs(rejections=[rejection]))
+            return FunctionPass(lambda decoded, so_far: Outputs(rejections=[rejection]))
         dropped = Counter(r.failure.reason for r in results if r.failure)
         funnel(self.stats, self.name, len(results), len(results) - sum(dropped.values()), dropped)
         modes = [m for m, r in (("detailed", work.nouns), ("short", work.subject)) if r is not None]
@@ -209,7 +198,7 @@ class AnalyzerStage:
             for mode, r in zip(modes, results)
             if r.failure
         ]
-        return _Pass(lambda decoded: Outputs(rejections=rejections)) if rejections else None
+        return FunctionPass(lambda decoded, so_far: Outputs(rejections=rejections)) if rejections else None
 
 
 class AnnotatorStage:
@@ -220,7 +209,7 @@ class AnnotatorStage:
     def __init__(self, annotator: Annotator, config: VideoReferConfig, stats: Stats) -> None:
         self.annotator, self.config, self.stats = annotator, config, stats
 
-    def start(self, ctx: VideoContext) -> _Pass | None:
+    def start(self, ctx: VideoContext) -> FunctionPass | None:
         work = _work(ctx)
         nouns = list(work.nouns.nouns) if work.nouns and work.nouns.ok else []
         expressions = [e.expression for e in ctx.item.expressions] if work.object_qa else []
@@ -228,7 +217,7 @@ class AnnotatorStage:
             return None
         keyframes = ctx.keyframes(count=self.config.annotator_frames, max_side=self.config.frame_max_side)
 
-        def finish(decoded: DecodeResult) -> Outputs:
+        def finish(decoded: DecodeResult, so_far: Outputs) -> Outputs:
             work.video = keyframes.chat_video()
             if work.video is None:
                 return Outputs(rejections=[ctx.rejection(self.name, "no_frames", "no frames were decoded")])
@@ -242,7 +231,7 @@ class AnnotatorStage:
                 rejections += self._rejections(ctx, work.expression_annotations)
             return Outputs(rejections=rejections)
 
-        return _Pass(finish)
+        return FunctionPass(finish)
 
     def _rejections(self, ctx: VideoContext, annotations: list[Annotation]) -> list:
         dropped = Counter(a.failure.reason for a in annotations if a.failure)
@@ -262,7 +251,7 @@ class SegmentorStage:
     def __init__(self, segmentor: Segmentor, stats: Stats) -> None:
         self.segmentor, self.stats = segmentor, stats
 
-    def start(self, ctx: VideoContext) -> _Pass | None:
+    def start(self, ctx: VideoContext) -> FunctionPass | None:
         work = _work(ctx)
         candidates = [n.noun for n in (work.nouns.nouns if work.nouns and work.nouns.ok else ())]
         candidates += [n.noun for n in (work.subject.subjects if work.subject and work.subject.ok else ())]
@@ -275,7 +264,7 @@ class SegmentorStage:
                 memory_mb=cfg.frame_memory_mb,
             )
 
-        def finish(decoded: DecodeResult) -> Outputs:
+        def finish(decoded: DecodeResult, so_far: Outputs) -> Outputs:
             out = Outputs()
             if work.object_qa:
                 out.extend(self._source_masklets(ctx, work))
@@ -298,7 +287,7 @@ class SegmentorStage:
                         out.masklets.append(r.masklet)
             return out
 
-        return _Pass(finish)
+        return FunctionPass(finish)
 
     def _source_masklets(self, ctx: VideoContext, work: _Work) -> Outputs:
         """The source's masks as masklets, copied as they are (ground truth). Masks at the source's frame size
@@ -359,12 +348,12 @@ class ReviewerStage:
     def __init__(self, reviewer: Reviewer, stats: Stats) -> None:
         self.reviewer, self.stats = reviewer, stats
 
-    def start(self, ctx: VideoContext) -> _Pass | None:
+    def start(self, ctx: VideoContext) -> FunctionPass | None:
         work = _work(ctx)
         if not (work.nouns and work.nouns.ok):
             return None
 
-        def finish(decoded: DecodeResult) -> Outputs:
+        def finish(decoded: DecodeResult, so_far: Outputs) -> Outputs:
             jobs, nouns = [], []
             for a in work.annotations:
                 masklet = work.masklets.get(a.noun)
@@ -379,7 +368,7 @@ class ReviewerStage:
                 funnel(self.stats, self.name, len(reviews), len(reviews) - sum(dropped.values()), dropped)
             return Outputs()
 
-        return _Pass(finish)
+        return FunctionPass(finish)
 
     @staticmethod
     def _job(ctx: VideoContext, track: TrackFrames, masklet: MaskletRecord, annotation: Annotation) -> ReviewJob:
@@ -406,10 +395,10 @@ class RefinerStage:
     def __init__(self, refiner: Refiner, config: VideoReferConfig, data_types: Sequence[str], stats: Stats) -> None:
         self.refiner, self.config, self.data_types, self.stats = refiner, config, set(data_types), stats
 
-    def start(self, ctx: VideoContext) -> _Pass:
+    def start(self, ctx: VideoContext) -> FunctionPass:
         work = _work(ctx)
 
-        def finish(decoded: DecodeResult) -> Outputs:
+        def finish(decoded: DecodeResult, so_far: Outputs) -> Outputs:
             out = Outputs()
             out.extend(self._detailed(ctx, work))
             out.extend(self._short(ctx, work))
@@ -418,7 +407,7 @@ class RefinerStage:
                 self.stats.count(f"samples.{sample.data_type}.{'kept' if sample.kept else 'dropped'}")
             return out
 
-        return _Pass(finish)
+        return FunctionPass(finish)
 
     def _sample(self, ctx: VideoContext, data_type: str, key: Any, question: str, answer: str,
                 masklets: list[MaskletRecord], *, task: str | None = None, kept: bool = True,

@@ -186,3 +186,19 @@ class FakeChat:
     @property
     def requests(self) -> list[ChatRequest]:
         return [r for b in self.batches for r in b]
+
+
+class Recorder:
+    """A frame consumer (not a model) that keeps the frames it wants, every `every`-th, and what it was asked."""
+
+    def __init__(self, every: int = 1) -> None:
+        self.every = every
+        self.asked: list[int] = []
+        self.got: list[tuple[int, float, np.ndarray]] = []
+
+    def wants(self, index: int, time: float) -> bool:
+        self.asked.append(index)
+        return index % self.every == 0
+
+    def consume(self, index: int, time: float, frame: np.ndarray) -> None:
+        self.got.append((index, time, frame))

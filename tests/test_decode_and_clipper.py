@@ -14,7 +14,7 @@ from engine.probe import VideoInfo, probe_video
 from engine.stats import Stats
 from schemas import ClipRecord, Provenance
 from tests import synthetic
-from tests.fakes import FakeEmbedder
+from tests.fakes import FakeEmbedder, Recorder
 
 REAL_VIDEOS = Path(__file__).resolve().parents[2] / "shared" / "videos"
 PROV = Provenance(engine_version="test", profile="tiny", models={"embedder": "fake/embedder"}, config_hash="cfg")
@@ -36,22 +36,6 @@ def videos(tmp_path_factory: pytest.TempPathFactory) -> dict[str, synthetic.Grou
         "slow": synthetic.slow_change_video(root / "slow.mp4"),
         "short": synthetic.short_video(root / "short.mp4"),
     }
-
-
-class Recorder:
-    """Frame consumer that keeps what it was given, for every `every`-th frame."""
-
-    def __init__(self, every: int = 1) -> None:
-        self.every = every
-        self.asked: list[int] = []
-        self.got: list[tuple[int, float, np.ndarray]] = []
-
-    def wants(self, index: int, time: float) -> bool:
-        self.asked.append(index)
-        return index % self.every == 0
-
-    def consume(self, index: int, time: float, frame: np.ndarray) -> None:
-        self.got.append((index, time, frame))
 
 
 def clip_video(

@@ -17,28 +17,13 @@ from engine.errors import BadInputError, VideoError
 from engine.probe import list_frame_images, natural_key, probe_video
 from engine.sources import describe_sources, open_source, read_manifest, read_mevis, read_ref_youtube_vos
 from tests import synthetic
+from tests.fakes import Recorder
 
 REAL_VIDEOS = Path(__file__).resolve().parents[2] / "shared" / "videos"
 LIMITS = DecodeLimits()
 W, H = 32, 24
 # One flat, well separated color per frame: JPEG keeps flat colors within a few levels.
 COLORS = [(200, 30, 30), (30, 200, 30), (30, 30, 200), (200, 200, 30), (30, 200, 200), (200, 30, 200)]
-
-
-class Recorder:
-    """Frame consumer that keeps the frames it wants (every `every`-th) and what it was asked."""
-
-    def __init__(self, every: int = 1) -> None:
-        self.every = every
-        self.asked: list[int] = []
-        self.got: list[tuple[int, float, np.ndarray]] = []
-
-    def wants(self, index: int, time: float) -> bool:
-        self.asked.append(index)
-        return index % self.every == 0
-
-    def consume(self, index: int, time: float, frame: np.ndarray) -> None:
-        self.got.append((index, time, frame))
 
 
 def flat(color: tuple[int, int, int], width: int = W, height: int = H) -> np.ndarray:
