@@ -7,6 +7,13 @@
       "height", "width"}]
 Masks are copied from the masklets as stored (a source's ground truth comes out bit for bit); frame indexes
 are those of the source video (of the whole file when the item was a window of it).
+
+Which frames each region is annotated on (`frames`):
+- `sample`: the frames the sample names (its keyframes), as VideoRefer-700K does;
+- `tracked`: every frame the masklet has a mask on (the tracker ran at the masklet's `track_fps`);
+- `all`: every decoded frame: a frame the tracker skipped holds the mask of the nearest tracked frame, when
+  one lies within half a tracking interval (so a frame is never filled across an absence). Set
+  `masklets.track_fps: 0` to track every frame instead of holding masks.
 """
 
 from __future__ import annotations
@@ -20,6 +27,7 @@ from engine.errors import BadInputError
 from engine.storage import Dataset
 
 FORMATS = ("videorefer",)
+FRAME_CHOICES = ("sample", "tracked", "all")
 REGION = "<region>"
 
 
@@ -29,16 +37,34 @@ class ExportSummary:
     skipped: Counter = field(default_factory=Counter)  # reason -> samples left out
 
 
-def export(dataset_url: str, out: str, *, fmt: str = "videorefer", include_dropped: bool = False) -> ExportSummary:
+def export(
+    dataset_url: str, out: str, *, fmt: str = "videorefer", include_dropped: bool = False, frames: str = "sample"
+) -> ExportSummary:
     if fmt not in FORMATS:
         raise BadInputError(f"unknown export format {fmt!r}; formats: {', '.join(FORMATS)}")
+    if frames not in FRAME_CHOICES:
+        raise BadInputError(f"unknown frames choice {frames!r}; choose from {', '.join(FRAME_CHOICES)}")
     dataset = Dataset(dataset_url)
     if not dataset.exists():
         raise BadInputError(f"{dataset_url} does not exist")
-    return export_videorefer(dataset, out, include_dropped=include_dropped)
+    return export_videorefer(dataset, out, include_dropped=include_dropped, frames=frames)
 
 
-def export_videorefer(dataset: Dataset, out: str, *, include_dropped: bool = False) -> ExportSummary:
+def held_masks(masked: dict[int, Any], *, fps: float, track_fps: float | None) -> dict[int, Any]:
+    """`masked` (frame index -> mask) with each frame between tracked ones holding its nearest tracked
+    frame's mask, when that one lies within half a tracking interval (ties go to the earlier frame)."""
+    if not masked or not track_fps or track_fps >= fps:
+        return dict(masked)
+    reach = int(fps / track_fps) // 2
+    out = {}
+    for i in range(min(masked) - reach, max(masked) + reach + 1):
+        near = next((j for d in range(reach + 1) for j in (i - d, i + d) if j in masked), None)
+        if near is not None and i >= 0:
+            out[i] = masked[near]
+    return out
+
+
+def export_videorefer(dataset: Dataset, out: str, *, include_dropped: bool = False, frames: str = "sample") -> ExportSummary:
     import fsspec
     import pyarrow.compute as pc
 
@@ -56,7 +82,7 @@ def export_videorefer(dataset: Dataset, out: str, *, include_dropped: bool = Fal
         if not sample["kept"] and not include_dropped:
             summary.skipped["dropped_by_reviewer"] += 1
             continue
-        entry = _entry(sample, videos, masklets, summary)
+        entry = _entry(sample, videos, masklets, summary, frames)
         if entry is not None:
             by_type[sample["data_type"]].append(entry)
 
@@ -76,7 +102,7 @@ def _array(values: set[str]):
     return pa.array(sorted(values), type=pa.string())
 
 
-def _entry(sample: dict, videos: dict, masklets: dict, summary: ExportSummary) -> dict[str, Any] | None:
+def _entry(sample: dict, videos: dict, masklets: dict, summary: ExportSummary, choice: str) -> dict[str, Any] | None:
     video = videos.get(sample["video_id"])
     if video is None:
         summary.skipped["video_missing"] += 1
@@ -92,7 +118,12 @@ def _entry(sample: dict, videos: dict, masklets: dict, summary: ExportSummary) -
             summary.skipped["masklet_missing"] += 1
             return None
         by_frame = {f["frame_index"]: f["rle"] for f in masklet["frames"]}
-        frames = [i for i in sample["frames"] if i in by_frame] or sorted(by_frame)[:1]
+        if choice == "all":
+            by_frame = held_masks(by_frame, fps=video["fps"], track_fps=masklet.get("track_fps"))
+        if choice == "sample":
+            frames = [i for i in sample["frames"] if i in by_frame] or sorted(by_frame)[:1]
+        else:
+            frames = sorted(by_frame)
         if not frames:
             summary.skipped["region_without_mask"] += 1
             return None

@@ -24,6 +24,16 @@ def decode(rle: Rle) -> np.ndarray:
     return mask_utils.decode({"size": list(rle.size), "counts": rle.counts.encode("ascii")}).astype(bool)
 
 
+def iou(a: Rle, b: Rle) -> float:
+    """Intersection over union of two masks of one size (0 when both are empty)."""
+    from pycocotools import mask as mask_utils
+
+    def coco(rle: Rle) -> dict:
+        return {"size": list(rle.size), "counts": rle.counts.encode("ascii")}
+
+    return float(mask_utils.iou([coco(a)], [coco(b)], [0])[0, 0])
+
+
 def area(rle: Rle) -> int:
     from pycocotools import mask as mask_utils
 

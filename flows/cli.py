@@ -305,21 +305,35 @@ class ExportFormat(str, Enum):
     videorefer = "videorefer"
 
 
+class FrameChoice(str, Enum):
+    sample = "sample"
+    tracked = "tracked"
+    all = "all"
+
+
 @app.command("export")
 def export(
     path: Annotated[str, typer.Argument(help="Dataset folder or fsspec URL.")],
     out: Annotated[str, typer.Option("--out", "-o", help="Folder for the exported files.")],
     fmt: Annotated[ExportFormat, typer.Option("--format", "-f", help="Training format.")] = ExportFormat.videorefer,
     include_dropped: Annotated[bool, typer.Option(help="Also export samples the Reviewer dropped.")] = False,
+    frames: Annotated[
+        FrameChoice,
+        typer.Option(
+            help="Frames each region is annotated on: sample (the sample's keyframes, as VideoRefer-700K), tracked "
+            "(every frame with a mask) or all (every frame; one the tracker skipped at track_fps holds the nearest "
+            "tracked mask, within half a tracking interval)."
+        ),
+    ] = FrameChoice.sample,
 ) -> None:
     """Write a dataset's samples in a training format (videorefer: VideoRefer-700K JSON, one file per data type)."""
-    _run_guarded(_export, path, out, fmt.value, include_dropped)
+    _run_guarded(_export, path, out, fmt.value, include_dropped, frames.value)
 
 
-def _export(path, out, fmt, include_dropped) -> None:
+def _export(path, out, fmt, include_dropped, frames) -> None:
     from engine.export import export as run_export
 
-    summary = run_export(path, out, fmt=fmt, include_dropped=include_dropped)
+    summary = run_export(path, out, fmt=fmt, include_dropped=include_dropped, frames=frames)
     for file, n in summary.files.items():
         console.print(f"{file}: {n} samples")
     if summary.skipped:

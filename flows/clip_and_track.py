@@ -18,7 +18,7 @@ from engine.models.interfaces import Grounder
 from engine.runner import FunctionPass, Outputs, Pipeline, VideoContext
 from engine.stats import Stats
 from engine.storage import Dataset
-from schemas import EntityRef
+from schemas import ClipRecord, EntityRef
 
 NAME = "clip-and-track"
 
@@ -111,10 +111,18 @@ class ClipStage:
         return FunctionPass(finish, clip_pass.consumers)
 
 
+def hard_cuts(clips: Sequence[ClipRecord]) -> list[int]:
+    """Frames where a clip found by a content cut (PySceneDetect's hard cut) starts: tracks must not cross
+    them. A boundary found by clustering is gradual and tracking may cross it."""
+    first = min((c.start_frame for c in clips), default=0)
+    return sorted(c.start_frame for c in clips if c.method == "content" and c.start_frame > first)
+
+
 class MaskletStage:
     """The Referring Masklet Generator (or the baseline) over the video's shared tracker frames. The frames
     are kept during the decode; the entities are read at `finish`, so a stage before it (the Entity
-    Recognizer and Referring Parser) may find them from the same decode."""
+    Recognizer and Referring Parser) may find them from the same decode, and the hard cuts of the clip stage
+    before it end tracks."""
 
     def __init__(self, generator: ReferringMaskletGenerator) -> None:
         self.generator = generator
@@ -138,7 +146,7 @@ class MaskletStage:
                 provenance=ctx.provenance,
                 frames=frames,
             )
-            result = masklet_pass.finish()
+            result = masklet_pass.finish(cuts=hard_cuts(so_far.clips))
             return Outputs(masklets=result.masklets, rejections=result.rejections)
 
         return FunctionPass(finish)

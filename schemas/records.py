@@ -78,6 +78,26 @@ class Assignment(Record):
     num_candidates: int
     score: float = Field(description="assignment score used by the one-to-one matching")
     grounder_answer: Optional[str] = Field(default=None, description="raw grounder answer, when asked")
+    linked: list[int] = Field(
+        default_factory=list,
+        description="further candidates of the noun the grounder also named for this expression, joined to the "
+        "masklet: the same entity on other tracks (after it left the tracker's memory, or across a hard cut); "
+        "they never overlap in time",
+    )
+
+
+class TrackPrompt(Record):
+    """One prompt that started a track of a masklet: where, with which box, and why."""
+
+    frame_index: int
+    timestamp: float
+    box: list[float] = Field(description="xyxy pixels of the detection that prompted the tracker")
+    detector_score: float
+    reason: Literal["start", "redetect", "first-frame"] = Field(
+        description="start: the frame Strefer's Algorithm 1 picks (in each shot between hard cuts); redetect: a "
+        "detection at another sampled frame that matched no live masklet; first-frame: the baseline's prompt"
+    )
+    track: int = Field(description="index of the track within the masklet; a track never crosses a hard cut")
 
 
 class MaskletRecord(Record):
@@ -95,6 +115,12 @@ class MaskletRecord(Record):
     detector_box: list[float]
     assignment: Assignment
     num_frames_tracked: int = Field(description="frames the tracker ran on; frames lists those with a mask")
+    track_fps: Optional[float] = Field(
+        default=None,
+        description="rate the tracker ran at (0: every decoded frame); frames between tracked ones carry no mask "
+        "here (exporters can hold the nearest one). None for masks read from a source dataset",
+    )
+    prompts: list[TrackPrompt] = Field(default_factory=list, description="every prompt of every track joined here")
     frames: list[FrameMask]
     provenance: Provenance
 

@@ -91,27 +91,39 @@ class _FakeSession:
             raise ValueError("propagate before any prompt")
         self.tracker.passes.append((start, reverse))
         positions = range(start, -1, -1) if reverse else range(start, len(self.frames))
+        memory = self.tracker.memory
+        absent = {obj: 0 for obj in self.colors}  # frames in a row without the object, this pass
         for p in positions:
             frame = self._frame(p)
-            yield p, {obj: color_mask(frame, color) for obj, color in self.colors.items()}
+            out = {}
+            for obj, color in self.colors.items():
+                mask = color_mask(frame, color)
+                lost = memory is not None and absent[obj] > memory
+                absent[obj] = 0 if mask.any() and not lost else absent[obj] + 1
+                out[obj] = np.zeros_like(mask) if lost else mask
+            yield p, out
 
     def close(self) -> None:
         self.tracker.closed += 1
 
 
 class FakeColorTracker:
-    """'Tracks' each prompted object by the color it had on the prompt frame."""
+    """'Tracks' each prompted object by the color it had on the prompt frame. With `memory`, like SAM 2, it
+    loses an object for the rest of a pass once it was absent for more than `memory` frames in a row."""
 
     model_id = "fake/color-tracker"
 
-    def __init__(self, image_size: int = 64) -> None:
+    def __init__(self, image_size: int = 64, memory: int | None = None) -> None:
         self.image_size = image_size
+        self.memory = memory
         self.sessions = 0
         self.closed = 0
         self.passes: list[tuple[int, bool]] = []
+        self.session_frames: list[int] = []  # frames each session could see
 
     def start(self, frames: FrameSource, *, height: int, width: int) -> _FakeSession:
         self.sessions += 1
+        self.session_frames.append(len(frames))
         return _FakeSession(self, frames, height, width)
 
 

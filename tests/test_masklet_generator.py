@@ -119,13 +119,14 @@ def test_assignment_is_one_to_one():
     assert assign_one_to_one(np.array([[0.0, 0.0]])) == []
 
 
-def test_masklets_follow_ground_truth():
+@pytest.mark.parametrize("redetect", [False, True], ids=["paper", "redetect"])
+def test_masklets_follow_ground_truth(redetect):
     frames, truth = _scene()
-    gen = _generator()
+    gen = _generator(redetect=redetect)
     (result,) = _run(gen, frames).values()
     by_expr = {m.expression: m for m in result.masklets}
     assert set(by_expr) == {e.expression for e in ENTITIES}, result.rejections
-    start = result.start_frame
+    (start,) = result.start_frames
     # the start frame is one where every entity is visible (the dog enters at 12)
     assert all(truth[k][start].any() for k in truth)
     assert start >= 12
@@ -150,8 +151,13 @@ def test_masklets_follow_ground_truth():
     assert {by_expr[e].assignment.candidate_index for e in ("person in red", "person in blue")} == {0, 1}
     assert by_expr["small dog"].assignment.method == "sole-candidate"
     assert gen.grounder.calls == 1  # one call for the person group, none for sole candidates
-    # detection stopped early: batches of 2 in middle-first order, not all 8 sampled frames
-    assert sum(gen.detector.calls) < 8
+    # every masklet says where its one track was prompted, why, and at which rate it was tracked
+    assert all([(p.frame_index, p.reason, p.track) for p in m.prompts] == [(start, "start", 0)] for m in by_expr.values())
+    assert all(m.track_fps == 0 for m in by_expr.values())
+    if redetect:  # every sampled frame is detected; the oracle tracker explains them all: no new session
+        assert sum(gen.detector.calls) == 8 and "redetect_sessions" not in gen.stats.counters
+    else:  # detection stopped early: batches of 2 in middle-first order, not all 8 sampled frames
+        assert sum(gen.detector.calls) < 8
 
 
 def test_entity_without_detection_is_rejected_and_others_go_on():
@@ -185,8 +191,9 @@ def test_grounded_sam2_baseline_starts_on_first_frame_forward_only():
     gen.detector.colors_by_phrase.update({"person in red": [RED], "small dog": [GREEN]})
     entities = [EntityRef(expression="person in red", noun="person"), EntityRef(expression="small dog", noun="dog")]
     results = _run(gen, frames, entities, baseline=True)
+    assert [p.reason for m in results["grounded-sam2"].masklets for p in m.prompts] == ["first-frame"]
     base = results["grounded-sam2"]
-    assert base.start_frame == 0
+    assert base.start_frames == [0]
     assert (0, False) in gen.tracker.passes and (0, True) not in gen.tracker.passes
     # the dog is absent from the first frame: Grounded-SAM-2 loses it, Strefer does not
     assert [m.expression for m in base.masklets] == ["person in red"]

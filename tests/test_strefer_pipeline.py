@@ -18,7 +18,7 @@ from pycocotools import mask as mask_utils
 from agents.instruction_generator import LETTERS, MASK_PREFIX
 from agents.timecodes import find_timestamps, parse_timestamp
 from engine.config import load_config
-from engine.export import export
+from engine.export import export, held_masks
 from engine.models.interfaces import ChatRequest, ChatVideo
 from engine.runner import Runner
 from engine.stats import Stats
@@ -155,7 +155,7 @@ class Models:
         self.vlm, self.llm = FakeChat(fn=self._vlm), FakeChat(fn=self._llm)
         self.detector = FakeColorDetector({"person": [RED, BLUE], "ball": [YELLOW], "dog": [GREEN]})
         self.tracker = FakeColorTracker(image_size=96)
-        self.grounder = FakeColorGrounder({MAN: RED, WOMAN: BLUE})
+        self.grounder = FakeColorGrounder(COLOR_OF)
         self.embedder = FakeEmbedder(BACKGROUNDS)
         self.instructions = instructions or (lambda request: json.dumps({"questions": LLM_QUESTIONS}))
         self.presence: dict[tuple[str, int], bool] = {}
@@ -303,7 +303,9 @@ def test_entities_are_recognized_parsed_and_tracked(built, video):
     masklets = _masklets(dataset)
     assert {e: m.noun for e, m in masklets.items()} == dict(zip(EXPRESSIONS, CATEGORIES))
     assert all(m.method == "strefer" for m in masklets.values())
-    assert models.tracker.sessions == 1 and len(models.tracker.passes) == 2
+    # one tracking session per shot (no track crosses the hard cut), forward and backward; nothing unexplained
+    assert models.tracker.session_frames == [CUT * 5 // FPS, (N - CUT) * 5 // FPS]
+    assert len(models.tracker.passes) == 4
     for expression, m in masklets.items():
         shape = SHAPE_OF[expression]
         got, visible = {f.frame_index for f in m.frames}, set(SHAPES[shape][1])
@@ -579,6 +581,37 @@ def test_export_writes_strefer_json(built, video, tmp_path):
                 pred = mask_utils.decode({"size": rle["size"], "counts": rle["counts"].encode()}).astype(bool)
                 gt = truth.mask(SHAPE_OF[masklet.expression], int(key))
                 assert (pred & gt).sum() / (pred | gt).sum() > 0.6, (masklet.expression, key)
+
+
+def test_export_can_annotate_every_tracked_or_every_frame(built, tmp_path):
+    dataset = built[0]
+    masklets = {m.masklet_id: m for m in _masklets(dataset).values()}
+    (video_row,) = dataset.read_table("videos").to_pylist()
+    entries = {}
+    for choice in ("tracked", "all"):
+        export(dataset.url, str(tmp_path / choice), frames=choice)
+        entries[choice] = json.loads((tmp_path / choice / "strefer.json").read_text())
+    held = 0
+    for tracked, every, sample in zip(entries["tracked"], entries["all"], _samples(dataset)):
+        for ann_t, ann_a, masklet_id in zip(tracked["annotation"], every["annotation"], sample.masklet_ids):
+            masklet = masklets[masklet_id]
+            assert 0 < masklet.track_fps < video_row["fps"]  # the tracker skipped frames
+            stored = {f.frame_index: f.rle.counts for f in masklet.frames}
+            assert {int(k): v["segmentation"]["counts"] for k, v in ann_t.items()} == stored
+            assert set(ann_t) < set(ann_a)
+            for key, value in ann_a.items():  # a held frame carries a tracked neighbour's mask
+                near = min(stored, key=lambda j: (abs(j - int(key)), j))
+                assert value["segmentation"]["counts"] == stored[near]
+                held += int(key) not in stored
+    assert held
+
+
+def test_held_masks_fill_only_within_half_a_tracking_interval():
+    masked = {0: "a", 4: "b", 20: "c"}  # tracked every 4th frame (10 fps video, 2.5 fps tracking)
+    held = held_masks(masked, fps=10, track_fps=2.5)
+    assert held == {0: "a", 1: "a", 2: "a", 3: "b", 4: "b", 5: "b", 6: "b", 18: "c", 19: "c", 20: "c", 21: "c", 22: "c"}
+    assert held_masks(masked, fps=10, track_fps=0) == masked  # every frame was tracked: nothing to hold
+    assert held_masks({}, fps=10, track_fps=2.5) == {}
 
 
 def test_sample_ids_are_unique(built):
