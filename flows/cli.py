@@ -153,13 +153,13 @@ def _print_summary(outcomes, render_root: str | None = None) -> None:
             console.print(f"[{style}]{o.status}[/] {o.source}: {o.detail}", highlight=False)
             continue
         clips = o.outputs.clips
-        starts = ", ".join(sorted({f"{m.method} start frame {m.start_frame}" for m in o.outputs.masklets}))
         clip_methods = ", ".join(sorted({c.method for c in clips}))
-        console.print(f"[green]done[/] {o.source} (video {o.video_id}): {len(clips)} clips ({clip_methods}); {starts}")
-        table = Table("method", "expression", "noun", "frames covered", "start frame", "assignment")
+        console.print(f"[green]done[/] {o.source} (video {o.video_id}): {len(clips)} clips ({clip_methods})")
+        table = Table("method", "expression", "noun", "frames covered", "prompted at (frame: why)", "assignment")
         for m in o.outputs.masklets:
+            prompts = ", ".join(f"{p.frame_index}: {p.reason}" for p in m.prompts) or str(m.start_frame)
             table.add_row(
-                m.method, m.expression, m.noun, f"{len(m.frames)}/{m.num_frames_tracked}", str(m.start_frame), m.assignment.method
+                m.method, m.expression, m.noun, f"{len(m.frames)}/{m.num_frames_tracked}", prompts, m.assignment.method
             )
         for r in o.outputs.rejections:
             table.add_row("-", r.expression or "-", "-", "rejected", "-", f"{r.stage}: {r.reason}", style="red")
