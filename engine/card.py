@@ -25,10 +25,12 @@ def dataset_card(manifest: dict[str, Any], config: EngineConfig) -> str:
         f"(config hash `{config.hash}`), last updated {manifest['updated_at']}.",
         "",
     ]
-    if config.is_tiny:
+    if config.is_random:
+        random_roles = ", ".join(role for role, spec in config.roles.items() if spec.is_random)
         lines += [
-            "**Made with the `tiny` profile: random-weight models. The masks, boxes and assignments are "
-            "meaningless; this dataset only checks the wiring.**",
+            f"**Made with the `{config.profile}` profile, whose models are built from configs with random "
+            f"weights ({random_roles}). The masks, boxes, assignments and texts are meaningless; this dataset "
+            "only checks the wiring or measures throughput.**",
             "",
         ]
     lines += ["| table | shards | rows | contents |", "|---|---|---|---|"]

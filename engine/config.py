@@ -12,7 +12,8 @@ from pydantic import BaseModel, ConfigDict, TypeAdapter, ValidationError
 from engine.errors import ConfigError
 from engine.ids import stable_id
 
-TINY_PREFIX = "tiny-random/"
+TINY_PREFIX = "tiny-random/"  # a miniature random model built from a small config (tests, wiring checks)
+RANDOM_PREFIX = "random/"  # a published architecture at full size with random weights (throughput on any GPU)
 
 
 class RoleSpec(BaseModel):
@@ -26,6 +27,15 @@ class RoleSpec(BaseModel):
     def is_tiny(self) -> bool:
         return self.model.startswith(TINY_PREFIX)
 
+    @property
+    def is_random_fullsize(self) -> bool:
+        return self.model.startswith(RANDOM_PREFIX)
+
+    @property
+    def is_random(self) -> bool:
+        """Built from a config with random weights (tiny or full size): its outputs are meaningless."""
+        return self.is_tiny or self.is_random_fullsize
+
 
 class EngineConfig(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
@@ -36,16 +46,22 @@ class EngineConfig(BaseModel):
 
     @property
     def hash(self) -> str:
-        """Content hash of everything that shapes the output (not the device)."""
-        settings = {k: v for k, v in self.pipeline.items() if k != "device"}
+        """Content hash of everything that shapes the output (not the device, nor how many items run at once)."""
+        settings = {k: v for k, v in self.pipeline.items() if k not in ("device", "runner")}
         return stable_id(self.profile, {r: s.model_dump() for r, s in self.roles.items()}, settings, length=12)
 
     def section(self, name: str) -> dict[str, Any]:
         return dict(self.pipeline.get(name, {}))
 
     @property
+    def is_random(self) -> bool:
+        """Whether any role has random weights (`tiny-random/...` or `random/...`): outputs are meaningless."""
+        return any(spec.is_random for spec in self.roles.values())
+
+    @property
     def is_tiny(self) -> bool:
-        return any(spec.is_tiny for spec in self.roles.values())
+        """Kept for callers that warn about meaningless outputs: the same as `is_random`."""
+        return self.is_random
 
 
 def _deep_merge(base: dict, override: dict) -> dict:

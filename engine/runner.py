@@ -6,18 +6,39 @@ every stage start (declaring the frames it wants as frame consumers), decodes th
 them, then finishes the stages in order, each seeing what the earlier ones produced, times and counts each
 stage, and hands the item's rows to the shard writer. Bad input and a fault in one item become `rejections`
 rows; the batch goes on. The runner knows nothing of any pipeline's agents or records beyond the tables.
+
+Several items at once (settings section `runner`, `RunnerConfig`): the front of an item (probe, content
+hash, stage starts, the decode with its frame consumers: CPU work) overlaps the finish of others (detector,
+tracker, chat models: GPU work), and up to `videos_in_flight` items finish at once, so one GPU serves several
+videos where one alone leaves it idle. `prefetch` more items are decoded ahead, waiting for a finish slot.
+Items start, and take finish slots, in input order; outcomes come back in input order.
+
+Threads, not worker processes: every thread shares the one copy of each model the worker loaded, and
+PyTorch, PyAV, OpenCV and pyarrow release the GIL in their kernels, so threads overlap where the time goes.
+Processes would each load every model (the GPU memory N times over, and N loads) and pickle frames and
+records between them. On a CUDA device each thread queues its item's kernels on its own CUDA stream, so
+kernels of two videos can overlap on the GPU. What the threads share is guarded: the shard writer and
+`Stats` hold locks, each item records its own costs (`Stats.recording`), progress callbacks are called one
+at a time, and stages keep per-video state in the `VideoContext` (or their pass), never on the stage.
+Backends shared across threads must be safe to call concurrently (TransformersChat serializes its
+`generate`). With `videos_in_flight: 1, prefetch: 0` the runner works exactly as one loop over the items,
+in the calling thread.
 """
 
 from __future__ import annotations
 
 import logging
+import sys
+import threading
+from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable, Protocol, Sequence
+from typing import Any, Callable, ContextManager, Iterable, Iterator, Literal, Protocol, Sequence
 
 from engine import __version__
 from engine.config import EngineConfig
 from engine.decode import DecodeLimits, DecodeResult, FrameConsumer, decode_video
-from engine.errors import EngineError
+from engine.errors import ConfigError, EngineError
 from engine.frame_store import FrameStore, Keyframes, TrackFrames
 from engine.ids import stable_id
 from engine.probe import VideoInfo, probe_video
@@ -36,6 +57,136 @@ from schemas import (
 
 log = logging.getLogger(__name__)
 DecodeProgress = Callable[[str, int, int], None]  # (source, frames decoded, frames expected)
+
+
+@dataclass(frozen=True)
+class RunnerConfig:
+    """How many items the runner works on at once (settings section `runner`, accepted by every pipeline).
+    Neither shapes the output: they are not part of the config hash."""
+
+    # Items finishing at once, on threads sharing the loaded models; auto: 2 on a CUDA device, else 1.
+    videos_in_flight: int | Literal["auto"] = "auto"
+    # Items beyond those probed, hashed and decoded ahead (each holds its decoded frames until it finishes).
+    prefetch: int = 1
+
+    def __post_init__(self) -> None:
+        n = self.videos_in_flight
+        if n != "auto" and (isinstance(n, bool) or not isinstance(n, int) or n < 1):
+            raise ValueError(f"videos_in_flight must be a whole number >= 1 or auto, got {n!r}")
+        if isinstance(self.prefetch, bool) or not isinstance(self.prefetch, int) or self.prefetch < 0:
+            raise ValueError(f"prefetch must be a whole number >= 0 (0: no decoding ahead), got {self.prefetch!r}")
+
+    @classmethod
+    def parse(cls, section: dict[str, Any]) -> "RunnerConfig":
+        """The settings as the config loader validates them (`"2"` is 2), or a one-line ConfigError."""
+        from dataclasses import fields
+
+        from pydantic import TypeAdapter, ValidationError
+
+        unknown = sorted(set(section) - {f.name for f in fields(cls)})
+        if unknown:
+            raise ConfigError(f"unknown setting pipeline.runner.{unknown[0]}; runner takes: prefetch, videos_in_flight")
+        try:
+            return TypeAdapter(cls).validate_python(section)
+        except ValidationError as exc:
+            err = exc.errors()[0]
+            where = ".".join(str(x) for x in err["loc"])
+            raise ConfigError(f"pipeline.runner{'.' + where if where else ''}: {err['msg']}") from None
+
+    def resolved(self, device: str) -> tuple[int, int]:
+        """(videos in flight, prefetch) on `device` (a resolved device name: cpu, cuda, cuda:N...)."""
+        if self.videos_in_flight == "auto":
+            return (2 if device.startswith("cuda") else 1), self.prefetch
+        return int(self.videos_in_flight), self.prefetch
+
+
+def run_device(config: EngineConfig) -> str:
+    """The device the pipeline's models run on. `auto` without torch imported is the CPU: nothing in this
+    process can have put a model on a GPU then (and the runner must not import torch for nothing)."""
+    requested = str(config.pipeline.get("device", "auto"))
+    if requested == "auto":
+        if "torch" not in sys.modules:
+            return "cpu"
+        from engine.device import pick_device
+
+        return pick_device(requested)
+    return requested
+
+
+class _Cancelled(BaseException):
+    """Raised in an item's thread when another item's transient fault (or an interrupt) stops the batch.
+    A BaseException, so no `except Exception` on the way turns it into a rejection."""
+
+
+class _Batch:
+    """What the threads of one concurrent `run` share: the cancellation, and the finish slots, taken in the
+    order of the items (the model work runs in input order, as one item after another would; an item that
+    never asks for one, rejected or skipped before its finish, gives up its turn)."""
+
+    def __init__(self, slots: int) -> None:
+        self._free = slots
+        self._cond = threading.Condition()
+        self._turn = 0  # the item whose turn it is to take a free slot
+        self._past: set[int] = set()  # later turns already taken or given up
+        self.error: BaseException | None = None  # the first fault that stopped the batch
+
+    def check(self) -> None:
+        if self.error is not None:
+            raise _Cancelled()
+
+    def cancel(self, error: BaseException) -> None:
+        with self._cond:
+            if self.error is None:
+                self.error = error
+            self._cond.notify_all()
+
+    def _end_turn(self, turn: int) -> None:  # holding the lock
+        if turn >= self._turn:
+            self._past.add(turn)
+            while self._turn in self._past:
+                self._past.remove(self._turn)
+                self._turn += 1
+            self._cond.notify_all()
+
+    def give_up_turn(self, turn: int) -> None:
+        """Item `turn` will not ask for a slot (or took it already); later items need not wait for it."""
+        with self._cond:
+            self._end_turn(turn)
+
+    @contextmanager
+    def slot(self, turn: int, stop_on: tuple[type[BaseException], ...] = ()) -> Iterator[None]:
+        """One of the `videos_in_flight` finish slots for item `turn`, once the items before it have theirs.
+        An exception of the `stop_on` types cancels the batch before the slot is given back, so no waiting
+        item starts in its place."""
+        with self._cond:
+            while (self._free == 0 or self._turn != turn) and self.error is None:
+                self._cond.wait()
+            self.check()
+            self._free -= 1
+            self._end_turn(turn)
+        try:
+            yield
+        except stop_on as exc:
+            self.cancel(exc)
+            raise
+        finally:
+            with self._cond:
+                self._free += 1
+                self._cond.notify_all()
+
+
+@dataclass
+class _InFlight:
+    """One item's place in a concurrent run."""
+
+    batch: _Batch
+    turn: int
+
+    def check(self) -> None:
+        self.batch.check()
+
+    def slot(self, stop_on: tuple[type[BaseException], ...]) -> ContextManager[None]:
+        return self.batch.slot(self.turn, stop_on)
 
 
 @dataclass
@@ -210,8 +361,13 @@ def content_sha256(source: str) -> str:
     return digest.hexdigest()
 
 
+SKIPPED_COMPLETE = "already complete with this config (use --force)"
+
+
 class Runner:
-    """Runs a pipeline over work items into a dataset; one instance per batch (or per CLI run)."""
+    """Runs a pipeline over work items into a dataset; one instance per batch (or per CLI run).
+
+    `videos_in_flight` and `prefetch`, when given, override the config's `runner` section."""
 
     def __init__(
         self,
@@ -223,6 +379,8 @@ class Runner:
         progress: DecodeProgress | None = None,
         transient: tuple[type[BaseException], ...] = (),
         shard_mb: float = 128,
+        videos_in_flight: int | None = None,
+        prefetch: int | None = None,
     ) -> None:
         self.pipeline = pipeline
         self.dataset = dataset
@@ -232,10 +390,16 @@ class Runner:
         self.transient = transient
         self.shard_mb = shard_mb
         self.limits = DecodeLimits(**pipeline.config.section("decode"))
+        overrides = {k: v for k, v in (("videos_in_flight", videos_in_flight), ("prefetch", prefetch)) if v is not None}
+        self.settings = RunnerConfig.parse({**pipeline.config.section("runner"), **overrides})
+        self._progress_lock = threading.Lock()  # progress callbacks need not be thread-safe
+        self._threads = threading.local()  # each worker thread's CUDA stream
+        self._device = "cpu"
 
     def run(self, items: Iterable[WorkItem]) -> list[ItemOutcome]:
-        """Every item, one after another; one failing item never stops the others. Exceptions of the
-        `transient` types propagate, so an orchestrator can retry the batch (committed items are skipped)."""
+        """Every item; one failing item never stops the others; outcomes in the order of `items`. Exceptions
+        of the `transient` types propagate, so an orchestrator can retry the batch (committed items are
+        skipped); with several items in flight the others stop first, and only finished items are committed."""
         items = list(items)
         complete = [self._complete(i) for i in items]
         todo = [i for i, done in zip(items, complete) if not done]
@@ -251,15 +415,75 @@ class Runner:
                 except Exception as exc:  # the batch's items are rejected one by one below, not lost
                     log.exception("%s failed for a batch of %d items", stage.name, len(todo))
                     self._prepare_failed[stage.name] = f"{type(exc).__name__}: {exc}".splitlines()[0]
-        outcomes = []
+        self._device = run_device(self.pipeline.config)
+        in_flight, prefetch = self.settings.resolved(self._device)
         with self.dataset.writer(self.pipeline.name, shard_mb=self.shard_mb) as writer:
+            if in_flight + prefetch > 1 and len(todo) > 1:
+                return self._run_concurrent(items, complete, writer, in_flight, prefetch)
+            outcomes = []
             for item, done in zip(items, complete):
                 if done:
                     self.stats.count("items_skipped_complete")
-                    outcomes.append(ItemOutcome(item, "skipped", detail="already complete with this config (use --force)"))
+                    outcomes.append(ItemOutcome(item, "skipped", detail=SKIPPED_COMPLETE))
                     continue
                 outcomes.append(self._guarded(item, writer))
         return outcomes
+
+    # -- several items at once ---------------------------------------------------------------------------
+    def _run_concurrent(
+        self, items: list[WorkItem], complete: list[bool], writer: ShardWriter, in_flight: int, prefetch: int
+    ) -> list[ItemOutcome]:
+        """Items start in order on `in_flight + prefetch` threads; each decodes as soon as it starts and
+        finishes when one of `in_flight` slots is free and the items before it have theirs."""
+        batch = _Batch(in_flight)
+        outcomes: list[ItemOutcome | None] = [None] * len(items)
+        futures: list[tuple[int, Future[ItemOutcome]]] = []
+        pool = ThreadPoolExecutor(max_workers=in_flight + prefetch, thread_name_prefix="engine-item")
+        try:
+            for i, (item, done) in enumerate(zip(items, complete)):
+                if done:
+                    self.stats.count("items_skipped_complete")
+                    outcomes[i] = ItemOutcome(item, "skipped", detail=SKIPPED_COMPLETE)
+                else:
+                    futures.append((i, pool.submit(self._threaded, item, writer, _InFlight(batch, len(futures)))))
+            for i, future in futures:
+                outcomes[i] = future.result()
+        except BaseException as exc:  # a transient fault of one item, or an interrupt: stop the others
+            batch.cancel(exc)
+            pool.shutdown(wait=True, cancel_futures=True)
+            if isinstance(exc, _Cancelled) and batch.error is not None:
+                raise batch.error from None
+            raise
+        pool.shutdown(wait=True)
+        return [o for o in outcomes if o is not None]
+
+    def _threaded(self, item: WorkItem, writer: ShardWriter, place: _InFlight) -> ItemOutcome:
+        try:
+            place.check()
+            with self._stream():
+                return self._guarded(item, writer, place)
+        except _Cancelled:
+            raise
+        except BaseException as exc:  # a transient fault (the rest became rejections in `_guarded`)
+            place.batch.cancel(exc)
+            raise
+        finally:
+            place.batch.give_up_turn(place.turn)
+
+    def _stream(self) -> ContextManager[Any]:
+        """This thread's own CUDA stream where the models are on a CUDA device, so the kernels of items in
+        flight can overlap; nothing elsewhere. torch is imported only then."""
+        if not self._device.startswith("cuda"):
+            return nullcontext()
+        import torch
+
+        stream = getattr(self._threads, "stream", None)
+        if stream is None:
+            device = torch.device(self._device)
+            stream = torch.cuda.Stream(device=device)
+            stream.wait_stream(torch.cuda.current_stream(device))  # work queued before (model loading) first
+            self._threads.stream = stream
+        return torch.cuda.stream(stream)
 
     # -- one item ------------------------------------------------------------------------------------------
     def _complete(self, item: WorkItem) -> bool:
@@ -272,9 +496,9 @@ class Runner:
         fingerprint = self.dataset.fingerprint(item.source)
         return fingerprint is not None and record.get("fingerprint") == fingerprint
 
-    def _guarded(self, item: WorkItem, writer: ShardWriter) -> ItemOutcome:
+    def _guarded(self, item: WorkItem, writer: ShardWriter, place: _InFlight | None = None) -> ItemOutcome:
         try:
-            return self._process(item, writer)
+            return self._process(item, writer, place)
         except self.transient:
             raise
         except Exception as exc:  # a model fault on one item must not lose the batch
@@ -302,7 +526,21 @@ class Runner:
             **extra,
         }
 
-    def _process(self, item: WorkItem, writer: ShardWriter) -> ItemOutcome:
+    def _decode_progress(self, item: WorkItem, ctx: VideoContext, place: _InFlight | None) -> Callable[[int, float], None] | None:
+        if place is None:
+            return (lambda n, t: self.progress(item.source, n, ctx.expected_frames)) if self.progress else None
+
+        def progress(n: int, t: float) -> None:
+            place.check()  # a cancelled batch stops mid-decode
+            if self.progress is not None:
+                with self._progress_lock:
+                    self.progress(item.source, n, ctx.expected_frames)
+
+        return progress
+
+    def _process(self, item: WorkItem, writer: ShardWriter, place: _InFlight | None = None) -> ItemOutcome:
+        """One item; `place` is set when it runs beside others (then its finish waits for a slot, and it
+        stops between steps once the batch is cancelled)."""
         fingerprint = self.dataset.fingerprint(item.source)
         try:
             info = probe_video(item.source, limits=self.limits, frame_rate=item.frame_rate)
@@ -317,70 +555,75 @@ class Runner:
                 return ItemOutcome(item, "skipped", record.get("video_id"), "unchanged content, already complete")
         windowed = item.start_s is not None or item.end_s is not None
         video_id = stable_id(sha, item.start_s, item.end_s) if windowed else sha[:16]
+        if place is not None:
+            place.check()
 
-        counted_before = dict(self.stats.counters)
-        ctx = VideoContext(item, info, video_id, self.pipeline.provenance(), self.stats, list(self.pipeline.entities))
-        outputs = Outputs()
-        try:
-            passes = []
-            for stage in self.pipeline.stages:
-                if stage.name in self._prepare_failed:
-                    raise RuntimeError(f"{stage.name} failed for the batch: {self._prepare_failed[stage.name]}")
-                with self.stats.timer(f"stage.{stage.name}"):
-                    started = stage.start(ctx)
-                if started is not None:
-                    passes.append((stage, started))
-            consumers = ctx.shared_consumers + [c for _, p in passes for c in p.consumers]
+        with self.stats.recording() as cost:  # what this item costs, whatever runs beside it
+            ctx = VideoContext(item, info, video_id, self.pipeline.provenance(), self.stats, list(self.pipeline.entities))
+            outputs = Outputs()
             try:
-                with self.stats.timer("decode"):
-                    decoded = decode_video(
-                        info,
-                        consumers,
-                        progress=(lambda n, t: self.progress(item.source, n, ctx.expected_frames)) if self.progress else None,
-                        start_s=item.start_s,
-                        end_s=item.end_s,
-                    )
-            except EngineError as exc:
-                return self._reject(item, writer, "undecodable_video", str(exc), stage="decode")
-            self.stats.count("frames_decoded", decoded.frames_decoded)
-            if decoded.error:
-                # Keep what decoded before the damage, and say so.
-                outputs.rejections.append(ctx.rejection("decode", "truncated_stream", decoded.error))
-            for stage, started in passes:
-                with self.stats.timer(f"stage.{stage.name}"):
-                    outputs.extend(started.finish(decoded, outputs))
-        finally:
-            ctx.close()
+                passes = []
+                for stage in self.pipeline.stages:
+                    if stage.name in self._prepare_failed:
+                        raise RuntimeError(f"{stage.name} failed for the batch: {self._prepare_failed[stage.name]}")
+                    with self.stats.timer(f"stage.{stage.name}"):
+                        started = stage.start(ctx)
+                    if started is not None:
+                        passes.append((stage, started))
+                consumers = ctx.shared_consumers + [c for _, p in passes for c in p.consumers]
+                try:
+                    with self.stats.timer("decode"):
+                        decoded = decode_video(
+                            info,
+                            consumers,
+                            progress=self._decode_progress(item, ctx, place),
+                            start_s=item.start_s,
+                            end_s=item.end_s,
+                        )
+                except EngineError as exc:
+                    return self._reject(item, writer, "undecodable_video", str(exc), stage="decode")
+                self.stats.count("frames_decoded", decoded.frames_decoded)
+                if decoded.error:
+                    # Keep what decoded before the damage, and say so.
+                    outputs.rejections.append(ctx.rejection("decode", "truncated_stream", decoded.error))
+                with place.slot(self.transient) if place is not None else nullcontext():
+                    for stage, started in passes:
+                        if place is not None:
+                            place.check()
+                        with self.stats.timer(f"stage.{stage.name}"):
+                            outputs.extend(started.finish(decoded, outputs))
+            finally:
+                ctx.close()
 
-        video = VideoRecord(
-            video_id=video_id,
-            source=item.source,
-            content_sha256=sha,
-            start_s=item.start_s,
-            end_s=item.end_s,
-            duration_s=round(decoded.end_time - decoded.first_time, 6),
-            fps=info.fps,
-            num_frames=decoded.frames_decoded - decoded.first_index,
-            width=info.width,
-            height=info.height,
-            rotation=info.rotation,
-            codec=info.codec,
-            decode_width=info.decode_width,
-            decode_height=info.decode_height,
-        )
-        with self.stats.timer("write"):
-            writer.add(
-                item.key,
-                {"videos": [video], **outputs.tables()},
-                self._record(
-                    item,
-                    "done",
-                    video_id=video_id,
-                    content_sha256=sha,
-                    fingerprint=fingerprint,
-                    # what this item cost: frames decoded, model calls, tracker passes
-                    counters={k: v - counted_before.get(k, 0) for k, v in self.stats.counters.items() if v != counted_before.get(k, 0)},
-                ),
+            video = VideoRecord(
+                video_id=video_id,
+                source=item.source,
+                content_sha256=sha,
+                start_s=item.start_s,
+                end_s=item.end_s,
+                duration_s=round(decoded.end_time - decoded.first_time, 6),
+                fps=info.fps,
+                num_frames=decoded.frames_decoded - decoded.first_index,
+                width=info.width,
+                height=info.height,
+                rotation=info.rotation,
+                codec=info.codec,
+                decode_width=info.decode_width,
+                decode_height=info.decode_height,
             )
+            with self.stats.timer("write"):  # every stage finished: the item is whole, commit it
+                writer.add(
+                    item.key,
+                    {"videos": [video], **outputs.tables()},
+                    self._record(
+                        item,
+                        "done",
+                        video_id=video_id,
+                        content_sha256=sha,
+                        fingerprint=fingerprint,
+                        # what this item cost: frames decoded, model calls, tracker passes
+                        counters={k: v for k, v in cost.counters.items() if v},
+                    ),
+                )
         self.stats.count("items_done")
         return ItemOutcome(item, "done", video_id, outputs=outputs)

@@ -19,6 +19,7 @@ pipeline and item. Files are written under a hidden temporary name (`_tmp-...`) 
 from __future__ import annotations
 
 import json
+import threading
 import uuid
 from collections import defaultdict
 from dataclasses import dataclass, field
@@ -219,7 +220,8 @@ class ShardWriter:
     """Buffers the rows of finished items and writes them as shards, then their commit records.
 
     `add` never splits an item across shards; `flush` (called when the buffer passes `shard_mb`, and by
-    `close`) writes one shard per table, then one commit record per buffered item."""
+    `close`) writes one shard per table, then one commit record per buffered item. Several threads may add
+    at once: an item's rows go into the buffer together, and a flush runs alone."""
 
     dataset: Dataset
     pipeline: str
@@ -227,6 +229,7 @@ class ShardWriter:
     _tables: dict[str, list[Any]] = field(default_factory=lambda: defaultdict(list))
     _pending: list[_Pending] = field(default_factory=list)
     _nbytes: int = 0
+    _lock: Any = field(default_factory=threading.RLock, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         if self.shard_mb <= 0:
@@ -237,18 +240,23 @@ class ShardWriter:
         unknown = set(tables) - set(TABLES)
         if unknown:
             raise ValueError(f"unknown tables {sorted(unknown)}")
-        counts = {}
-        for table, rows in tables.items():
-            if rows:
-                arrow = to_table(TABLES[table], list(rows))
+        # Converted outside the lock (the costly part); buffered under it, all tables of the item at once.
+        converted = {table: (len(rows), to_table(TABLES[table], list(rows))) for table, rows in tables.items() if rows}
+        with self._lock:
+            counts = {}
+            for table, (n, arrow) in converted.items():
                 self._tables[table].append(arrow)
                 self._nbytes += arrow.nbytes
-                counts[table] = len(rows)
-        self._pending.append(_Pending(key, record, counts))
-        if self._nbytes >= self.shard_mb * 2**20:
-            self.flush()
+                counts[table] = n
+            self._pending.append(_Pending(key, record, counts))
+            if self._nbytes >= self.shard_mb * 2**20:
+                self.flush()
 
     def flush(self) -> None:
+        with self._lock:
+            self._flush()
+
+    def _flush(self) -> None:
         import pyarrow as pa
         import pyarrow.parquet as pq
 

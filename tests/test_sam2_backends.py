@@ -35,11 +35,21 @@ def make_store(n: int) -> FrameStore:
     return store
 
 
-@pytest.fixture(scope="module")
-def tracker():
+@pytest.fixture(scope="module", params=[True, False], ids=["batched", "per_object"])
+def tracker(request):
+    """The tracker on each of sam2's predictor classes; pytest builds each once for the module."""
     from engine.models.sam2_tracker import Sam2Tracker
 
-    return Sam2Tracker.tiny(image_size=SIZE)
+    return Sam2Tracker.tiny(image_size=SIZE, batched=request.param)
+
+
+@pytest.fixture(scope="module")
+def fp32_tracker(tracker):
+    """The same predictor in float32, for tests where the dtype does not matter: bf16 autocast is about 4x
+    slower on a CPU."""
+    from engine.models.sam2_tracker import Sam2Tracker
+
+    return Sam2Tracker(predictor=tracker.predictor, model_id=tracker.model_id, dtype="float32")
 
 
 @pytest.fixture(scope="module")
@@ -93,6 +103,8 @@ def test_frame_store_rejects_bad_input() -> None:
 def test_tracker_is_a_tracker(tracker) -> None:
     assert isinstance(tracker, Tracker)
     assert tracker.model_id == "tiny-random/sam2.1-hiera-t" and tracker.image_size == SIZE
+    predictor_module = type(tracker.predictor).__module__
+    assert predictor_module == ("sam2.sam2_video_predictor_legacy" if tracker.batched else "sam2.sam2_video_predictor")
 
 
 @pytest.mark.integration
@@ -145,11 +157,14 @@ def test_mask_prompt(tracker, store8) -> None:
 
 
 @pytest.mark.integration
-def test_pruning_bounds_stored_outputs(tracker) -> None:
+def test_pruning_bounds_stored_outputs(fp32_tracker) -> None:
     from engine.models.sam2_tracker import Sam2Tracker
 
-    # a second tracker on the same predictor, with a small window
-    small = Sam2Tracker(predictor=tracker.predictor, model_id=tracker.model_id, keep_window=2)
+    # a second tracker on the same predictor, with a small window (stored_outputs counts the batched
+    # predictor's consolidated outputs too)
+    small = Sam2Tracker(
+        predictor=fp32_tracker.predictor, model_id=fp32_tracker.model_id, keep_window=2, dtype="float32"
+    )
     store = make_store(10)
     with small.start(store, height=H, width=W) as session:
         session.add_box(0, 1, BOX_A)
@@ -164,7 +179,7 @@ def test_pruning_bounds_stored_outputs(tracker) -> None:
         for _ in session.propagate(9, reverse=True):
             # this pass's window and what the last pass left within its window
             assert session.stored_outputs()["non_cond"] <= 2 * 2 * (2 + 1)
-    with tracker.start(store, height=H, width=W) as unpruned:  # what sam2 would keep: every tracked frame
+    with fp32_tracker.start(store, height=H, width=W) as unpruned:  # what sam2 would keep: every tracked frame
         unpruned.add_box(0, 1, BOX_A)
         for _ in unpruned.propagate(0):
             pass
@@ -172,15 +187,17 @@ def test_pruning_bounds_stored_outputs(tracker) -> None:
 
 
 @pytest.mark.integration
-def test_exact_window_pruning_changes_no_mask(tracker) -> None:
+def test_exact_window_pruning_changes_no_mask(fp32_tracker) -> None:
     from engine.models.sam2_tracker import Sam2Tracker
 
-    window = tracker.exact_keep_window
+    window = fp32_tracker.exact_keep_window
     assert window == 15  # sam2.1: 16 object pointers (15 behind), 7 memory frames
     store = make_store(window + 5)
     results = []
     for keep in (window, None):
-        t = Sam2Tracker(predictor=tracker.predictor, model_id=tracker.model_id, keep_window=keep)
+        t = Sam2Tracker(
+            predictor=fp32_tracker.predictor, model_id=fp32_tracker.model_id, keep_window=keep, dtype="float32"
+        )
         with t.start(store, height=H, width=W) as session:
             session.add_box(0, 1, BOX_A)
             results.append([m[1] for _, m in session.propagate(0)])
@@ -190,9 +207,10 @@ def test_exact_window_pruning_changes_no_mask(tracker) -> None:
 
 
 @pytest.mark.integration
-def test_frames_are_converted_lazily_and_normalized(tracker, store8) -> None:
+def test_frames_are_converted_lazily_and_normalized(fp32_tracker, store8) -> None:
     import torch
 
+    tracker = fp32_tracker
     with tracker.start(store8, height=H, width=W) as session:
         images = session._state["images"]
         assert len(images) == 8
@@ -214,7 +232,7 @@ def test_frames_are_converted_lazily_and_normalized(tracker, store8) -> None:
 
 
 @pytest.mark.integration
-def test_each_frame_is_read_once_per_pass_with_prefetch(tracker, store8) -> None:
+def test_each_frame_is_read_once_per_pass_with_prefetch(fp32_tracker, store8) -> None:
     reads: list[int] = []
 
     class CountingSource:
@@ -225,7 +243,7 @@ def test_each_frame_is_read_once_per_pass_with_prefetch(tracker, store8) -> None
             reads.append(position)
             return store8[position]
 
-    with tracker.start(CountingSource(), height=H, width=W) as session:
+    with fp32_tracker.start(CountingSource(), height=H, width=W) as session:
         session.add_box(2, 1, BOX_A)
         reads.clear()
         assert [p for p, _ in session.propagate(2)] == list(range(2, 8))
@@ -238,7 +256,8 @@ def test_each_frame_is_read_once_per_pass_with_prefetch(tracker, store8) -> None
 
 @pytest.mark.integration
 def test_state_mirrors_sam2_init_state(tracker, store8, tmp_path) -> None:
-    """Our hand-built inference state has the keys sam2's own init_state builds (catches sam2 drift)."""
+    """Our hand-built inference state is what the predictor's own init_state builds (catches sam2 drift):
+    the same keys, value types, and empty containers."""
     for i in range(2):
         cv2.imwrite(str(tmp_path / f"{i}.jpg"), cv2.cvtColor(store8[i], cv2.COLOR_RGB2BGR))
     reference = tracker.predictor.init_state(str(tmp_path))
@@ -246,8 +265,11 @@ def test_state_mirrors_sam2_init_state(tracker, store8, tmp_path) -> None:
         ours = session._state
         assert set(ours) == set(reference)
         for key, value in reference.items():
-            if key not in ("images", "cached_features"):
-                assert type(ours[key]) is type(value), key
+            if key in ("images", "cached_features"):  # ours are lazy; init_state's warm-up fills its cache
+                continue
+            assert type(ours[key]) is type(value), key
+            if isinstance(value, (dict, list, set, bool)):
+                assert ours[key] == value, key
 
 
 @pytest.mark.integration
@@ -274,6 +296,10 @@ def test_session_validates_arguments(tracker, store8) -> None:
         session.add_box(0, 1, BOX_A)
     with pytest.raises(ValueError, match="dtype"):
         type(tracker)(predictor=tracker.predictor, model_id="x", dtype="float16")
+    with pytest.raises(ValueError, match="batched="):
+        type(tracker)(predictor=tracker.predictor, model_id="x", batched=not tracker.batched)
+    with pytest.raises(ValueError, match="video predictor"):
+        type(tracker)(predictor=object(), model_id="x")
     with pytest.raises(ValueError, match="empty FrameSource"):
         tracker.start(FrameStore(size=SIZE), height=H, width=W)
     too_big = FrameStore(size=SIZE * 2)
@@ -291,7 +317,14 @@ def test_no_prompt_while_propagating(tracker, store8) -> None:
         with pytest.raises(RuntimeError, match="while a propagation"):
             session.add_box(3, 2, BOX_B)
         steps.close()  # an abandoned pass frees the session
-        session.add_box(3, 2, BOX_B)
+        if tracker.batched:
+            # sam2's batched predictor takes every prompt before tracking starts
+            with pytest.raises(RuntimeError, match="before the first propagation"):
+                session.add_box(3, 2, BOX_B)
+            with pytest.raises(RuntimeError, match="before the first propagation"):
+                session.add_box(3, 1, BOX_B)  # a known object on a new frame would make the others absent
+        else:
+            session.add_box(3, 2, BOX_B)
 
 
 def test_weights_resolution_fails_with_a_message(tmp_path, monkeypatch) -> None:
@@ -336,6 +369,14 @@ def test_box_segmenter_returns_one_bool_mask_per_box() -> None:
         assert masks.shape == (len(boxes), H, W) and masks.dtype == np.bool_
     with pytest.raises(ValueError, match="outside"):
         segmenter.segment(image, np.array([[170.0, 0.0, 180.0, 10.0]]))
+    # several videos in flight share one segmenter: calls from threads give what calls one by one give
+    from concurrent.futures import ThreadPoolExecutor
+
+    jobs = [(synthetic_frame(i), np.array([BOX_A, BOX_B][: 1 + i % 2])) for i in range(6)]
+    alone = [segmenter.segment(im, b) for im, b in jobs]
+    with ThreadPoolExecutor(4) as pool:
+        together = list(pool.map(lambda job: segmenter.segment(*job), jobs))
+    assert all(np.array_equal(a, b) for a, b in zip(alone, together))
 
 
 def test_importing_backends_does_not_import_torch() -> None:

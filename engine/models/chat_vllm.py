@@ -11,6 +11,8 @@ sampling parameters against a fake `vllm` module.
 
 from __future__ import annotations
 
+import threading
+
 from typing import Any, Sequence
 
 from engine.errors import ConfigError
@@ -51,6 +53,7 @@ class VllmChat:
     def __init__(self, *, llm: Any, model_id: str) -> None:
         self.llm = llm
         self.model_id = model_id
+        self._lock = threading.Lock()  # vllm's in-process engine serves one caller at a time
 
     @classmethod
     def from_pretrained(
@@ -127,5 +130,6 @@ class VllmChat:
             return []
         conversations = [vllm_messages(r.messages) for r in requests]
         params = [self.sampling_params(r) for r in requests]
-        outputs = self.llm.chat(conversations, sampling_params=params, use_tqdm=False)
+        with self._lock:
+            outputs = self.llm.chat(conversations, sampling_params=params, use_tqdm=False)
         return [o.outputs[0].text if o.outputs else "" for o in outputs]

@@ -57,16 +57,31 @@ _LOCK = threading.Lock()  # Prefect's thread task runner may build from several 
 
 
 def _load(spec: RoleSpec, device: str, dtype: str, kind: str) -> Any:
-    import importlib
-
-    backend = BACKENDS[spec.backend]
-    cls = getattr(importlib.import_module(backend.module), backend.name)
+    cls = _backend_class(BACKENDS[spec.backend])
     options = dict(spec.options)
     if kind == "tracker":
         options.setdefault("dtype", dtype)
     if spec.is_tiny:
         return cls.tiny(device=device, **options)
+    if spec.is_random_fullsize:
+        return cls.random_fullsize(name=spec.model, device=device, **options)
     return cls.from_pretrained(spec.model, device=device, **options)
+
+
+def _backend_class(backend: Backend) -> Any:
+    import importlib
+
+    return getattr(importlib.import_module(backend.module), backend.name)
+
+
+def check_random_fullsize(role: str, spec: RoleSpec) -> None:
+    """A `random/...` model needs a backend that builds its full-size architecture from a config."""
+    if spec.is_random_fullsize and not hasattr(_backend_class(BACKENDS[spec.backend]), "random_fullsize"):
+        able = sorted(name for name, b in BACKENDS.items() if hasattr(_backend_class(b), "random_fullsize"))
+        raise ConfigError(
+            f"role {role}: backend {spec.backend!r} cannot build {spec.model!r} with random weights; backends "
+            f"that can: {', '.join(able)} (a chat role can use tiny-random/qwen2.5-vl with backend transformers)"
+        )
 
 
 def build(config: EngineConfig, roles: Mapping[str, str], *, pipeline: str = "this pipeline") -> dict[str, Any]:
@@ -78,6 +93,7 @@ def build(config: EngineConfig, roles: Mapping[str, str], *, pipeline: str = "th
     require_roles(config, list(roles), pipeline=pipeline)
     for role, kind in roles.items():
         backend_of(role, config.roles[role], kind)
+        check_random_fullsize(role, config.roles[role])
     weights.require({r: config.roles[r] for r in roles if BACKENDS[config.roles[r].backend].needs_weights})
     device = pick_device(config.pipeline.get("device", "auto"))
     dtype = resolve_dtype(config.pipeline.get("dtype", "auto"), device)

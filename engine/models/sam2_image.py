@@ -6,6 +6,7 @@ torch and sam2 are imported inside functions so importing this module stays ligh
 from __future__ import annotations
 
 import logging
+import threading
 import warnings
 from typing import Any
 
@@ -45,6 +46,8 @@ class Sam2BoxSegmenter:
         # model's image_size (strides 4, 8, 16) so other sizes (the tiny model's) work too.
         s = self.image_size
         self.predictor._bb_feat_sizes = [(s // 4, s // 4), (s // 8, s // 8), (s // 16, s // 16)]
+        # The predictor holds one image's features between set_image and predict: one video at a time.
+        self._lock = threading.Lock()
 
     @property
     def device(self) -> str:
@@ -61,7 +64,7 @@ class Sam2BoxSegmenter:
 
         from engine.device import autocast
 
-        with torch.inference_mode(), autocast(self.device, self.dtype):
+        with self._lock, torch.inference_mode(), autocast(self.device, self.dtype):
             self.predictor.set_image(image)
             try:
                 masks, _, _ = self.predictor.predict(box=boxes, multimask_output=False)
@@ -112,4 +115,31 @@ class Sam2BoxSegmenter:
             )
         log.warning("SAM 2 box segmenter %s has random weights: its masks are meaningless", TINY_MODEL_ID)
         return cls(model=sam_model, model_id=TINY_MODEL_ID, dtype=dtype)
+
+    @classmethod
+    def random_fullsize(
+        cls,
+        *,
+        name: str = "random/sam2.1-hiera-small",
+        seed: int = 0,
+        device: str = "auto",
+        dtype: str = "bfloat16",
+    ) -> "Sam2BoxSegmenter":
+        """A released SAM 2 architecture at full size (its own config and image_size, 1024) with random
+        weights: `random/<name>` for any `facebook/<name>` sam2 knows, e.g. random/sam2.1-hiera-small. For
+        timing where no weights can be fetched; masks are noise."""
+        import torch
+        from sam2.build_sam import HF_MODEL_ID_TO_FILENAMES, build_sam2
+
+        from engine.device import pick_device
+
+        check_dtype(dtype)
+        configs = {"random/" + hf.split("/", 1)[1]: cfg for hf, (cfg, _) in HF_MODEL_ID_TO_FILENAMES.items()}
+        if name not in configs:
+            raise ValueError(f"unknown full-size random SAM 2 {name!r}; choose from {', '.join(sorted(configs))}")
+        with torch.random.fork_rng(devices=[]):  # leave the caller's RNG state alone
+            torch.manual_seed(seed)
+            sam_model = build_sam2(configs[name], ckpt_path=None, device=pick_device(device))
+        log.warning("SAM 2 box segmenter %s has random weights: its masks are meaningless", name)
+        return cls(model=sam_model, model_id=name, dtype=dtype)
 

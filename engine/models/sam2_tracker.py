@@ -1,8 +1,14 @@
-"""SAM 2 video tracker backend (`Tracker`) on `sam2.SAM2VideoPredictor`, fed frames from a `FrameSource`.
+"""SAM 2 video tracker backend (`Tracker`) on sam2's video predictor, fed frames from a `FrameSource`.
+
+Two sam2 predictor classes can run it. sam2 1.1.0's default `sam2.sam2_video_predictor.SAM2VideoPredictor`
+tracks each object in its own forward, so its cost grows linearly with objects; the batched one it still ships,
+`sam2.sam2_video_predictor_legacy.SAM2VideoPredictor`, runs all objects of a frame in one forward (about 6x
+the frames/s at 8 objects on a GPU) under stricter prompting rules (see `Sam2Session`). Batched is the default.
 
 sam2's public `init_state` takes a path and loads every frame as fp32 (12 MiB a frame at 1024), and its mp4
-reader needs decord. Here the session state is built directly (see `_new_inference_state`) around frames our
-own decoder stored compressed, each converted to fp32 only when sam2 indexes it.
+reader needs decord. Here the session state is built directly (see `_new_inference_state` and
+`_new_batched_inference_state`) around frames our own decoder stored compressed, each converted to fp32 only
+when sam2 indexes it.
 
 torch and sam2 are imported inside functions so importing this module stays light.
 """
@@ -27,8 +33,10 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-# The sam2 release whose `init_state` `_new_inference_state` mirrors.
+# The sam2 release whose predictors' `init_state` `_new_inference_state` and `_new_batched_inference_state` mirror.
 SAM2_MIRRORED_VERSION = "1.1.0"
+# sam2's batched video predictor class, picked at build time with a hydra override of the model's target.
+BATCHED_PREDICTOR_TARGET = "sam2.sam2_video_predictor_legacy.SAM2VideoPredictor"
 # ImageNet statistics, as in sam2.utils.misc.load_video_frames.
 IMG_MEAN = (0.485, 0.456, 0.406)
 IMG_STD = (0.229, 0.224, 0.225)
@@ -123,6 +131,26 @@ def tiny_overrides(image_size: int) -> list[str]:
     return [f"++model.image_size={image_size}"]
 
 
+def predictor_overrides(batched: bool) -> list[str]:
+    """hydra overrides for `build_sam2_video_predictor` that pick sam2's batched predictor class."""
+    return [f"++model._target_={BATCHED_PREDICTOR_TARGET}"] if batched else []
+
+
+def predictor_is_batched(predictor: Any) -> bool:
+    """True for sam2's batched (legacy) video predictor, False for its per-object one; else a ValueError."""
+    from sam2.sam2_video_predictor import SAM2VideoPredictor
+    from sam2.sam2_video_predictor_legacy import SAM2VideoPredictor as BatchedVideoPredictor
+
+    if isinstance(predictor, BatchedVideoPredictor):
+        return True
+    if isinstance(predictor, SAM2VideoPredictor):
+        return False
+    raise ValueError(
+        f"predictor must be a sam2 video predictor (sam2.sam2_video_predictor.SAM2VideoPredictor or "
+        f"{BATCHED_PREDICTOR_TARGET}), got {type(predictor).__name__}"
+    )
+
+
 def load_checkpoint_message(exc: BaseException, ckpt_path: str | None, config: str) -> str:
     detail = " ".join(str(exc).split())[:300] or "missing or unexpected keys"  # torch lists every key
     return (
@@ -208,7 +236,7 @@ class _NormalizedFrames:
             self._pool = None
 
 
-def _new_inference_state(
+def _shared_inference_state(
     predictor: Any,
     images: _NormalizedFrames,
     *,
@@ -216,7 +244,7 @@ def _new_inference_state(
     width: int,
     offload_state_to_cpu: bool,
 ) -> dict[str, Any]:
-    """The dict `SAM2VideoPredictor.init_state` builds in sam2 1.1.0, with `images` supplied by us.
+    """The entries both sam2 1.1.0 predictors' `init_state` build alike, with `images` supplied by us.
 
     Differences from init_state: frames come from `images` instead of `load_video_frames`, and the warm-up
     backbone pass on frame 0 is skipped (features are computed on first use anyway).
@@ -240,9 +268,50 @@ def _new_inference_state(
         "obj_id_to_idx": OrderedDict(),
         "obj_idx_to_id": OrderedDict(),
         "obj_ids": [],
+    }
+
+
+def _new_inference_state(
+    predictor: Any,
+    images: _NormalizedFrames,
+    *,
+    height: int,
+    width: int,
+    offload_state_to_cpu: bool,
+) -> dict[str, Any]:
+    """The dict `sam2.sam2_video_predictor.SAM2VideoPredictor.init_state` builds in sam2 1.1.0 (per-object
+    outputs only), with the differences of `_shared_inference_state`."""
+    return {
+        **_shared_inference_state(
+            predictor, images, height=height, width=width, offload_state_to_cpu=offload_state_to_cpu
+        ),
         "output_dict_per_obj": {},
         "temp_output_dict_per_obj": {},
         "frames_tracked_per_obj": {},
+    }
+
+
+def _new_batched_inference_state(
+    predictor: Any,
+    images: _NormalizedFrames,
+    *,
+    height: int,
+    width: int,
+    offload_state_to_cpu: bool,
+) -> dict[str, Any]:
+    """The dict `sam2.sam2_video_predictor_legacy.SAM2VideoPredictor.init_state` builds in sam2 1.1.0 (outputs
+    of all objects consolidated per frame, plus per-object views of them), with the differences of
+    `_shared_inference_state`."""
+    return {
+        **_shared_inference_state(
+            predictor, images, height=height, width=width, offload_state_to_cpu=offload_state_to_cpu
+        ),
+        "output_dict": {"cond_frame_outputs": {}, "non_cond_frame_outputs": {}},
+        "output_dict_per_obj": {},
+        "temp_output_dict_per_obj": {},
+        "consolidated_frame_inds": {"cond_frame_outputs": set(), "non_cond_frame_outputs": set()},
+        "tracking_has_started": False,
+        "frames_already_tracked": {},
     }
 
 
@@ -256,7 +325,7 @@ def _warn_if_other_sam2() -> None:
     if installed != SAM2_MIRRORED_VERSION:
         log.warning(
             "sam2 %s is installed; Sam2Tracker builds the inference state as sam2 %s does: check "
-            "_new_inference_state against SAM2VideoPredictor.init_state",
+            "_new_inference_state and _new_batched_inference_state against the predictors' init_state",
             installed,
             SAM2_MIRRORED_VERSION,
         )
@@ -271,7 +340,15 @@ def _has_sam2_extension() -> bool:
 
 
 class Sam2Session:
-    """One video's tracking state: every object of the video in one sam2 inference state."""
+    """One video's tracking state: every object of the video in one sam2 inference state.
+
+    With sam2's batched predictor (`batched`) every object of a frame is tracked in one forward, under its
+    rules (sam2 RELEASE_NOTES): all objects are prompted before the first propagation (a prompt after it is
+    a RuntimeError here: open a new session with every prompt), and on a frame that carries prompts, an
+    object not prompted there is taken as absent (an empty mask that conditions its tracking). So prompt
+    every object on the same frame. The per-object predictor has neither rule, at a cost per frame that
+    grows linearly with the objects.
+    """
 
     def __init__(
         self,
@@ -299,10 +376,12 @@ class Sam2Session:
         self.num_frames = num_frames
         self.keep_window = keep_window
         self.stats = Stats()
+        self.batched = predictor_is_batched(predictor)
         self._propagating = False
         self._images = _NormalizedFrames(frames, image_size=predictor.image_size, device=self._device)
         self._images.frame(0)  # fail now, not mid-propagation, on frames of the wrong size
-        self._state: dict[str, Any] | None = _new_inference_state(
+        new_state = _new_batched_inference_state if self.batched else _new_inference_state
+        self._state: dict[str, Any] | None = new_state(
             predictor, self._images, height=height, width=width, offload_state_to_cpu=offload_state_to_cpu
         )
 
@@ -396,6 +475,13 @@ class Sam2Session:
         Conditioning memories in fp32 make every memory concatenation promote to fp32.
         """
         self._predictor.propagate_in_video_preflight(state)  # moves prompt outputs in; a no-op if done
+        if self.batched:
+            # Tracking reads the consolidated outputs (every one has a memory after the preflight).
+            for t, out in state["output_dict"]["cond_frame_outputs"].items():
+                out["maskmem_features"] = out["maskmem_features"].float()
+                # the per-object outputs are slices of the consolidated one: slice the fp32 copy again
+                self._predictor._add_output_per_object(state, t, out, "cond_frame_outputs")
+            return
         for obj_outputs in state["output_dict_per_obj"].values():
             for out in obj_outputs["cond_frame_outputs"].values():
                 if out["maskmem_features"] is not None:
@@ -408,6 +494,10 @@ class Sam2Session:
         session, though it only attends to the last num_maskmem-1 frames, the last max_obj_ptrs_in_encoder-1
         object pointers, and the conditioning (prompted) frames, which are never dropped here. Upstream
         suggests this pruning for long videos (sam2 issues 196, 545).
+
+        The batched predictor tracks from consolidated outputs (all objects of a frame in one) and keeps
+        per-object slices of them, which share their tensors: both are dropped, or the slices would keep the
+        memory alive. It takes no prompt once tracking started, so its record of tracked frames stays.
         """
         if self.keep_window is not None:
             if reverse:
@@ -417,13 +507,17 @@ class Sam2Session:
             dropped = 0
             for obj_idx, obj_outputs in state["output_dict_per_obj"].items():
                 non_cond = obj_outputs["non_cond_frame_outputs"]
-                # Also forget that sam2 tracked the frame, so a later prompt there starts a fresh
-                # conditioning frame instead of "correcting" an output that is gone.
-                tracked = state["frames_tracked_per_obj"][obj_idx]
                 for t in [t for t in non_cond if is_stale(t)]:
                     del non_cond[t]
-                    tracked.pop(t, None)
+                    if not self.batched:
+                        # Also forget that sam2 tracked the frame, so a later prompt there starts a fresh
+                        # conditioning frame instead of "correcting" an output that is gone.
+                        state["frames_tracked_per_obj"][obj_idx].pop(t, None)
                     dropped += 1
+            if self.batched:
+                consolidated = state["output_dict"]["non_cond_frame_outputs"]
+                for t in [t for t in consolidated if is_stale(t)]:
+                    del consolidated[t]
             if dropped:
                 self.stats.count("tracker_pruned_outputs", dropped)
         cached = state["cached_features"]
@@ -458,12 +552,18 @@ class Sam2Session:
         return list(self._open_state()["obj_ids"])
 
     def stored_outputs(self) -> dict[str, int]:
-        """How many per-object frame outputs the state holds, by kind."""
+        """How many per-object frame outputs the state holds, by kind. With the batched predictor an object
+        holds a frame where its slice or the frame's consolidated output is kept."""
         state = self._open_state()
         per_obj = state["output_dict_per_obj"].values()
+
+        def held(kind: str) -> int:
+            consolidated = state["output_dict"][kind].keys() if self.batched else set()
+            return sum(len(o[kind].keys() | consolidated) for o in per_obj)
+
         return {
-            "cond": sum(len(o["cond_frame_outputs"]) for o in per_obj),
-            "non_cond": sum(len(o["non_cond_frame_outputs"]) for o in per_obj),
+            "cond": held("cond_frame_outputs"),
+            "non_cond": held("non_cond_frame_outputs"),
             "cached_features": len(state["cached_features"]),
         }
 
@@ -489,6 +589,13 @@ class Sam2Session:
         state = self._open_state()
         if self._propagating:
             raise RuntimeError("cannot prompt while a propagation of this session is running; finish it first")
+        if self.batched and state["tracking_has_started"]:
+            # sam2 would refuse a new object, but take a new prompt frame of a known one and call every
+            # other object absent there: a silently wrong result.
+            raise RuntimeError(
+                "the batched SAM 2 tracker takes every prompt before the first propagation: open a new session "
+                "and prompt all objects before propagating (or use batched=False)"
+            )
         return state
 
     def _check_position(self, position: int, what: str) -> None:
@@ -514,14 +621,39 @@ class Sam2Session:
 
 def _silence_sam2_progress_bar() -> None:
     """sam2 wraps every propagation in a tqdm bar on stderr; the engine reports progress itself. Replaced in
-    sam2's module only, so other libraries' bars (downloads) stay."""
+    sam2's predictor modules only, so other libraries' bars (downloads) stay."""
     import sam2.sam2_video_predictor as video_predictor
+    import sam2.sam2_video_predictor_legacy as batched_video_predictor
 
-    video_predictor.tqdm = lambda iterable, *args, **kwargs: iterable
+    for module in (video_predictor, batched_video_predictor):
+        module.tqdm = lambda iterable, *args, **kwargs: iterable
+
+
+def _settle_rope_tables(predictor: Any) -> None:
+    """Build sam2's rotary position tables for this image_size now, as its first forward would.
+
+    `RoPEAttention.forward` rebinds its `freqs_cis` table on every call and rebuilds it when the token count
+    differs from its config's (any image_size but 1024). Sessions in several threads on a fresh predictor can
+    interleave there: one writes the stale table back after another rebuilt it, and the other then applies
+    it (a shape assertion on its first frame). With the table already right, those rebinds are no-ops.
+    """
+    from sam2.modeling.sam.transformer import RoPEAttention
+
+    side = int(predictor.sam_image_embedding_size)  # memory attention runs on the stride-16 feature map
+    for module in predictor.modules():
+        if isinstance(module, RoPEAttention) and (
+            module.freqs_cis.shape[0] != side * side or module.freqs_cis.device != predictor.device
+        ):
+            module.freqs_cis = module.compute_cis(end_x=side, end_y=side).to(predictor.device)
 
 
 class Sam2Tracker:
-    """`Tracker` on sam2's video predictor. Load once per worker; `start` a session per video."""
+    """`Tracker` on sam2's video predictor. Load once per worker; `start` a session per video.
+
+    `batched` says which predictor class runs it: sam2's batched one (one forward per frame for all objects,
+    see `Sam2Session` for its prompting rules) or the per-object one. Given to `__init__`, it must match the
+    predictor's class; None takes the predictor's. Sessions of one tracker may run in several threads at once.
+    """
 
     def __init__(
         self,
@@ -531,11 +663,14 @@ class Sam2Tracker:
         dtype: str = "bfloat16",
         keep_window: int | None = DEFAULT_KEEP_WINDOW,
         offload_state_to_cpu: bool = False,
+        batched: bool | None = None,
     ) -> None:
-        from sam2.sam2_video_predictor import SAM2VideoPredictor
-
-        if not isinstance(predictor, SAM2VideoPredictor):
-            raise ValueError(f"predictor must be a sam2 SAM2VideoPredictor, got {type(predictor).__name__}")
+        is_batched = predictor_is_batched(predictor)
+        if batched is not None and batched != is_batched:
+            raise ValueError(
+                f"batched={batched} but the predictor is sam2's {'batched' if is_batched else 'per-object'} "
+                f"{type(predictor).__module__}.{type(predictor).__name__}"
+            )
         if keep_window is not None and (not isinstance(keep_window, int) or keep_window < 1):
             raise ValueError(f"keep_window must be a positive int or None (keep everything), got {keep_window!r}")
         _warn_if_other_sam2()
@@ -544,7 +679,9 @@ class Sam2Tracker:
             log.info("sam2's _C extension is not built: hole filling in tracked masks is off")
             predictor.fill_hole_area = 0
         _silence_sam2_progress_bar()
+        _settle_rope_tables(predictor)
         self.predictor = predictor
+        self.batched = is_batched
         self.model_id = model_id
         self.image_size: int = int(predictor.image_size)
         self.dtype = check_dtype(dtype, TRACKER_DTYPES)
@@ -587,9 +724,11 @@ class Sam2Tracker:
         device: str = "auto",
         dtype: str = "bfloat16",
         keep_window: int | None = DEFAULT_KEEP_WINDOW,
+        batched: bool = True,
     ) -> "Sam2Tracker":
         """Load a local .pt checkpoint (config from its file name unless given) or a Hugging Face id such as
-        "facebook/sam2.1-hiera-small" (downloaded into the Hugging Face cache on first use)."""
+        "facebook/sam2.1-hiera-small" (downloaded into the Hugging Face cache on first use). `batched` picks
+        sam2's batched predictor class (one forward per frame for all objects) over the per-object one."""
         from sam2.build_sam import build_sam2_video_predictor
 
         from engine.device import pick_device
@@ -598,10 +737,16 @@ class Sam2Tracker:
         config, ckpt_path = resolve_sam2_weights(model, config)
         try:
             # vos_optimized=False: the VOS variant torch.compiles for minutes, which a batch job rarely repays.
-            predictor = build_sam2_video_predictor(config, ckpt_path, device=pick_device(device), vos_optimized=False)
+            predictor = build_sam2_video_predictor(
+                config,
+                ckpt_path,
+                device=pick_device(device),
+                hydra_overrides_extra=predictor_overrides(batched),
+                vos_optimized=False,
+            )
         except RuntimeError as exc:  # sam2 raises a bare RuntimeError() on a key mismatch
             raise ValueError(load_checkpoint_message(exc, ckpt_path, config)) from exc
-        return cls(predictor=predictor, model_id=model, dtype=dtype, keep_window=keep_window)
+        return cls(predictor=predictor, model_id=model, dtype=dtype, keep_window=keep_window, batched=batched)
 
     @classmethod
     def tiny(
@@ -612,15 +757,17 @@ class Sam2Tracker:
         device: str = "cpu",
         dtype: str = "bfloat16",
         keep_window: int | None = DEFAULT_KEEP_WINDOW,
+        batched: bool = True,
     ) -> "Sam2Tracker":
-        """sam2.1 hiera-t with random weights at a small image_size: for tests and wiring; masks are noise."""
+        """sam2.1 hiera-t with random weights at a small image_size: for tests and wiring; masks are noise.
+        Both predictor classes draw the same weights for one seed."""
         import torch
         from sam2.build_sam import build_sam2_video_predictor
 
         from engine.device import pick_device
 
         check_dtype(dtype, TRACKER_DTYPES)
-        overrides = tiny_overrides(image_size)
+        overrides = tiny_overrides(image_size) + predictor_overrides(batched)
         with torch.random.fork_rng(devices=[]):  # leave the caller's RNG state alone
             torch.manual_seed(seed)
             predictor = build_sam2_video_predictor(
@@ -631,5 +778,40 @@ class Sam2Tracker:
                 vos_optimized=False,
             )
         log.warning("SAM 2 tracker %s has random weights: its masks are meaningless", TINY_MODEL_ID)
-        return cls(predictor=predictor, model_id=TINY_MODEL_ID, dtype=dtype, keep_window=keep_window)
+        return cls(predictor=predictor, model_id=TINY_MODEL_ID, dtype=dtype, keep_window=keep_window, batched=batched)
+
+    @classmethod
+    def random_fullsize(
+        cls,
+        *,
+        name: str = "random/sam2.1-hiera-small",
+        seed: int = 0,
+        device: str = "auto",
+        dtype: str = "bfloat16",
+        keep_window: int | None = DEFAULT_KEEP_WINDOW,
+        batched: bool = True,
+    ) -> "Sam2Tracker":
+        """A released SAM 2 architecture at full size (its own config and image_size, 1024) with random
+        weights: `random/<name>` for any `facebook/<name>` sam2 knows, e.g. random/sam2.1-hiera-small. For
+        timing where no weights can be fetched; masks are noise."""
+        import torch
+        from sam2.build_sam import HF_MODEL_ID_TO_FILENAMES, build_sam2_video_predictor
+
+        from engine.device import pick_device
+
+        check_dtype(dtype, TRACKER_DTYPES)
+        configs = {"random/" + hf.split("/", 1)[1]: cfg for hf, (cfg, _) in HF_MODEL_ID_TO_FILENAMES.items()}
+        if name not in configs:
+            raise ValueError(f"unknown full-size random SAM 2 {name!r}; choose from {', '.join(sorted(configs))}")
+        with torch.random.fork_rng(devices=[]):  # leave the caller's RNG state alone
+            torch.manual_seed(seed)
+            predictor = build_sam2_video_predictor(
+                configs[name],
+                ckpt_path=None,
+                device=pick_device(device),
+                hydra_overrides_extra=predictor_overrides(batched),
+                vos_optimized=False,
+            )
+        log.warning("SAM 2 tracker %s has random weights: its masks are meaningless", name)
+        return cls(predictor=predictor, model_id=name, dtype=dtype, keep_window=keep_window, batched=batched)
 

@@ -7,6 +7,7 @@ per channel, so CLIP's preprocessing would shift its embeddings; `preprocess` do
 from __future__ import annotations
 
 import logging
+import re
 from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any, Iterator, Sequence
 
@@ -17,7 +18,17 @@ from engine.images import check_rgb_uint8
 if TYPE_CHECKING:
     import torch
 
+log = logging.getLogger(__name__)
+
 TINY_MODEL_ID = "tiny-random/siglip"
+# `random/siglip-<size>-patch<p>-<image>` builds this vision tower at full size with random weights.
+RANDOM_MODEL_PATTERN = re.compile(r"random/siglip-(base|large|so400m)-patch(14|16)-(\d+)")
+# Width, MLP width, depth and heads of SigLIP's released vision towers (SiglipVisionConfig's defaults are base).
+RANDOM_TOWERS = {
+    "base": dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12),
+    "large": dict(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16),
+    "so400m": dict(hidden_size=1152, intermediate_size=4304, num_hidden_layers=27, num_attention_heads=16),
+}
 SIGLIP_MEAN = 0.5
 SIGLIP_STD = 0.5
 
@@ -112,6 +123,34 @@ class SiglipEmbedder:
             torch.manual_seed(seed)
             model = SiglipVisionModel(config)
         return cls(model=model.to(device), model_id=TINY_MODEL_ID, device=device, batch_size=batch_size)
+
+    @classmethod
+    def random_fullsize(
+        cls, *, name: str = "random/siglip-base-patch16-224", seed: int = 0, device: str = "cpu",
+        batch_size: int = 32,
+    ) -> "SiglipEmbedder":
+        """A released SigLIP vision tower at full size with random weights, named like the checkpoint:
+        `random/siglip-base-patch16-224` (93M parameters with its pooling head), `-large-patch16-256`,
+        `-so400m-patch14-384`, ... For timing where no weights can be fetched; its embeddings are meaningless."""
+        import torch
+        from transformers import SiglipVisionConfig, SiglipVisionModel
+
+        from engine.device import pick_device
+
+        match = RANDOM_MODEL_PATTERN.fullmatch(name)
+        if match is None or int(match[3]) % int(match[2]):
+            raise ValueError(
+                f"unknown full-size random SigLIP {name!r}; name it random/siglip-<base|large|so400m>-"
+                f"patch<14|16>-<image size, a multiple of the patch>, e.g. random/siglip-base-patch16-224"
+            )
+        tower, patch, image_size = match[1], int(match[2]), int(match[3])
+        config = SiglipVisionConfig(**RANDOM_TOWERS[tower], patch_size=patch, image_size=image_size)
+        device = pick_device(device)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            model = SiglipVisionModel(config)
+        log.warning("embedder %s has random weights: its embeddings are meaningless", name)
+        return cls(model=model.to(device), model_id=name, device=device, batch_size=batch_size)
 
     def embed(self, images: Sequence[np.ndarray]) -> np.ndarray:
         """L2-normalised float32 embeddings, shape (N, D), one row per image, in order."""

@@ -54,6 +54,8 @@ def _in_hf_cache(repo_id: str) -> str | None:
 def locate(spec: RoleSpec, *, check_hub: bool = True) -> WeightsStatus:
     if spec.is_tiny:
         return WeightsStatus(True, "built from config (random weights)")
+    if spec.is_random_fullsize:
+        return WeightsStatus(True, "built from config, full size (random weights)")
     if spec.backend == "openai":
         return WeightsStatus(True, f"served at {spec.options.get('base_url', '?')}")
     if Path(spec.model).expanduser().exists():
