@@ -180,6 +180,15 @@ def make_video(
     return truth
 
 
+def blocky_scene(seed: int, height: int = 96, width: int = 160) -> np.ndarray:
+    """Blocky noise with a flat red rectangle whose place depends on the seed: an image for a model to look at."""
+    rng = np.random.default_rng(seed)
+    image = rng.integers(0, 256, (height // 8, width // 8, 3), dtype=np.uint8)
+    image = np.kron(image, np.ones((8, 8, 1), dtype=np.uint8))[:height, :width].copy()
+    image[10:40, 20 + seed * 10 : 60 + seed * 10] = (230, 30, 30)
+    return image
+
+
 # -- scenarios shared by the tests ------------------------------------------------------------------------
 
 

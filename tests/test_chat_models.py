@@ -44,18 +44,12 @@ from engine.models.interfaces import (
     GroundingAnswer,
 )
 from engine.stats import Stats
+from tests.synthetic import blocky_scene as scene
 
 H, W = 96, 160
 BOXES = [(10.0, 10.0, 60.0, 60.0), (80.0, 20.0, 150.0, 90.0), (100.0, 50.0, 155.0, 95.0)]
 
 
-def scene(seed: int, height: int = H, width: int = W) -> np.ndarray:
-    """Smooth noise with a flat rectangle: something for a VLM to look at."""
-    rng = np.random.default_rng(seed)
-    image = rng.integers(0, 256, (height // 8, width // 8, 3), dtype=np.uint8)
-    image = np.kron(image, np.ones((8, 8, 1), dtype=np.uint8))[:height, :width].copy()
-    image[10:40, 20 + seed * 10 : 60 + seed * 10] = (230, 30, 30)
-    return image
 
 
 def clip(seed: int, n: int = 4) -> ChatVideo:

@@ -17,19 +17,13 @@ from engine.models.grounding_dino import (
     resolve_detector_dtype,
 )
 from engine.models.interfaces import Detection
+from tests.synthetic import blocky_scene as scene
 
 H, W = 96, 160
 PHRASES = ["Person", "dog", "red ball"]
 ARGS = dict(box_threshold=0.3, text_threshold=0.25)
 
 
-def scene(seed: int, height: int = H, width: int = W) -> np.ndarray:
-    """Blocky noise with a red rectangle whose place depends on the seed."""
-    rng = np.random.default_rng(seed)
-    image = rng.integers(0, 256, (height // 8, width // 8, 3), dtype=np.uint8)
-    image = np.kron(image, np.ones((8, 8, 1), dtype=np.uint8))[:height, :width].copy()
-    image[10:40, 20 + seed * 10 : 60 + seed * 10] = (230, 30, 30)
-    return image
 
 
 @pytest.fixture(scope="module")

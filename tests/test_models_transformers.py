@@ -19,18 +19,12 @@ from engine.errors import MissingWeightsError
 from engine.models.grounding_dino import build_prompt, map_label, nms_per_label, normalize_phrases
 from engine.models.interfaces import Detection, Detector, Embedder
 from engine.models.siglip import preprocess
+from tests.synthetic import blocky_scene as scene
 
 H, W = 96, 160
 PHRASES = ["Person", "dog", "red ball"]
 
 
-def scene(seed: int, height: int = H, width: int = W) -> np.ndarray:
-    """Smooth noise with a few flat rectangles: enough structure to give every model something to see."""
-    rng = np.random.default_rng(seed)
-    image = rng.integers(0, 256, (height // 8, width // 8, 3), dtype=np.uint8)
-    image = np.kron(image, np.ones((8, 8, 1), dtype=np.uint8))[:height, :width].copy()
-    image[10:40, 20 + seed * 10 : 60 + seed * 10] = (230, 30, 30)
-    return image
 
 
 # ---------------------------------------------------------------- prompts
