@@ -22,7 +22,7 @@ from engine.frame_store import TrackFrames
 from engine.ids import stable_id
 from engine.models.interfaces import BoxSegmenter, Detection, Detector, Tracker
 from engine.stats import Stats
-from schemas import Assignment, MaskletRecord, Provenance
+from schemas import Assignment, MaskletRecord, Provenance, TrackPrompt
 
 METHOD = "videorefer"
 
@@ -162,6 +162,11 @@ class Segmentor:
             detector_box=[round(float(v), 2) for v in det.box],
             assignment=Assignment(method="detector-noun", candidate_index=0, num_candidates=count, score=round(float(det.score), 6)),
             num_frames_tracked=len(frames.store),
+            track_fps=self.config.track_fps,
+            prompts=[TrackPrompt(
+                frame_index=frames.frame_index[start], timestamp=round(frames.times[start], 6),
+                box=[round(float(v), 2) for v in det.box], detector_score=round(float(det.score), 6), reason="start", track=0,
+            )],
             frames=frame_masks(frames, track),
             provenance=provenance,
         )

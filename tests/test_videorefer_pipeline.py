@@ -309,6 +309,9 @@ def test_caption_items_give_reviewed_detailed_captions(built, manifest):
         (masklet_id,) = sample.masklet_ids
         masklet = masklets[masklet_id]
         assert (masklet.video_id, masklet.method, masklet.expression) == (video_id, "videorefer", noun)
+        (prompt,) = masklet.prompts  # one track, from the frame of the noun's best box
+        assert (prompt.frame_index, prompt.reason, prompt.box) == (masklet.start_frame, "start", masklet.detector_box)
+        assert masklet.track_fps is not None and masklet.track_fps > 0
         assert sample.review is not None and sample.review.region_caption
         assert sample.review.frame_index in {f.frame_index for f in masklet.frames}
         assert 0 < len(sample.frames) <= 16 and set(sample.frames) <= {f.frame_index for f in masklet.frames}
