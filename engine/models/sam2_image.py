@@ -19,6 +19,7 @@ from engine.models.sam2_tracker import (
     check_dtype,
     clip_boxes,
     load_checkpoint_message,
+    random_fullsize_config,
     resolve_sam2_weights,
     tiny_overrides,
 )
@@ -129,17 +130,15 @@ class Sam2BoxSegmenter:
         weights: `random/<name>` for any `facebook/<name>` sam2 knows, e.g. random/sam2.1-hiera-small. For
         timing where no weights can be fetched; masks are noise."""
         import torch
-        from sam2.build_sam import HF_MODEL_ID_TO_FILENAMES, build_sam2
+        from sam2.build_sam import build_sam2
 
         from engine.device import pick_device
 
         check_dtype(dtype)
-        configs = {"random/" + hf.split("/", 1)[1]: cfg for hf, (cfg, _) in HF_MODEL_ID_TO_FILENAMES.items()}
-        if name not in configs:
-            raise ValueError(f"unknown full-size random SAM 2 {name!r}; choose from {', '.join(sorted(configs))}")
+        config = random_fullsize_config(name)
         with torch.random.fork_rng(devices=[]):  # leave the caller's RNG state alone
             torch.manual_seed(seed)
-            sam_model = build_sam2(configs[name], ckpt_path=None, device=pick_device(device))
+            sam_model = build_sam2(config, ckpt_path=None, device=pick_device(device))
         log.warning("SAM 2 box segmenter %s has random weights: its masks are meaningless", name)
         return cls(model=sam_model, model_id=name, dtype=dtype)
 

@@ -124,6 +124,16 @@ def check_dtype(dtype: str, allowed: Sequence[str] = DTYPES) -> str:
     return dtype
 
 
+def random_fullsize_config(name: str) -> str:
+    """The sam2 config of `random/<name>`, for any `facebook/<name>` sam2 knows (e.g. random/sam2.1-hiera-small)."""
+    from sam2.build_sam import HF_MODEL_ID_TO_FILENAMES
+
+    configs = {"random/" + hf.split("/", 1)[1]: cfg for hf, (cfg, _) in HF_MODEL_ID_TO_FILENAMES.items()}
+    if name not in configs:
+        raise ValueError(f"unknown full-size random SAM 2 {name!r}; choose from {', '.join(sorted(configs))}")
+    return configs[name]
+
+
 def tiny_overrides(image_size: int) -> list[str]:
     if not isinstance(image_size, int) or image_size < 64 or image_size % 32:
         # Hiera's last stage has stride 32 and sam2's mask path expects image_size // 16 features.
@@ -795,18 +805,16 @@ class Sam2Tracker:
         weights: `random/<name>` for any `facebook/<name>` sam2 knows, e.g. random/sam2.1-hiera-small. For
         timing where no weights can be fetched; masks are noise."""
         import torch
-        from sam2.build_sam import HF_MODEL_ID_TO_FILENAMES, build_sam2_video_predictor
+        from sam2.build_sam import build_sam2_video_predictor
 
         from engine.device import pick_device
 
         check_dtype(dtype, TRACKER_DTYPES)
-        configs = {"random/" + hf.split("/", 1)[1]: cfg for hf, (cfg, _) in HF_MODEL_ID_TO_FILENAMES.items()}
-        if name not in configs:
-            raise ValueError(f"unknown full-size random SAM 2 {name!r}; choose from {', '.join(sorted(configs))}")
+        config = random_fullsize_config(name)
         with torch.random.fork_rng(devices=[]):  # leave the caller's RNG state alone
             torch.manual_seed(seed)
             predictor = build_sam2_video_predictor(
-                configs[name],
+                config,
                 ckpt_path=None,
                 device=pick_device(device),
                 hydra_overrides_extra=predictor_overrides(batched),
