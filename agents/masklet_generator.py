@@ -187,7 +187,6 @@ class MaskletResult:
     masklets: list[MaskletRecord]
     rejections: list[RejectionRecord]
     start_frames: list[int]  # video frame index of each prompt frame (one per tracking session), in order
-    frames_tracked: int
 
 
 class ReferringMaskletGenerator:
@@ -327,7 +326,7 @@ class MaskletPass:
         n = len(self.frames.store)
         if n == 0:
             reasons = [self._reject(e, "decode", "no_frames", "no frames were decoded", "strefer") for e in self.entities]
-            return MaskletResult([], reasons, [], 0)
+            return MaskletResult([], reasons, [])
         shots = self._shots(cuts)
         needed = Counter(e.noun for e in self.entities)
         nouns = list(dict.fromkeys(e.noun for e in self.entities))
@@ -341,10 +340,10 @@ class MaskletPass:
         if not tracks:
             detail = f"no box for {nouns} on any sampled frame (box_threshold {self.cfg.box_threshold})"
             rejections = [self._reject(e, "detect", "no_detection", detail, "strefer") for e in self.entities]
-            return MaskletResult([], rejections, [], 0)
+            return MaskletResult([], rejections, [])
         masklets, rejections = self._assign(tracks, samples, shots)
         starts = [self.frames.frame_index[p] for p in dict.fromkeys(t.position for t in tracks)]
-        return MaskletResult(masklets, rejections, starts, n)
+        return MaskletResult(masklets, rejections, starts)
 
     def _paper_tracks(
         self, n: int, shots: list[tuple[int, int]], needed: Counter[str], nouns: list[str]
@@ -556,7 +555,7 @@ class MaskletPass:
         n = len(self.frames.store)
         if n == 0:
             reasons = [self._reject(e, "decode", "no_frames", "no frames were decoded", "grounded-sam2") for e in self.entities]
-            return MaskletResult([], reasons, [], 0)
+            return MaskletResult([], reasons, [])
         phrases = [e.expression for e in self.entities]
         (detections,) = self._detect([0], phrases)
         tracks = self._session(detections, 0, 0, (0, n), "first-frame", phrases, both_directions=False)
@@ -571,7 +570,7 @@ class MaskletPass:
                 method="detector-phrase", candidate_index=0, num_candidates=len(mine), score=mine[0].detection.score
             )
             masklets.append(self._masklet(entity, mine[:1], assignment, "grounded-sam2", [(0, n)]))
-        return MaskletResult(masklets, rejections, [self.frames.frame_index[0]] if tracks else [], n)
+        return MaskletResult(masklets, rejections, [self.frames.frame_index[0]] if tracks else [])
 
     # -- records -----------------------------------------------------------------------------------------
     def _masklet(

@@ -33,9 +33,14 @@ class _Overlay:
         self.frame_keys = [[f.frame_index for f in m.frames] for m in self.masklets]
         # A mask is held over the frames between tracked ones: decode each RLE once, not once per frame.
         self.decoded: list[tuple[int, np.ndarray] | None] = [None] * len(self.masklets)
-        # A mask is shown until the next tracked frame, but not across a gap of more than this many frames.
-        tracked = max((m.num_frames_tracked for m in self.masklets), default=0)
-        self.hold = max(1, int(np.ceil(max(info.num_frames, 1) / max(tracked, 1))))
+        # A mask is shown until the next tracked frame, but not across a gap of more than the masklet's tracking
+        # interval (from its track_fps; for masks without one, the video's frames over those tracked).
+        self.holds = [
+            max(1, int(np.ceil(info.fps / m.track_fps))) if m.track_fps
+            else 1 if m.track_fps == 0
+            else max(1, int(np.ceil(max(info.num_frames, 1) / max(m.num_frames_tracked, 1))))
+            for m in self.masklets
+        ]
         self.clips = sorted(clips, key=lambda c: c.start_frame)
         self.frames_written = 0
 
@@ -49,7 +54,7 @@ class _Overlay:
         labels = []
         for j, (m, keys, color) in enumerate(zip(self.masklets, self.frame_keys, self.colors)):
             k = bisect_right(keys, index) - 1
-            if k < 0 or index - keys[k] >= self.hold:
+            if k < 0 or index - keys[k] >= self.holds[j]:
                 continue
             fm = m.frames[k]
             cached = self.decoded[j]

@@ -149,8 +149,9 @@ def run_scenario(scenario: Scenario, tmp: Path, *, redetect: bool, baseline: boo
     by_mode: dict[str, dict[str, object]] = {}
     for m in outcome.outputs.masklets:
         by_mode.setdefault(modes[m.method], {})[m.expression] = m
+    ran = [modes["strefer"]] + ([modes["grounded-sam2"]] if baseline else [])
     cover = {
-        mode: {e.expression: coverage(truth, e.shape, found.get(e.expression)) for e in scenario.entities}
-        for mode, found in ((modes[k], by_mode.get(modes[k], {})) for k in (["strefer", "grounded-sam2"] if baseline else ["strefer"]))
+        mode: {e.expression: coverage(truth, e.shape, by_mode.get(mode, {}).get(e.expression)) for e in scenario.entities}
+        for mode in ran
     }
     return ScenarioRun(truth, by_mode, cover, tracker, dict(stats.counters))

@@ -7,6 +7,8 @@ import pytest
 
 from engine import masks
 from engine.config import load_config
+from engine.decode import DecodeLimits
+from engine.probe import probe_video
 from engine.runner import Runner
 from engine.stats import Stats
 from engine.storage import Dataset
@@ -111,6 +113,13 @@ def test_track_fps_bounds_tracked_frames(entities_video, tmp_path):
     (m, *_) = outcome.outputs.masklets
     assert m.num_frames_tracked == 20 and all(f.frame_index % 3 == 0 for f in m.frames)
     assert runner.stats.counters["frames_decoded"] == truth.num_frames
+    # the overlay holds each mask over the tracking interval (12 / 4 = 3 frames) and no longer
+    from engine.render import _Overlay
+
+    info = probe_video(str(path), limits=DecodeLimits())
+    overlay = _Overlay(str(tmp_path / "overlay.mp4"), info, [m, m.model_copy(update={"track_fps": 0.0})], [])
+    assert overlay.holds == [3, 1]
+    overlay.close()
 
 
 def test_rerun_skips_complete_and_force_redoes(entities_video, tmp_path):
