@@ -157,7 +157,8 @@ def _print_summary(outcomes, render_root: str | None = None) -> None:
         console.print(f"[green]done[/] {o.source} (video {o.video_id}): {len(clips)} clips ({clip_methods})")
         table = Table("method", "expression", "noun", "frames covered", "prompted at (frame: why)", "assignment")
         for m in o.outputs.masklets:
-            prompts = ", ".join(f"{p.frame_index}: {p.reason}" for p in m.prompts) or str(m.start_frame)
+            # merged duplicates keep every prompt (with its box); one line per frame and reason is enough here
+            prompts = ", ".join(dict.fromkeys(f"{p.frame_index}: {p.reason}" for p in m.prompts)) or str(m.start_frame)
             table.add_row(
                 m.method, m.expression, m.noun, f"{len(m.frames)}/{m.num_frames_tracked}", prompts, m.assignment.method
             )
