@@ -179,6 +179,11 @@ class Dataset:
             return empty.select(cols) if cols else empty
         return pa.concat_tables(parts)
 
+    def scan(self, table: str, columns: Iterable[str] | None = None, *, batch_rows: int = 4096):
+        """The committed rows of a table as pyarrow RecordBatches of at most `batch_rows` rows, so a reader
+        of a large dataset holds one batch at a time (exporters stream through this)."""
+        yield from self.read_table(table, columns).to_batches(max_chunksize=batch_rows)
+
     def read_records(self, table: str) -> list[Record]:
         from schemas import from_table
 

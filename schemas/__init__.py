@@ -16,6 +16,7 @@ from schemas.records import (
     TrackPrompt,
     Turn,
     VideoRecord,
+    Window,
     WorkItem,
 )
 from schemas.arrow import arrow_schema, to_table, from_table
@@ -46,6 +47,7 @@ __all__ = [
     "Turn",
     "WorkItem",
     "VideoRecord",
+    "Window",
     "arrow_schema",
     "from_table",
     "to_table",

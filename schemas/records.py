@@ -167,6 +167,16 @@ class Review(Record):
     frame_index: int = Field(description="the frame the region was shown on")
 
 
+class Window(Record):
+    """Where in its video a sample applies: a clip, or a caption manifest row's window. Frames count from the
+    first frame of the whole file; `end_frame` and `end_s` are exclusive."""
+
+    start_frame: int
+    end_frame: int
+    start_s: float
+    end_s: float
+
+
 class SampleRecord(Record):
     """One instruction sample: a conversation whose `<region>` tokens refer, in order, to `masklet_ids`."""
 
@@ -180,6 +190,13 @@ class SampleRecord(Record):
     conversation: list[Turn]
     masklet_ids: list[str] = Field(description="one per <region> token, in order of appearance")
     frames: list[int] = Field(description="frame indexes the sample was built from")
+    window: Optional[Window] = Field(
+        default=None, description="the clip or window the sample is about; None: the whole item (its video row's window)"
+    )
+    refers_to: list[str] = Field(
+        default_factory=list,
+        description="what the sample's text points at: mask (<region> tokens), timestamp, coarse_time, event",
+    )
     kept: bool = Field(description="false when a check (the Reviewer) dropped it; exporters skip those")
     review: Optional[Review] = None
     provenance: Provenance

@@ -20,7 +20,6 @@ import sys
 import threading
 import time
 import types
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
 
@@ -44,6 +43,7 @@ from engine.models.interfaces import (
     GroundingAnswer,
 )
 from engine.stats import Stats
+from tests.scripted_server import Reply, ScriptedServer, completion
 from tests.synthetic import blocky_scene as scene
 
 H, W = 96, 160
@@ -349,68 +349,6 @@ def test_ask_json_off_topic_answer_fails_and_keeps_every_raw_answer() -> None:
 
 
 # ---------------------------------------------------------------- HTTP backend: a scripted loopback server
-
-
-Reply = tuple[int, Any, dict[str, str], float]  # status, JSON body (or text), headers, delay before answering
-
-
-def completion(text: str) -> dict:
-    return {"choices": [{"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": "stop"}]}
-
-
-class ScriptedServer:
-    """An OpenAI-style loopback server in a thread: `reply(n, body)` decides the answer to the n-th request
-    (0-based). It records every request's headers and body and the most requests it held at once."""
-
-    def __init__(self, reply: Callable[[int, dict], Reply]) -> None:
-        self.reply = reply
-        self.requests: list[tuple[dict[str, str], dict]] = []
-        self.in_flight = self.max_in_flight = 0
-        self._lock = threading.Lock()
-        server = self
-
-        class Handler(BaseHTTPRequestHandler):
-            protocol_version = "HTTP/1.1"  # keep-alive, as real servers do
-
-            def do_POST(self) -> None:  # noqa: N802 (http.server's naming)
-                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-                with server._lock:
-                    n = len(server.requests)
-                    server.requests.append(({k.lower(): v for k, v in self.headers.items()}, body))
-                    server.in_flight += 1
-                    server.max_in_flight = max(server.max_in_flight, server.in_flight)
-                try:
-                    status, payload, headers, delay_s = server.reply(n, body)
-                    time.sleep(delay_s)
-                    data = (payload if isinstance(payload, str) else json.dumps(payload)).encode()
-                    self.send_response(status)
-                    self.send_header("Content-Type", "application/json")
-                    self.send_header("Content-Length", str(len(data)))
-                    for key, value in headers.items():
-                        self.send_header(key, value)
-                    self.end_headers()
-                    self.wfile.write(data)
-                except (BrokenPipeError, ConnectionResetError):
-                    pass  # the client gave up (its timeout): nothing to answer
-                finally:
-                    with server._lock:
-                        server.in_flight -= 1
-
-            def log_message(self, *args: Any) -> None:
-                pass
-
-        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.httpd.daemon_threads = True
-        self.base_url = f"http://127.0.0.1:{self.httpd.server_address[1]}/v1"
-        self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
-
-    def __enter__(self) -> "ScriptedServer":
-        self.thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.httpd.shutdown()
-        self.httpd.server_close()
 
 
 def ok(n: int, body: dict) -> Reply:
