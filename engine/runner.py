@@ -43,10 +43,13 @@ from engine.frame_store import FrameStore, Keyframes, TrackFrames
 from engine.ids import stable_id
 from engine.probe import VideoInfo, probe_video
 from engine.stats import Stats
-from engine.storage import Dataset, ShardWriter
+from engine.planning import Plan, Planner, fingerprint, item_id, variant_id
+from engine.storage import Dataset, item_row
+from engine.writer import TableWriter
 from schemas import (
     ClipRecord,
     EntityRef,
+    ItemRecord,
     MaskletRecord,
     Provenance,
     RejectionRecord,
@@ -304,18 +307,22 @@ class Stage(Protocol):
 
 @dataclass
 class Pipeline:
-    name: str  # namespaces commit records, shards and provenance
+    name: str  # tags items and rows, namespaces provenance
     stages: list[Any]  # Stage; a stage may also define `prepare(items)` for work batched over items
     config: EngineConfig
     models: dict[str, str]  # role -> model id, for provenance
     prompt_hashes: dict[str, str] = field(default_factory=dict)
     entities: list[EntityRef] = field(default_factory=list)  # given by the caller, for every item
     options: dict[str, Any] = field(default_factory=dict)  # run options that shape the output (data types...)
+    # Set by flows.pipelines from the pipeline's own roles, prompts, settings and run options (`run_identity`):
+    run_hash: str = ""  # what an item's commit must match to be skipped; every id of the pipeline's rows uses it
+    variant: str = ""  # the run options alone: items run with other options are other items
 
-    @property
-    def run_hash(self) -> str:
-        """What an item's commit must match to be skipped: the config, the entities and the run options."""
-        return stable_id(self.config.hash, [e.model_dump() for e in self.entities], self.options, length=12)
+    def __post_init__(self) -> None:
+        # A pipeline built by hand (tests, benchmarks): the whole config stands in for its own parts.
+        chosen = {"entities": [e.model_dump() for e in self.entities], **self.options}
+        self.variant = self.variant or variant_id({"pipeline": self.name, **chosen})
+        self.run_hash = self.run_hash or stable_id(self.name, self.config.hash, chosen, length=12)
 
     def provenance(self) -> Provenance:
         return Provenance(
@@ -323,8 +330,11 @@ class Pipeline:
             profile=self.config.profile,
             models=self.models,
             prompt_hashes=self.prompt_hashes,
-            config_hash=self.config.hash,
+            config_hash=self.run_hash,
         )
+
+    def item_id(self, item: WorkItem) -> str:
+        return item_id(self.name, item, self.variant)
 
 
 @dataclass
@@ -367,7 +377,9 @@ SKIPPED_COMPLETE = "already complete with this config (use --force)"
 class Runner:
     """Runs a pipeline over work items into a dataset; one instance per batch (or per CLI run).
 
-    `videos_in_flight` and `prefetch`, when given, override the config's `runner` section."""
+    `writer` is the run's shared writer (flows pass the process's, so a commit holds many batches); without
+    one the runner commits its items itself before `run` returns. `videos_in_flight` and `prefetch`, when
+    given, override the config's `runner` section."""
 
     def __init__(
         self,
@@ -378,30 +390,52 @@ class Runner:
         force: bool = False,
         progress: DecodeProgress | None = None,
         transient: tuple[type[BaseException], ...] = (),
-        shard_mb: float = 128,
+        writer: TableWriter | None = None,
+        run_id: str | None = None,
         videos_in_flight: int | None = None,
         prefetch: int | None = None,
     ) -> None:
+        import uuid
+
         self.pipeline = pipeline
         self.dataset = dataset
         self.stats = stats or Stats()
         self.force = force
         self.progress = progress
         self.transient = transient
-        self.shard_mb = shard_mb
+        self.run_id = run_id or (writer.run_id if writer is not None else uuid.uuid4().hex[:16])
+        self.writer = writer
         self.limits = DecodeLimits(**pipeline.config.section("decode"))
         overrides = {k: v for k, v in (("videos_in_flight", videos_in_flight), ("prefetch", prefetch)) if v is not None}
         self.settings = RunnerConfig.parse({**pipeline.config.section("runner"), **overrides})
         self._progress_lock = threading.Lock()  # progress callbacks need not be thread-safe
         self._threads = threading.local()  # each worker thread's CUDA stream
         self._device = "cpu"
+        self._previous: dict[str, dict[str, Any]] = {}
 
-    def run(self, items: Iterable[WorkItem]) -> list[ItemOutcome]:
-        """Every item; one failing item never stops the others; outcomes in the order of `items`. Exceptions
-        of the `transient` types propagate, so an orchestrator can retry the batch (committed items are
-        skipped); with several items in flight the others stop first, and only finished items are committed."""
+    def plan(self, items: Sequence[WorkItem]) -> Plan:
+        """The bulk skip check of `items` (one read of `items`; flows plan once per chunk instead)."""
+        planner = Planner(
+            self.dataset, pipeline=self.pipeline.name, variant=self.pipeline.variant, run_hash=self.pipeline.run_hash, force=self.force
+        )
+        return planner.split(items)
+
+    def run(self, items: Iterable[WorkItem], *, plan: Plan | None = None) -> list[ItemOutcome]:
+        """Every item; one failing item never stops the others; outcomes in the order of `items`. `plan` is
+        the skip check already made for these items (else it is made here). Exceptions of the `transient`
+        types propagate, so an orchestrator can retry the batch (committed items are skipped); with several
+        items in flight the others stop first, and only finished items are committed."""
         items = list(items)
-        complete = [self._complete(i) for i in items]
+        plan = plan if plan is not None else self.plan(items)
+        self._previous = plan.previous
+        writer = self.writer if self.writer is not None else TableWriter(self.dataset, self.run_id)
+        if plan.beside:
+            self.stats.count("items_beside_other_options", plan.beside)
+        for row in plan.replace:  # --force with other options: their outputs give way to this run's
+            writer.keep(ItemRecord.model_validate({**item_row(row), "status": "replaced"}))
+            self.stats.count("items_replaced")
+        todo_ids = {id(i) for i in plan.todo}
+        complete = [id(i) not in todo_ids or writer.pending(self.pipeline.item_id(i)) for i in items]
         todo = [i for i, done in zip(items, complete) if not done]
         self._prepare_failed: dict[str, str] = {}
         for stage in self.pipeline.stages:
@@ -417,7 +451,7 @@ class Runner:
                     self._prepare_failed[stage.name] = f"{type(exc).__name__}: {exc}".splitlines()[0]
         self._device = run_device(self.pipeline.config)
         in_flight, prefetch = self.settings.resolved(self._device)
-        with self.dataset.writer(self.pipeline.name, shard_mb=self.shard_mb) as writer:
+        try:
             if in_flight + prefetch > 1 and len(todo) > 1:
                 return self._run_concurrent(items, complete, writer, in_flight, prefetch)
             outcomes = []
@@ -427,11 +461,14 @@ class Runner:
                     outcomes.append(ItemOutcome(item, "skipped", detail=SKIPPED_COMPLETE))
                     continue
                 outcomes.append(self._guarded(item, writer))
-        return outcomes
+            return outcomes
+        finally:
+            if self.writer is None:  # items finished before an error are kept: their rows are complete
+                writer.flush()
 
     # -- several items at once ---------------------------------------------------------------------------
     def _run_concurrent(
-        self, items: list[WorkItem], complete: list[bool], writer: ShardWriter, in_flight: int, prefetch: int
+        self, items: list[WorkItem], complete: list[bool], writer: TableWriter, in_flight: int, prefetch: int
     ) -> list[ItemOutcome]:
         """Items start in order on `in_flight + prefetch` threads; each decodes as soon as it starts and
         finishes when one of `in_flight` slots is free and the items before it have theirs."""
@@ -457,7 +494,7 @@ class Runner:
         pool.shutdown(wait=True)
         return [o for o in outcomes if o is not None]
 
-    def _threaded(self, item: WorkItem, writer: ShardWriter, place: _InFlight) -> ItemOutcome:
+    def _threaded(self, item: WorkItem, writer: TableWriter, place: _InFlight) -> ItemOutcome:
         try:
             place.check()
             with self._stream():
@@ -486,17 +523,7 @@ class Runner:
         return torch.cuda.stream(stream)
 
     # -- one item ------------------------------------------------------------------------------------------
-    def _complete(self, item: WorkItem) -> bool:
-        """Committed with this config and unchanged since (size and mtime or etag; no content hash)."""
-        if self.force:
-            return False
-        record = self.dataset.completion(self.pipeline.name, item.key)
-        if not record or record.get("status") != "done" or record.get("run_hash") != self.pipeline.run_hash:
-            return False
-        fingerprint = self.dataset.fingerprint(item.source)
-        return fingerprint is not None and record.get("fingerprint") == fingerprint
-
-    def _guarded(self, item: WorkItem, writer: ShardWriter, place: _InFlight | None = None) -> ItemOutcome:
+    def _guarded(self, item: WorkItem, writer: TableWriter, place: _InFlight | None = None) -> ItemOutcome:
         try:
             return self._process(item, writer, place)
         except self.transient:
@@ -507,24 +534,37 @@ class Runner:
             detail = f"{type(exc).__name__}: {exc}".splitlines()[0]
             return self._reject(item, writer, "internal_error", detail, stage="run")
 
-    def _reject(self, item: WorkItem, writer: ShardWriter, reason: str, detail: str, *, stage: str) -> ItemOutcome:
+    def _reject(self, item: WorkItem, writer: TableWriter, reason: str, detail: str, *, stage: str) -> ItemOutcome:
         self.stats.count("items_rejected")
         rejection = RejectionRecord(
-            rejection_id=stable_id(item.key, stage, reason), source=item.source, stage=stage, reason=reason, detail=detail
+            rejection_id=stable_id(self.pipeline.item_id(item), stage, reason),
+            source=item.source,
+            stage=stage,
+            reason=reason,
+            detail=detail,
         )
-        writer.add(item.key, {"rejections": [rejection]}, self._record(item, "rejected", detail=detail))
+        writer.add(self._record(item, "rejected", reason=reason, detail=detail), {"rejections": [rejection]})
         outputs = Outputs(rejections=[rejection])
         return ItemOutcome(item, "rejected", detail=detail, outputs=outputs)
 
-    def _record(self, item: WorkItem, status: str, **extra: Any) -> dict[str, Any]:
-        return {
-            "status": status,
-            "source": item.source,
-            "config_hash": self.pipeline.config.hash,
-            "run_hash": self.pipeline.run_hash,
-            "engine_version": __version__,
+    def _record(self, item: WorkItem, status: str, **extra: Any) -> ItemRecord:
+        """The item's `items` row; the writer fills write id, rows and time at the flush."""
+        return ItemRecord(
+            item_id=self.pipeline.item_id(item),
+            pipeline=self.pipeline.name,
+            item_key=item.key,
+            variant=self.pipeline.variant,
+            source=item.source,
+            start_s=item.start_s,
+            end_s=item.end_s,
+            status=status,
+            run_hash=self.pipeline.run_hash,
+            write_id="",
+            run_id=self.run_id,
+            engine_version=__version__,
+            committed_at="",
             **extra,
-        }
+        )
 
     def _decode_progress(self, item: WorkItem, ctx: VideoContext, place: _InFlight | None) -> Callable[[int, float], None] | None:
         if place is None:
@@ -538,21 +578,23 @@ class Runner:
 
         return progress
 
-    def _process(self, item: WorkItem, writer: ShardWriter, place: _InFlight | None = None) -> ItemOutcome:
+    def _process(self, item: WorkItem, writer: TableWriter, place: _InFlight | None = None) -> ItemOutcome:
         """One item; `place` is set when it runs beside others (then its finish waits for a slot, and it
         stops between steps once the batch is cancelled)."""
-        fingerprint = self.dataset.fingerprint(item.source)
+        seen = fingerprint(item.source)
         try:
             info = probe_video(item.source, limits=self.limits, frame_rate=item.frame_rate)
         except EngineError as exc:
             return self._reject(item, writer, "unreadable_video", str(exc), stage="input")
         with self.stats.timer("hash"):
             sha = content_sha256(item.source)
-        record = None if self.force else self.dataset.completion(self.pipeline.name, item.key)
-        if record and record.get("status") == "done" and record.get("run_hash") == self.pipeline.run_hash:
-            if record.get("content_sha256") == sha:  # touched, not changed: refresh the cheap check only
-                self.stats.count("items_skipped_complete")
-                return ItemOutcome(item, "skipped", record.get("video_id"), "unchanged content, already complete")
+        previous = None if self.force else self._previous.get(self.pipeline.item_id(item))
+        if previous is not None and previous.get("content_sha256") == sha:
+            # Touched, not changed: keep its rows, record the new fingerprint so the next check is cheap.
+            writer.keep(ItemRecord.model_validate({**item_row(previous), "fingerprint": seen, "run_id": self.run_id}))
+            self.stats.count("items_skipped_complete")
+            self.stats.count("items_touched")
+            return ItemOutcome(item, "skipped", previous.get("video_id"), "unchanged content, already complete")
         windowed = item.start_s is not None or item.end_s is not None
         video_id = stable_id(sha, item.start_s, item.end_s) if windowed else sha[:16]
         if place is not None:
@@ -613,17 +655,17 @@ class Runner:
             )
             with self.stats.timer("write"):  # every stage finished: the item is whole, commit it
                 writer.add(
-                    item.key,
-                    {"videos": [video], **outputs.tables()},
                     self._record(
                         item,
                         "done",
                         video_id=video_id,
                         content_sha256=sha,
-                        fingerprint=fingerprint,
+                        fingerprint=seen,
                         # what this item cost: frames decoded, model calls, tracker passes
-                        counters={k: v for k, v in cost.counters.items() if v},
+                        counters={k: int(v) for k, v in cost.counters.items() if v},
                     ),
+                    {"videos": [video], **outputs.tables()},
                 )
         self.stats.count("items_done")
         return ItemOutcome(item, "done", video_id, outputs=outputs)
+

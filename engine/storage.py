@@ -1,306 +1,443 @@
-"""A dataset folder (local path or fsspec URL): Parquet shards per table, commit records, a manifest.
+"""A dataset: a folder (local path or object-store URL) of Delta Lake tables (delta-rs, no JVM).
 
 Layout:
-    <root>/<table>/part-<pipeline>-<stamp>.parquet  rows of a batch of items; a new shard past the size target
-    <root>/_complete/<pipeline>/<item_key>.json    commit record of one item: where its rows are, written last
-    <root>/manifest.json                            tables, row counts, items per pipeline (after each run)
-    <root>/stats.json                               counters and timers of the last run
-    <root>/README.md                                the dataset card
+    <root>/videos, clips, masklets, samples, rejections   the data tables: the records of `schemas/` plus the
+                                                          columns `pipeline`, `item_id` and `write_id`
+    <root>/items       one row per committed item (schemas.ItemRecord), appended after the item's rows
+    <root>/versions    one row per published dataset version (schemas.VersionRecord)
+    <root>/manifest.json, README.md    summary and dataset card of the latest published version
 
-Shards hold many items (a worker buffers rows and writes a shard when the buffer passes `shard_mb`, and at
-the end of its batch), so 700K videos make thousands of files, not millions. An item's rows become visible
-only when its commit record, naming the shard and the row range, is written after the shard is complete.
-The commit record is the truth: a killed run leaves at most shard rows no record points to, a rerun of the
-item writes a new record that supersedes the old one (and with it an earlier rejection of the same input),
-and `read_table` returns only committed rows. Several pipelines can write one dataset: records are keyed by
-pipeline and item. Files are written under a hidden temporary name (`_tmp-...`) and renamed when complete.
+Commits follow delta-rs's shape: a writer (engine.writer) buffers the rows of many finished items and
+flushes them as one append per data table, then one append to `items` naming those items and the flush's
+`write_id`. The committed view of a table is its rows whose (item_id, write_id) is the latest `items` row of
+a live item (status done or rejected). A flush killed half-way leaves rows no `items` row names; a rerun's
+rows supersede the older ones; neither is ever read. `compact` rewrites every table to exactly its committed
+view, so a plain Delta snapshot equals it. Each finished run publishes a version, the Delta version of every
+table at that point; reading a version pins every table there, so its readers never see a later run.
 """
 
 from __future__ import annotations
 
 import json
-import threading
-import uuid
-from collections import defaultdict
+import os
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
-from typing import Any, Iterable, Mapping, Sequence
+from typing import Any, Iterable, Iterator
 
 from engine.errors import BadInputError
-from schemas import TABLES, arrow_schema, to_table
+from schemas import TABLES, ItemRecord, VersionRecord, arrow_schema
 from schemas.records import Record
 
-COMPLETE = "_complete"
+ITEMS = "items"
+VERSIONS = "versions"
+ALL_TABLES = (*TABLES, ITEMS, VERSIONS)
+STORAGE_COLUMNS = ("pipeline", "item_id", "write_id")  # added to every data table's record columns
+LIVE = ("done", "rejected")  # item statuses whose rows are part of the dataset
+LEGACY_MARKER = "_complete"  # the commit-record folder of the engine's earlier layout
 
 
-def _join(root: str, *parts: str) -> str:
-    return "/".join([root.rstrip("/"), *parts])
+def now_iso() -> str:
+    """UTC time with microseconds; fixed width, so it sorts as text."""
+    return datetime.now(timezone.utc).isoformat(timespec="microseconds")
 
 
-def _now() -> str:
-    return datetime.now(timezone.utc).isoformat()
+def table_schema(table: str):
+    """The explicit Arrow schema of a table on disk: its record's columns, then the storage columns."""
+    import pyarrow as pa
+
+    if table == ITEMS:
+        return arrow_schema(ItemRecord)
+    if table == VERSIONS:
+        return arrow_schema(VersionRecord)
+    if table not in TABLES:
+        raise BadInputError(f"unknown table {table!r}; tables: {', '.join(TABLES)}")
+    schema = arrow_schema(TABLES[table])
+    for name in STORAGE_COLUMNS:
+        if name not in schema.names:
+            schema = schema.append(pa.field(name, pa.string(), nullable=False))
+    return schema
+
+
+def latest_rows(table: Any, key: str, order: tuple[str, ...] = ("committed_at", "write_id")) -> Any:
+    """The last row of each `key` value, rows ordered by `order` within a key (pyarrow, no Python loop)."""
+    import numpy as np
+    import pyarrow.compute as pc
+
+    if table.num_rows <= 1:
+        return table
+    table = table.sort_by([(key, "ascending"), *((c, "ascending") for c in order if c in table.column_names)])
+    keys = table[key]
+    differs = pc.not_equal(keys.slice(0, len(keys) - 1), keys.slice(1)).to_numpy(zero_copy_only=False)
+    last = np.append(differs, True)
+    return table.filter(last)
+
+
+def live_keys(items: Any) -> Any:
+    """`item_id:write_id` of every live item, as an Arrow array (compact at any size: no Python set)."""
+    import pyarrow.compute as pc
+
+    live = items.filter(pc.is_in(items["status"], value_set=_strings(LIVE)))
+    return pc.binary_join_element_wise(live["item_id"], live["write_id"], ":")
+
+
+def item_row(row: dict[str, Any]) -> dict[str, Any]:
+    """An `items` row read back with pyarrow (maps come as lists of pairs) as ItemRecord fields."""
+    fields = {k: v for k, v in row.items() if k in ItemRecord.model_fields}
+    for name in ("rows", "counters"):
+        if isinstance(fields.get(name), list):
+            fields[name] = dict(fields[name])
+    return fields
+
+
+def _strings(values: Iterable[str]) -> Any:
+    import pyarrow as pa
+
+    return pa.array(list(values), type=pa.string())
+
+
+@dataclass
+class Version:
+    number: int
+    record: VersionRecord
+
+
+@dataclass
+class Diff:
+    added: dict[str, int] = field(default_factory=dict)  # pipeline -> items live in the second version only
+    changed: dict[str, int] = field(default_factory=dict)  # live in both, rewritten in between
+    removed: dict[str, int] = field(default_factory=dict)  # live in the first only
+    examples: dict[str, list[str]] = field(default_factory=dict)  # added/changed/removed -> a few sources
+    rows: dict[str, tuple[int, int]] = field(default_factory=dict)  # table -> (rows in first, rows in second)
 
 
 class Dataset:
-    def __init__(self, url: str) -> None:
+    """A dataset folder. Reading methods take `version` (a published version number; None: every item
+    committed so far, a run in progress included)."""
+
+    def __init__(self, url: str, *, storage_options: dict[str, str] | None = None) -> None:
         import fsspec
 
-        self.url = url
-        self.fs, self.root = fsspec.core.url_to_fs(url)
+        self.url = url.rstrip("/") if "://" in url else os.path.abspath(url)
+        self.fs, self.root = fsspec.core.url_to_fs(self.url)
+        self.storage_options = storage_options
 
-    # -- writing -----------------------------------------------------------------------------------------
+    # -- layout ------------------------------------------------------------------------------------------
+    def uri(self, table: str) -> str:
+        return f"{self.url}/{table}"
+
+    def exists(self) -> bool:
+        return self.fs.exists(self.root)
+
+    def _is_table(self, table: str) -> bool:
+        return self.fs.exists(f"{self.root}/{table}/_delta_log")
+
+    def check_layout(self) -> None:
+        """Refuse, in one line, a folder written by the engine's earlier layout (commit JSONs per item)."""
+        if self.fs.exists(f"{self.root}/{LEGACY_MARKER}") and not self._is_table(ITEMS):
+            raise BadInputError(
+                f"{self.url} is in the engine's earlier layout (Parquet shards with a _complete/ commit file per "
+                f"item); convert it first: engine dataset convert {self.url} --out NEW_DIR"
+            )
+
+    def require(self) -> None:
+        """For readers: the folder must be a dataset of this layout."""
+        if not self.exists():
+            raise BadInputError(f"{self.url} does not exist")
+        self.check_layout()
+        if not self._is_table(ITEMS):
+            raise BadInputError(f"{self.url} is not a dataset (no items table); write one with engine run")
+
     def prepare(self) -> None:
-        """Create the folder, or say why it cannot be, before any video is processed."""
+        """Create the folder and every table (empty, with its explicit schema), or say why it cannot be,
+        before any video is processed. Safe when several processes prepare one dataset at once."""
+        from deltalake import DeltaTable
+
         try:
             self.fs.makedirs(self.root, exist_ok=True)
         except OSError as exc:
             raise BadInputError(f"cannot write a dataset at {self.url}: {exc.strerror or exc}") from None
+        self.check_layout()
+        for table in ALL_TABLES:
+            if self._is_table(table):
+                continue
+            try:
+                DeltaTable.create(self.uri(table), table_schema(table), mode="ignore", storage_options=self.storage_options)
+            except Exception:  # another process created it first (its commit 0 won): fine if it is there now
+                if not self._is_table(table):
+                    raise
 
-    def _temporary(self, path: str) -> str:
-        """A hidden name beside `path` (readers skip names starting with `_`); its folder exists."""
-        parent, _, name = path.rpartition("/")
-        self.fs.makedirs(parent, exist_ok=True)
-        return f"{parent}/_tmp-{uuid.uuid4().hex}-{name}"
+    def delta(self, table: str, version: int | None = None):
+        """The Delta table at a Delta version (None: the latest)."""
+        from deltalake import DeltaTable
 
-    def _atomic_write(self, path: str, data: bytes) -> None:
-        tmp = self._temporary(path)
+        return DeltaTable(self.uri(table), version=version, storage_options=self.storage_options)
+
+    # -- small files beside the tables -------------------------------------------------------------------
+    def write_text(self, name: str, text: str) -> None:
+        """Write `name` under the root atomically (a hidden temporary name, then a rename)."""
+        import uuid
+
+        path = f"{self.root}/{name}"
+        tmp = f"{self.root}/_tmp-{uuid.uuid4().hex}-{name.replace('/', '_')}"
+        self.fs.makedirs(path.rpartition("/")[0], exist_ok=True)
         try:
             with self.fs.open(tmp, "wb") as f:
-                f.write(data)
+                f.write(text.encode())
             self.fs.mv(tmp, path)
         except BaseException:
             if self.fs.exists(tmp):
                 self.fs.rm(tmp)
             raise
 
-    def writer(self, pipeline: str, *, shard_mb: float = 128) -> "ShardWriter":
-        return ShardWriter(self, pipeline, shard_mb=shard_mb)
-
     def write_json(self, name: str, payload: Any) -> None:
-        self._atomic_write(_join(self.root, name), json.dumps(payload, indent=1, default=str).encode())
-
-    def write_text(self, name: str, text: str) -> None:
-        self._atomic_write(_join(self.root, name), text.encode())
+        self.write_text(name, json.dumps(payload, indent=1, default=str))
 
     def put_file(self, local_path: str, relative: str) -> str:
         """Copy a finished local file (a render) into the dataset under a temporary name, then rename."""
-        path = _join(self.root, relative)
-        tmp = self._temporary(path)
+        import uuid
+
+        path = f"{self.root}/{relative}"
+        parent, _, name = path.rpartition("/")
+        self.fs.makedirs(parent, exist_ok=True)
+        tmp = f"{parent}/_tmp-{uuid.uuid4().hex}-{name}"
         self.fs.put_file(local_path, tmp)
         self.fs.mv(tmp, path)
         return path
 
-    # -- commit records ----------------------------------------------------------------------------------
-    def _record_path(self, pipeline: str, key: str) -> str:
-        return _join(self.root, COMPLETE, pipeline, f"{key}.json")
-
-    def completion(self, pipeline: str, key: str) -> dict[str, Any] | None:
-        path = self._record_path(pipeline, key)
-        try:
-            with self.fs.open(path, "rb") as f:
-                return json.loads(f.read())
-        except FileNotFoundError:
-            return None
-
-    def completions(self, pipeline: str | None = None) -> list[dict[str, Any]]:
-        """Every commit record (of one pipeline, or of all)."""
-        base = _join(self.root, COMPLETE)
-        if not self.fs.exists(base):
-            return []
-        folders = [_join(base, pipeline)] if pipeline else sorted(self.fs.ls(base, detail=False))
-        out = []
-        for folder in folders:
-            if not self.fs.isdir(folder):
-                continue
-            for path in sorted(self.fs.ls(folder, detail=False)):
-                name = path.rpartition("/")[2]
-                if name.endswith(".json") and not name.startswith("_"):
-                    with self.fs.open(path, "rb") as f:
-                        out.append(json.loads(f.read()))
-        return out
-
-    def fingerprint(self, source: str) -> dict[str, Any] | None:
-        """A cheap change check before a full content hash: size and mtime (or an object store's etag); for a
-        folder of frames, its file count, total size and newest mtime. None where the source cannot be
-        listed (the content hash decides then)."""
-        import fsspec
-
-        try:
-            fs, path = fsspec.core.url_to_fs(source)
-            info = fs.info(path)
-            if info.get("type") == "directory":
-                entries = [e for e in fs.ls(path, detail=True) if e.get("type") == "file"]
-                return {
-                    "files": len(entries),
-                    "size": sum(int(e.get("size") or 0) for e in entries),
-                    "mtime": max((str(e.get("mtime") or e.get("LastModified") or "") for e in entries), default=""),
-                }
-            keys = ("size", "mtime", "ETag", "etag", "LastModified", "md5Hash")
-            return {k: str(info[k]) for k in keys if info.get(k) is not None}
-        except (OSError, ValueError):
-            return None
-
     # -- reading -----------------------------------------------------------------------------------------
-    def shards(self, table: str) -> list[str]:
-        if table not in TABLES:
-            raise BadInputError(f"unknown table {table!r}; tables: {', '.join(TABLES)}")
-        folder = _join(self.root, table)
-        if not self.fs.exists(folder):
-            return []
-        return sorted(
-            p for p in self.fs.ls(folder, detail=False) if p.endswith(".parquet") and not p.rpartition("/")[2].startswith("_")
-        )
+    def table_versions(self, version: int | None) -> dict[str, int | None]:
+        """Delta version of every table for a published version (None: each table's latest)."""
+        if version is None:
+            return {t: None for t in ALL_TABLES}
+        for v in self.versions():
+            if v.number == version:
+                return {t: v.record.tables.get(t) for t in ALL_TABLES}
+        known = ", ".join(str(v.number) for v in self.versions()) or "none yet"
+        raise BadInputError(f"{self.url} has no version {version}; published versions: {known}")
 
-    def committed_ranges(self, table: str) -> dict[str, list[tuple[int, int]]]:
-        """Shard file name -> (first row, row count) of every committed item's rows in it."""
-        ranges: dict[str, list[tuple[int, int]]] = defaultdict(list)
-        for record in self.completions():
-            for name, first, count in record.get("rows", {}).get(table, []):
-                ranges[name].append((first, count))
-        return ranges
+    def _arrow(self, table: str, delta_version: int | None, columns: list[str] | None = None):
+        try:
+            return self.delta(table, delta_version).to_pyarrow_table(columns=columns)
+        except FileNotFoundError:
+            raise BadInputError(
+                f"{self.url}: the files of that version of {table} were vacuumed by `engine dataset compact` "
+                "(it keeps older versions readable for --retention-hours)"
+            ) from None
 
-    def read_table(self, table: str, columns: Iterable[str] | None = None):
-        """The committed rows of a table as one pyarrow Table with the table's explicit schema."""
-        import pyarrow as pa
-        import pyarrow.parquet as pq
+    def items(self, *, version: int | None = None, columns: Iterable[str] | None = None, pipeline: str | None = None):
+        """The latest `items` row of every item (all statuses), as a pyarrow Table."""
+        import pyarrow.compute as pc
 
-        if table not in TABLES:
-            raise BadInputError(f"unknown table {table!r}; tables: {', '.join(TABLES)}")
-        schema = arrow_schema(TABLES[table])
-        cols = list(columns) if columns else None
-        parts = []
-        for name, ranges in sorted(self.committed_ranges(table).items()):
-            # A path and the filesystem, not an open file or a buffer: with those, pyarrow 23 can abort the
-            # interpreter at exit ("terminate called without an active exception").
-            shard = pq.read_table(_join(self.root, table, name), filesystem=self.fs, columns=cols, schema=schema)
-            parts += [shard.slice(first, count) for first, count in sorted(ranges)]
-        if not parts:
-            empty = schema.empty_table()
+        cols = None
+        if columns is not None:
+            cols = list(dict.fromkeys([*columns, "item_id", "committed_at", "write_id", "pipeline"]))
+        if not self._is_table(ITEMS):  # nothing written yet
+            empty = table_schema(ITEMS).empty_table()
             return empty.select(cols) if cols else empty
-        return pa.concat_tables(parts)
+        table = self._arrow(ITEMS, self.table_versions(version)[ITEMS], cols)
+        if pipeline is not None:
+            table = table.filter(pc.equal(table["pipeline"], pipeline))
+        return latest_rows(table, "item_id")
 
-    def scan(self, table: str, columns: Iterable[str] | None = None, *, batch_rows: int = 4096):
-        """The committed rows of a table as pyarrow RecordBatches of at most `batch_rows` rows, so a reader
-        of a large dataset holds one batch at a time (exporters stream through this)."""
-        yield from self.read_table(table, columns).to_batches(max_chunksize=batch_rows)
+    def completion(self, pipeline: str, item_key: str, *, version: int | None = None) -> dict[str, Any] | None:
+        """The newest live `items` row of an input of a pipeline (of any run options), or None."""
+        import pyarrow.compute as pc
 
-    def read_records(self, table: str) -> list[Record]:
+        items = self.items(version=version, pipeline=pipeline)
+        rows = items.filter(pc.and_(pc.equal(items["item_key"], item_key), pc.is_in(items["status"], value_set=_strings(LIVE))))
+        if not rows.num_rows:
+            return None
+        return item_row(max(rows.to_pylist(), key=lambda r: r["committed_at"]))
+
+    def scan(
+        self,
+        table: str,
+        columns: Iterable[str] | None = None,
+        *,
+        version: int | None = None,
+        batch_rows: int = 65536,
+        unique: bool = True,
+    ) -> Iterator[Any]:
+        """The committed rows of a table as pyarrow RecordBatches, one at a time (a reader of a large dataset
+        holds one batch, plus the live keys: about 40 bytes per item). Columns: the record's and `pipeline`
+        unless given. `videos` rows are unique per video_id unless `unique` is False (then a video read by
+        several items repeats, and memory stays flat: a set of seen ids grows with the videos)."""
+        import pyarrow.compute as pc
+
+        schema = table_schema(table)  # also rejects an unknown table
+        keys = live_keys(self.items(version=version, columns=["status"]))
+        wanted = list(columns) if columns is not None else [n for n in schema.names if n not in ("item_id", "write_id")]
+        unknown = [c for c in wanted if c not in schema.names]
+        if unknown:
+            raise BadInputError(f"table {table} has no column {unknown[0]!r}; columns: {', '.join(schema.names)}")
+        read = list(dict.fromkeys([*wanted, "item_id", "write_id", *(["video_id"] if table == "videos" else [])]))
+        dataset = self.delta(table, self.table_versions(version)[table]).to_pyarrow_dataset()
+        seen: set[str] = set()
+        for batch in dataset.to_batches(columns=read, batch_size=batch_rows):
+            if not batch.num_rows:
+                continue
+            joined = pc.binary_join_element_wise(batch["item_id"], batch["write_id"], ":")
+            batch = batch.filter(pc.is_in(joined, value_set=keys))
+            if table == "videos" and unique and batch.num_rows:
+                ids = batch["video_id"].to_pylist()
+                fresh = [i not in seen and not seen.add(i) for i in ids]  # first of each id
+                batch = batch.filter(_bools(fresh))
+            if batch.num_rows:
+                yield batch.select(wanted)
+
+    def read_table(self, table: str, columns: Iterable[str] | None = None, *, version: int | None = None):
+        """The committed rows of a table as one pyarrow Table (see `scan`)."""
+        import pyarrow as pa
+
+        cols = list(columns) if columns is not None else None
+        batches = list(self.scan(table, cols, version=version))
+        if batches:
+            return pa.Table.from_batches(batches)
+        schema = table_schema(table)
+        names = cols or [n for n in schema.names if n not in ("item_id", "write_id")]
+        return schema.empty_table().select(names)
+
+    def read_records(self, table: str, *, version: int | None = None) -> list[Record]:
         from schemas import from_table
 
-        return from_table(TABLES[table], self.read_table(table))
+        model = TABLES[table]
+        return from_table(model, self.read_table(table, list(model.model_fields), version=version))
 
-    def exists(self) -> bool:
-        return self.fs.exists(self.root)
+    # -- versions ----------------------------------------------------------------------------------------
+    def versions(self) -> list[Version]:
+        """Every published version, oldest first; a version's number is the Delta version of the commit
+        that added its row to `versions`, plus one (unique and in order, whoever published it)."""
+        from schemas import from_table
 
-    def write_manifest(self, *, engine_version: str) -> dict[str, Any]:
-        """Summarise what is committed now (after any number of runs) in manifest.json."""
-        records = self.completions()
-        tables = {}
-        for table in TABLES:
-            ranges = self.committed_ranges(table)
-            tables[table] = {"shards": len(ranges), "rows": sum(c for r in ranges.values() for _, c in r)}
-        items: dict[str, dict[str, int]] = defaultdict(lambda: defaultdict(int))
-        for record in records:
-            items[record["pipeline"]][record.get("status", "done")] += 1
-        manifest = {
-            "engine_version": engine_version,
-            "updated_at": _now(),
-            "tables": tables,
-            "items": {p: dict(s) for p, s in sorted(items.items())},
-            "videos": sorted({r["video_id"] for r in records if r.get("video_id") and r.get("status") == "done"}),
+        if not self._is_table(VERSIONS):
+            return []
+        table = self.delta(VERSIONS)
+        numbers = {c.get("run_id"): c["version"] + 1 for c in table.history() if c.get("run_id")}
+        records = from_table(VersionRecord, table.to_pyarrow_table())
+        out = [Version(numbers[r.run_id], r) for r in records if r.run_id in numbers]
+        return sorted(out, key=lambda v: v.number)
+
+    def latest_version(self) -> int | None:
+        versions = self.versions()
+        return versions[-1].number if versions else None
+
+    def publish(self, record: VersionRecord) -> int:
+        """Record every table's Delta version now as a new dataset version; returns its number."""
+        from deltalake import CommitProperties, write_deltalake
+
+        from schemas import to_table
+
+        tables = {t: self.delta(t).version() for t in ALL_TABLES if t != VERSIONS}
+        record = record.model_copy(update={"tables": tables, "published_at": now_iso()})
+        write_deltalake(
+            self.uri(VERSIONS),
+            to_table(VersionRecord, [record]),
+            mode="append",
+            commit_properties=CommitProperties(custom_metadata={"run_id": record.run_id}),
+            storage_options=self.storage_options,
+        )
+        number = next(v.number for v in self.versions() if v.record.run_id == record.run_id)
+        self.write_json("manifest.json", self.summary(number))
+        return number
+
+    def summary(self, version: int | None = None) -> dict[str, Any]:
+        """Rows per table and items per pipeline and status (from the `items` rows alone: no data read)."""
+        from collections import Counter, defaultdict
+
+        items = self.items(version=version, columns=["status", "rows", "video_id"])
+        per_pipeline: dict[str, Counter] = defaultdict(Counter)
+        rows: Counter = Counter()
+        videos: set[str] = set()
+        for pipeline, status, counts, video_id in zip(
+            items["pipeline"].to_pylist(), items["status"].to_pylist(), items["rows"].to_pylist(), items["video_id"].to_pylist()
+        ):
+            per_pipeline[pipeline][status] += 1
+            if status in LIVE:
+                rows.update({k: v for k, v in (counts or []) if k != "videos"})
+                if status == "done" and video_id:
+                    videos.add(video_id)
+        rows["videos"] = len(videos)
+        return {
+            "version": version,
+            "tables": {t: {"rows": rows.get(t, 0)} for t in TABLES},
+            "items": {p: dict(c) for p, c in sorted(per_pipeline.items())},
         }
-        self.write_json("manifest.json", manifest)
-        return manifest
+
+    def diff(self, first: int, second: int, *, examples: int = 5) -> Diff:
+        """Items added, changed (rewritten) and removed between two published versions, per pipeline, and the
+        committed rows per table in each."""
+        import pyarrow.compute as pc
+
+        def live(version: int):
+            items = self.items(version=version, columns=["status", "source"])
+            return items.filter(pc.is_in(items["status"], value_set=_strings(LIVE)))
+
+        a, b = live(first), live(second)
+        a_ids, b_ids = a["item_id"], b["item_id"]
+        added = b.filter(pc.invert(pc.is_in(b_ids, value_set=a_ids)))
+        removed = a.filter(pc.invert(pc.is_in(a_ids, value_set=b_ids)))
+        both = b.filter(pc.is_in(b_ids, value_set=a_ids))
+        changed = both.filter(pc.invert(pc.is_in(live_keys(both), value_set=live_keys(a))))
+        out = Diff()
+        for name, part in (("added", added), ("changed", changed), ("removed", removed)):
+            counts = part.group_by("pipeline").aggregate([("item_id", "count")]).to_pylist()
+            setattr(out, name, {r["pipeline"]: r["item_id_count"] for r in counts})
+            out.examples[name] = part["source"].slice(0, examples).to_pylist()
+        one, two = self.summary(first)["tables"], self.summary(second)["tables"]
+        out.rows = {t: (one[t]["rows"], two[t]["rows"]) for t in TABLES}
+        return out
+
+    # -- maintenance -------------------------------------------------------------------------------------
+    def compact(self, *, retention_hours: int = 168) -> dict[str, tuple[int, int]]:
+        """Delete superseded and orphaned rows (each table rewritten to its committed view, `items` to the
+        latest row per item), merge small files, and vacuum files no version newer than `retention_hours`
+        needs. Returns physical rows per table before and after. Run it while no run writes the dataset: a
+        flush committed during the rewrite would be dropped by it."""
+        from deltalake import write_deltalake
+
+        self.require()
+        counts: dict[str, tuple[int, int]] = {}
+        items = self.items()  # read once: the rewrite of every table uses the same committed view
+        keys = live_keys(items)
+        for table in TABLES:
+            before = self.delta(table).to_pyarrow_dataset().count_rows()
+            schema = table_schema(table)
+            # The source opened here, not in the generator: delta-rs cannot open a table inside its own write.
+            rows = _committed_batches(table, self.delta(table).to_pyarrow_dataset(), keys, schema)
+            reader = _reader(schema, rows)
+            write_deltalake(self.uri(table), reader, mode="overwrite", storage_options=self.storage_options)
+            counts[table] = (before, self.delta(table).to_pyarrow_dataset().count_rows())
+        before = self.delta(ITEMS).to_pyarrow_dataset().count_rows()
+        write_deltalake(self.uri(ITEMS), items.select(table_schema(ITEMS).names), mode="overwrite", storage_options=self.storage_options)
+        counts[ITEMS] = (before, items.num_rows)
+        for table in (*TABLES, ITEMS):
+            delta = self.delta(table)
+            delta.optimize.compact()
+            delta.vacuum(retention_hours=retention_hours, dry_run=False, enforce_retention_duration=False)
+        return counts
 
 
-@dataclass
-class _Pending:
-    key: str
-    record: dict[str, Any]
-    rows: dict[str, int]  # table -> rows this item added to the buffer
+def _committed_batches(table: str, source: Any, keys: Any, schema: Any) -> Iterator[Any]:
+    """Every committed row of `table` (a pyarrow dataset) with all its columns, storage ones too; videos unique."""
+    import pyarrow.compute as pc
+
+    seen: set[str] = set()
+    for batch in source.to_batches(columns=schema.names):
+        joined = pc.binary_join_element_wise(batch["item_id"], batch["write_id"], ":")
+        batch = batch.filter(pc.is_in(joined, value_set=keys))
+        if table == "videos" and batch.num_rows:
+            batch = batch.filter(_bools([i not in seen and not seen.add(i) for i in batch["video_id"].to_pylist()]))
+        if batch.num_rows:
+            yield batch
 
 
-@dataclass
-class ShardWriter:
-    """Buffers the rows of finished items and writes them as shards, then their commit records.
+def _bools(values: list[bool]) -> Any:
+    import pyarrow as pa
 
-    `add` never splits an item across shards; `flush` (called when the buffer passes `shard_mb`, and by
-    `close`) writes one shard per table, then one commit record per buffered item. Several threads may add
-    at once: an item's rows go into the buffer together, and a flush runs alone."""
+    return pa.array(values, type=pa.bool_())
 
-    dataset: Dataset
-    pipeline: str
-    shard_mb: float = 128
-    _tables: dict[str, list[Any]] = field(default_factory=lambda: defaultdict(list))
-    _pending: list[_Pending] = field(default_factory=list)
-    _nbytes: int = 0
-    _lock: Any = field(default_factory=threading.RLock, repr=False, compare=False)
 
-    def __post_init__(self) -> None:
-        if self.shard_mb <= 0:
-            raise ValueError(f"shard_mb must be positive, got {self.shard_mb}")
+def _reader(schema: Any, batches: Iterator[Any]) -> Any:
+    import pyarrow as pa
 
-    def add(self, key: str, tables: Mapping[str, Sequence[Record]], record: dict[str, Any]) -> None:
-        """Buffer one item's rows (every table; missing ones empty) and its commit record's content."""
-        unknown = set(tables) - set(TABLES)
-        if unknown:
-            raise ValueError(f"unknown tables {sorted(unknown)}")
-        # Converted outside the lock (the costly part); buffered under it, all tables of the item at once.
-        converted = {table: (len(rows), to_table(TABLES[table], list(rows))) for table, rows in tables.items() if rows}
-        with self._lock:
-            counts = {}
-            for table, (n, arrow) in converted.items():
-                self._tables[table].append(arrow)
-                self._nbytes += arrow.nbytes
-                counts[table] = n
-            self._pending.append(_Pending(key, record, counts))
-            if self._nbytes >= self.shard_mb * 2**20:
-                self.flush()
-
-    def flush(self) -> None:
-        with self._lock:
-            self._flush()
-
-    def _flush(self) -> None:
-        import pyarrow as pa
-        import pyarrow.parquet as pq
-
-        if not self._pending:
-            return
-        stamp = f"{datetime.now(timezone.utc):%Y%m%dT%H%M%S}-{uuid.uuid4().hex[:8]}"
-        names = {}
-        for table, parts in self._tables.items():
-            name = f"part-{self.pipeline}-{stamp}.parquet"
-            sink = pa.BufferOutputStream()
-            combined = pa.concat_tables(parts).combine_chunks()
-            pq.write_table(combined, sink, compression="zstd", row_group_size=4096)
-            self.dataset._atomic_write(_join(self.dataset.root, table, name), sink.getvalue().to_pybytes())
-            names[table] = name
-        offsets: dict[str, int] = defaultdict(int)
-        for item in self._pending:
-            rows = {}
-            for table, n in item.rows.items():
-                rows[table] = [[names[table], offsets[table], n]]
-                offsets[table] += n
-            record = {
-                "pipeline": self.pipeline,
-                "key": item.key,
-                "completed_at": _now(),
-                **item.record,
-                "rows": rows,
-            }
-            path = self.dataset._record_path(self.pipeline, item.key)
-            self.dataset._atomic_write(path, json.dumps(record, indent=1, default=str).encode())
-        self._tables.clear()
-        self._pending.clear()
-        self._nbytes = 0
-
-    def close(self) -> None:
-        self.flush()
-
-    def __enter__(self) -> "ShardWriter":
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        # Items finished before an error are kept: their rows are complete.
-        self.flush()
+    return pa.RecordBatchReader.from_batches(schema, batches)

@@ -92,9 +92,12 @@ def _warn_tiny(config) -> None:
 
 
 def _clip_and_track(videos, entity, out, profile, config_file, render, baseline, force, device) -> None:
+    import uuid
+
     from engine.stats import Stats
     from engine.storage import Dataset
-    from flows.pipelines import finish_run, load, run_items
+    from engine.writer import TableWriter
+    from flows.pipelines import finish_run, load, run_items, run_settings
     from schemas import EntityRef, WorkItem
 
     entities = [EntityRef.parse(e) for e in entity or []]
@@ -121,23 +124,22 @@ def _clip_and_track(videos, entity, out, profile, config_file, render, baseline,
             bars.update(tasks[key], completed=n)
 
         stats = Stats(listener=on_count)
-        outcomes = run_items(
-            "clip-and-track",
-            [WorkItem(source=v) for v in videos],
-            out,
-            config=config,
-            stats=stats,
-            force=force,
-            progress=on_decode,
-            entities=entities,
-            baseline=baseline is not None,
-            render=render,
-        )
-    manifest = finish_run(out, stats, config)
+        options = {"entities": entities, "baseline": baseline is not None, "render": render}
+        run_id = uuid.uuid4().hex[:16]
+        with TableWriter(Dataset(out), run_id) as writer:
+            outcomes = run_items(
+                "clip-and-track", [WorkItem(source=v) for v in videos], out, config=config, stats=stats, force=force,
+                progress=on_decode, writer=writer, **options,
+            )
+    settings = run_settings("clip-and-track", config, options, sources=list(videos))
+    version = finish_run(
+        out, stats, config, run_id=run_id, kind="run", settings=[settings], counts=dict(Counter(o.status for o in outcomes))
+    )
     _print_summary(outcomes, out if render else None)
+    tables = Dataset(out).summary(version)["tables"]
     console.print(
-        f"dataset {out}: "
-        + ", ".join(f"{t} {i['rows']} rows" for t, i in manifest["tables"].items())
+        f"dataset {out} (version {version or 'unchanged'}): "
+        + ", ".join(f"{t} {i['rows']} rows" for t, i in tables.items())
         + f"; frames decoded {stats.counters['frames_decoded']}"
     )
     if not any(o.status in ("done", "skipped") for o in outcomes):
@@ -207,25 +209,41 @@ def run(
         Optional[list[str]],
         typer.Option("--entity", "-e", help="strefer: EXPRESSION[:NOUN], repeatable; default: found per video."),
     ] = None,
-    force: Annotated[bool, typer.Option(help="Redo items already complete with this config.")] = False,
+    split: Annotated[
+        Optional[str], typer.Option(help="Split of a dataset release with several (MeViS: train, valid_u, valid).")
+    ] = None,
+    force: Annotated[
+        bool,
+        typer.Option(
+            help="Redo items already complete with this config; where an input holds outputs made with other "
+            "options (another --data-type, other entities), replace them instead of adding beside them."
+        ),
+    ] = False,
 ) -> None:
     """Run a pipeline's Prefect flow here, on Prefect's ephemeral API (nothing to start by hand).
 
     videorefer: build-videorefer-700k (detailed captions, short captions, object-level QA).
-    strefer: build-strefer (entities, clips, masklets, transcripts, the 11 task types of Table 7)."""
-    _run_guarded(_run, pipeline.value, source, out, profile, config, batch_size, limit, data_type, frame_rate, entity, force)
+    strefer: build-strefer (entities, clips, masklets, transcripts, the 11 task types of Table 7).
+
+    Items already complete with the same settings are skipped; a finished run publishes a dataset version."""
+    _run_guarded(
+        _run, pipeline.value, source, out, profile, config, batch_size, limit, data_type, frame_rate, entity, split, force
+    )
 
 
-def _run(pipeline, source, out, profile, config_file, batch_size, limit, data_types, frame_rate, entities, force) -> None:
+def _run(pipeline, source, out, profile, config_file, batch_size, limit, data_types, frame_rate, entities, split, force) -> None:
     import logging
     import os
 
-    from flows.pipelines import load
+    from engine.storage import Dataset
+    from flows.pipelines import iter_items, load
 
     config = load(profile, str(config_file) if config_file else None)  # fail fast, before Prefect starts
     _warn_tiny(config)
     if limit is not None and limit < 1:
         raise ValueError("--limit must be >= 1")
+    iter_items(list(source), frame_rate=frame_rate, split=split)  # every source opened and checked: one line if bad
+    Dataset(out).check_layout()
     # Prefect's ephemeral API can take tens of seconds to come up on a busy machine (its default wait is 20 s).
     os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "180")
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")  # no telemetry calls from a data run
@@ -244,6 +262,7 @@ def _run(pipeline, source, out, profile, config_file, batch_size, limit, data_ty
         batch_size=batch_size,
         limit=limit,
         frame_rate=frame_rate,
+        split=split,
         force=force,
     )
     try:
@@ -255,9 +274,14 @@ def _run(pipeline, source, out, profile, config_file, batch_size, limit, data_ty
     except RuntimeError as exc:  # a failed batch or an API that did not start: one line, not a traceback
         _fail(f"the flow failed: {str(exc).splitlines()[0]}", code=1)
     _print_funnel(result["stats"]["counters"])
-    statuses = Counter(result["items"].values())
+    statuses = result["items"]
+    beside = result["stats"]["counters"].get("items_beside_other_options")
+    if beside:
+        how = "replaced them (--force)" if force else "added this run's beside them (--force replaces them)"
+        console.print(f"{beside} inputs already held outputs made with other options: {how}")
     console.print(
-        f"dataset {out}: items " + ", ".join(f"{s} {n}" for s, n in sorted(statuses.items()))
+        f"dataset {out} (version {result['version'] or 'unchanged: nothing new'}): items "
+        + (", ".join(f"{s} {n}" for s, n in sorted(statuses.items())) or "none")
         + "; " + ", ".join(f"{t} {i['rows']} rows" for t, i in result["tables"].items())
     )
     if not statuses.get("done") and not statuses.get("skipped"):
@@ -411,43 +435,205 @@ def _info(videos) -> None:
         raise typer.Exit(2)
 
 
+VersionOpt = Annotated[
+    Optional[int], typer.Option("--version", "-V", help="A published version (default: every committed item, now).")
+]
+
+
 @dataset_app.command("show")
 def dataset_show(
-    path: Annotated[str, typer.Argument(help="Dataset folder or fsspec URL.")],
+    path: Annotated[str, typer.Argument(help="Dataset folder or URL.")],
     table: Annotated[Optional[str], typer.Option("--table", "-t", help="Only this table.")] = None,
     rows: Annotated[int, typer.Option("--rows", "-n", help="Rows to show per table.")] = 3,
+    version: VersionOpt = None,
 ) -> None:
-    """Tables, row counts and a few rows of a dataset."""
-    _run_guarded(_dataset_show, path, table, rows)
+    """Tables, committed row counts, items per pipeline and status, and a few rows of a dataset."""
+    _run_guarded(_dataset_show, path, table, rows, version)
 
 
-def _dataset_show(path, only, n) -> None:
+def _dataset_show(path, only, n, version) -> None:
     from rich.table import Table
 
-    from engine.errors import BadInputError
     from engine.storage import Dataset
     from schemas import TABLES
 
     dataset = Dataset(path)
-    if not dataset.exists():
-        raise BadInputError(f"{path} does not exist")
+    dataset.require()
+    summary = dataset.summary(version)
     names = [only] if only else list(TABLES)
-    summary = Table("table", "shards", "rows")
-    loaded = {}
+    counts = Table("table", "rows")
     for name in names:
-        data = dataset.read_table(name)
-        loaded[name] = data
-        summary.add_row(name, str(len(dataset.committed_ranges(name))), str(data.num_rows))
-    console.print(summary)
-    items = Counter((r["pipeline"], r.get("status", "done")) for r in dataset.completions())
-    console.print("items: " + (", ".join(f"{p} {s} {n}" for (p, s), n in sorted(items.items())) or "none"))
-    for name, data in loaded.items():
-        if not data.num_rows or n <= 0:
+        if name not in summary["tables"]:
+            raise ValueError(f"unknown table {name!r}; tables: {', '.join(TABLES)}")
+        counts.add_row(name, str(summary["tables"][name]["rows"]))
+    console.print(counts)
+    items = summary["items"]
+    console.print("items: " + (", ".join(f"{p} {s} {c}" for p, st in items.items() for s, c in sorted(st.items())) or "none"))
+    latest = dataset.latest_version()
+    console.print(f"versions: {latest or 'none published'}" + ("" if version else " (showing every committed item)"))
+    for name in names:
+        if n <= 0:
+            break
+        data = next(dataset.scan(name, version=version, batch_rows=n), None)
+        if data is None:
             continue
-        shown = Table(*data.column_names, title=name, show_lines=False)
+        shown = Table(*data.schema.names, title=name, show_lines=False)
         for row in data.slice(0, n).to_pylist():
-            shown.add_row(*(_short(row[c]) for c in data.column_names))
+            shown.add_row(*(_short(row[c]) for c in data.schema.names))
         console.print(shown)
+
+
+@dataset_app.command("versions")
+def dataset_versions(path: Annotated[str, typer.Argument(help="Dataset folder or URL.")]) -> None:
+    """Every published version: when, what ran (pipeline, kind) and what it did (items per status)."""
+    _run_guarded(_dataset_versions, path)
+
+
+def _dataset_versions(path) -> None:
+    from rich.table import Table
+
+    from engine.storage import Dataset
+
+    dataset = Dataset(path)
+    dataset.require()
+    table = Table("version", "published", "kind", "pipelines", "items")
+    for v in dataset.versions():
+        pipelines = ", ".join(sorted({s.pipeline for s in v.record.settings})) or "-"
+        counts = ", ".join(f"{k} {c}" for k, c in sorted(v.record.counts.items()) if c) or "-"
+        table.add_row(str(v.number), v.record.published_at[:19], v.record.kind, pipelines, counts)
+    if not table.row_count:
+        console.print("no published version yet")
+        return
+    console.print(table)
+
+
+@dataset_app.command("diff")
+def dataset_diff(
+    path: Annotated[str, typer.Argument(help="Dataset folder or URL.")],
+    first: Annotated[int, typer.Argument(help="The older version.")],
+    second: Annotated[int, typer.Argument(help="The newer version.")],
+) -> None:
+    """Items added, changed and removed between two versions (per pipeline), and rows per table in each."""
+    _run_guarded(_dataset_diff, path, first, second)
+
+
+def _dataset_diff(path, first, second) -> None:
+    from rich.table import Table
+
+    from engine.storage import Dataset
+
+    dataset = Dataset(path)
+    dataset.require()
+    diff = dataset.diff(first, second)
+    items = Table("items", *sorted({*diff.added, *diff.changed, *diff.removed}) or ["-"], "for example")
+    for name in ("added", "changed", "removed"):
+        per = getattr(diff, name)
+        pipelines = sorted({*diff.added, *diff.changed, *diff.removed}) or ["-"]
+        items.add_row(name, *(str(per.get(p, 0)) for p in pipelines), ", ".join(diff.examples[name][:3]) or "-")
+    console.print(items)
+    rows = Table("table", f"rows in {first}", f"rows in {second}", "change")
+    for table, (a, b) in diff.rows.items():
+        rows.add_row(table, str(a), str(b), f"{b - a:+d}")
+    console.print(rows)
+
+
+@dataset_app.command("compact")
+def dataset_compact(
+    path: Annotated[str, typer.Argument(help="Dataset folder or URL.")],
+    retention_hours: Annotated[
+        int,
+        typer.Option(help="Keep files an older version needs for this long (0: only the newest version stays readable)."),
+    ] = 168,
+) -> None:
+    """Delete superseded and orphaned rows, merge small files and vacuum old ones; publishes a version whose
+    plain Delta snapshot is exactly the committed data. Run it while no run writes the dataset."""
+    _run_guarded(_dataset_compact, path, retention_hours)
+
+
+def _dataset_compact(path, retention_hours) -> None:
+    import json
+    import uuid
+
+    from engine import __version__
+    from engine.storage import Dataset
+    from schemas import VersionRecord
+
+    if retention_hours < 0:
+        raise ValueError("--retention-hours must be >= 0")
+    dataset = Dataset(path)
+    counts = dataset.compact(retention_hours=retention_hours)
+    latest = dataset.versions()
+    settings = latest[-1].record.settings if latest else []
+    record = VersionRecord(
+        run_id=uuid.uuid4().hex[:16], kind="compact", published_at="", engine_version=__version__, tables={},
+        settings=settings, counts={}, stats=json.dumps({"rows": counts}),
+    )
+    number = dataset.publish(record)
+    for table, (before, after) in counts.items():
+        console.print(f"{table}: {before} rows -> {after}")
+    console.print(f"version {number}: the plain Delta snapshot of every table is the committed data")
+
+
+@dataset_app.command("audit")
+def dataset_audit(
+    path: Annotated[str, typer.Argument(help="Dataset folder or URL.")],
+    source: Annotated[list[str], typer.Option("--source", "-s", help="Repeatable: the sources the dataset was built from.")],
+    frame_rate: Annotated[Optional[float], typer.Option(help="Frames per second of frame folders.")] = None,
+    split: Annotated[Optional[str], typer.Option(help="Split of a dataset release with several.")] = None,
+) -> None:
+    """Check that every input of the sources is done, rejected (with a reason) or removed, for every pipeline
+    and options the dataset recorded; exits 1 naming what is unaccounted for."""
+    _run_guarded(_dataset_audit, path, source, frame_rate, split)
+
+
+def _dataset_audit(path, source, frame_rate, split) -> None:
+    from flows.audit import audit
+
+    report = audit(path, list(source), frame_rate=frame_rate, split=split)
+    console.print(", ".join(f"{status} {n}" for status, n in sorted(report.counts.items())) or "no inputs")
+    if report.missing:
+        for pipeline, item_source in report.examples:
+            err.print(f"unaccounted for ({pipeline}): {item_source}", highlight=False, soft_wrap=True)
+        _fail(f"{report.missing} inputs are neither done, rejected nor removed", code=1)
+    console.print(f"all {report.inputs} inputs accounted for")
+
+
+@app.command("refresh")
+def refresh(
+    path: Annotated[str, typer.Argument(help="Dataset folder or URL, built by a pipeline run.")],
+    source: Annotated[
+        Optional[list[str]],
+        typer.Option("--source", "-s", help="Repeatable; default: the sources the dataset recorded."),
+    ] = None,
+    batch_size: Annotated[int, typer.Option(help="Items per Prefect task.")] = 8,
+) -> None:
+    """The nightly refresh, here: rerun every recorded pipeline (same options and settings) over only new or
+    changed inputs, retry transient rejections, mark vanished inputs removed, publish a version (none if
+    nothing changed)."""
+    _run_guarded(_refresh, path, source, batch_size)
+
+
+def _refresh(path, source, batch_size) -> None:
+    import logging
+    import os
+
+    from engine.storage import Dataset
+    from flows.pipelines import iter_items
+
+    Dataset(path).require()
+    if source:
+        iter_items(list(source))  # checked before Prefect starts
+    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "180")
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    with err.status("starting Prefect (ephemeral API) and the flow"):
+        from flows.prefect_flows import refresh_dataset_flow
+    logging.getLogger("prefect.events").setLevel(logging.CRITICAL)
+    try:
+        result = refresh_dataset_flow(out=path, source=list(source) if source else None, batch_size=batch_size)
+    except RuntimeError as exc:
+        _fail(f"the refresh failed: {str(exc).splitlines()[0]}", code=1)
+    items = ", ".join(f"{s} {n}" for s, n in sorted(result["items"].items()) if n) or "nothing"
+    console.print(f"refresh of {path}: {items}; version {result['version'] or 'unchanged: nothing new'}")
 
 
 def _short(value, limit: int = 48) -> str:

@@ -54,6 +54,17 @@ def roles(config: EngineConfig, *, entities: Sequence[Any] = (), **_: Any) -> di
     return needed
 
 
+def prompt_names(config: EngineConfig, *, entities: Sequence[Any] = (), **_: Any) -> list[str]:
+    """Prompt templates this pipeline renders under these options (their hashes are in its run hash)."""
+    names = ["grounder"]
+    if not entities:
+        names += [*EntityRecognizer.prompts, *ReferringParser.prompts]
+    return names
+
+
+RUN_ONLY_OPTIONS = ("render",)  # options that add files, not rows: not part of an item's identity
+
+
 class EntityStage:
     """Strefer's Entity Recognizer (Prompt P.1 on frames from the whole video) and Referring Parser
     (expressions, nouns, generalized categories): the entities of a video when none were given. They are
@@ -202,12 +213,10 @@ def build(
         stats=stats,
     )
     stages: list[Any] = []
-    prompt_hashes = {"grounder": template_hash("grounder")}
     if not entities:
         recognizer = EntityRecognizer(backends["vlm"], RecognizerConfig(**config.section("recognizer")), stats)
         parser = ReferringParser(backends["llm"], ParserConfig(**config.section("parser")), stats)
         stages.append(EntityStage(recognizer, parser, EntitiesConfig(**config.section("entities"))))
-        prompt_hashes.update({p: template_hash(p) for p in (*recognizer.prompts, *parser.prompts)})
     stages += [
         ClipStage(VideoClipper(embedder=backends["embedder"], config=ClipperConfig(**config.section("clipper")), stats=stats)),
         MaskletStage(generator),
@@ -223,7 +232,7 @@ def build(
         stages=stages,
         config=config,
         models={role: getattr(b, "model_id", "?") for role, b in backends.items()},
-        prompt_hashes=prompt_hashes,
+        prompt_hashes={p: template_hash(p) for p in prompt_names(config, entities=entities)},
         entities=[EntityRef.model_validate(e) for e in entities],
         options={"baseline": baseline},  # rendering adds a file, not rows: a rerun need not redo for it
     )

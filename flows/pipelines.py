@@ -1,19 +1,25 @@
 """Every pipeline the engine runs, and the one way to run any of them over work items into a dataset.
 
 The CLI and the Prefect tasks both call `run_items`; a pipeline module declares its name, its settings
-sections, the roles it needs, and a `build(config, backends, stats=..., **options) -> Pipeline`.
+sections, the roles it needs, the prompts it renders, and a `build(config, backends, stats=..., **options)
+-> Pipeline`. `run_identity` hashes what shapes a pipeline's rows (its own roles, prompts, settings and run
+options, nothing of the other pipelines'), so changing the Refiner's prompt redoes VideoRefer items and no
+clip-and-track item.
 """
 
 from __future__ import annotations
 
+import json
 from types import ModuleType
-from typing import Any, Callable, Sequence
+from typing import Any, Iterator, Sequence
 
 from engine.config import EngineConfig, load_config
+from engine.planning import Plan, variant_id
 from engine.runner import DecodeProgress, ItemOutcome, Runner, RunnerConfig
 from engine.stats import Stats
 from engine.storage import Dataset
-from schemas import WorkItem
+from engine.writer import TableWriter
+from schemas import RunSettings, VersionRecord, WorkItem
 
 
 def _modules() -> dict[str, ModuleType]:
@@ -50,6 +56,46 @@ def load(profile: str, config_file: str | None = None, *, device: str | None = N
     return config
 
 
+def output_options(name: str, options: dict[str, Any]) -> dict[str, Any]:
+    """The run options that shape a pipeline's rows, in one canonical form (entities as dicts, data types
+    sorted), without those that only add files (a render)."""
+    from schemas import EntityRef
+
+    skip = set(getattr(pipeline_module(name), "RUN_ONLY_OPTIONS", ()))
+    out: dict[str, Any] = {}
+    for key, value in sorted(options.items()):
+        if key in skip:
+            continue
+        if key == "entities":
+            value = [EntityRef.parse(e).model_dump() if isinstance(e, str) else EntityRef.model_validate(e).model_dump() for e in value]
+        elif key == "data_types":
+            value = sorted(value)
+        out[key] = value
+    return out
+
+
+def run_identity(name: str, config: EngineConfig, options: dict[str, Any]) -> tuple[str, str]:
+    """(run hash, variant) of a pipeline run: the run hash covers the roles the pipeline uses under these
+    options, the hashes of the prompts it renders, its settings sections and its run options; the variant
+    the run options alone (an input run with other options is another item, kept beside)."""
+    from engine.ids import stable_id
+    from prompts import template_hash
+
+    module = pipeline_module(name)
+    chosen = output_options(name, options)
+    roles = module.roles(config, **options)
+    run_hash = stable_id(
+        name,
+        {role: config.roles[role].model_dump() for role in sorted(roles) if role in config.roles},
+        {p: template_hash(p) for p in module.prompt_names(config, **options)},
+        {section: config.pipeline.get(section, {}) for section in sorted(module.SETTINGS)},
+        config.pipeline.get("dtype"),
+        chosen,
+        length=12,
+    )
+    return run_hash, variant_id({"pipeline": name, **chosen})
+
+
 def run_items(
     name: str,
     items: Sequence[WorkItem],
@@ -60,27 +106,82 @@ def run_items(
     force: bool = False,
     progress: DecodeProgress | None = None,
     transient: tuple[type[BaseException], ...] = (),
-    on_models_loading: Callable[[], Any] | None = None,
+    writer: TableWriter | None = None,
+    plan: Plan | None = None,
     **options: Any,
 ) -> list[ItemOutcome]:
-    """Load the pipeline's models (once per process), build it, and run it over `items` into `out`."""
+    """Load the pipeline's models (once per process), build it, and run it over `items` into `out` (through
+    `writer` when given: the run's shared writer, which commits later; else committed before returning)."""
     from engine.models import factory
 
     module = pipeline_module(name)
     dataset = Dataset(out)
     backends = factory.build(config, module.roles(config, **options), pipeline=name)
     pipeline = module.build(config, backends, stats=stats, dataset=dataset, **options)
-    runner = Runner(pipeline, dataset, stats=stats, force=force, progress=progress, transient=transient)
-    return runner.run(items)
+    pipeline.run_hash, pipeline.variant = run_identity(name, config, options)
+    runner = Runner(pipeline, dataset, stats=stats, force=force, progress=progress, transient=transient, writer=writer)
+    return runner.run(items, plan=plan)
 
 
-def finish_run(out: str, stats: Stats, config: EngineConfig) -> dict:
-    """Manifest, stats and dataset card after a run."""
+def iter_items(
+    sources: Sequence[str], *, limit: int | None = None, frame_rate: float | None = None, split: str | None = None
+) -> Iterator[WorkItem]:
+    """Work items of every source in turn, read lazily, at most `limit` of them. Every source is opened (and
+    so checked, with a one-line error) before the first item is read."""
+    from itertools import islice
+
+    from engine.sources import open_source
+
+    extra = {"split": split} if split else {}
+    opened = [open_source(spec, frame_rate=frame_rate, **extra) for spec in sources]
+
+    def chain() -> Iterator[WorkItem]:
+        for items in opened:
+            yield from items
+
+    return islice(chain(), limit) if limit is not None else chain()
+
+
+def run_settings(
+    name: str, config: EngineConfig, options: dict[str, Any], *, sources: Sequence[str], frame_rate: float | None = None
+) -> RunSettings:
+    """What a refresh needs to run this pipeline again exactly so."""
+    run_hash, variant = run_identity(name, config, options)
+    return RunSettings(
+        pipeline=name,
+        variant=variant,
+        run_hash=run_hash,
+        options=json.dumps({**options, **output_options(name, options)}, default=str),  # render kept too
+        config=config.model_dump_json(),
+        sources=list(sources),
+        frame_rate=frame_rate,
+    )
+
+
+COMMITTING = ("items_done", "items_rejected", "items_replaced", "items_removed", "items_touched")
+
+
+def finish_run(
+    out: str, stats: Stats, config: EngineConfig, *, run_id: str, kind: str, settings: list[RunSettings], counts: dict[str, int]
+) -> int | None:
+    """Publish the run as a dataset version when it committed anything, and write the dataset card.
+    Returns the version number (None: nothing changed, nothing published)."""
     from engine import __version__
     from engine.card import dataset_card
 
     dataset = Dataset(out)
-    manifest = dataset.write_manifest(engine_version=__version__)
-    dataset.write_json("stats.json", {"config_hash": config.hash, "profile": config.profile, **stats.as_dict()})
-    dataset.write_text("README.md", dataset_card(manifest, config))
-    return manifest
+    if not any(stats.counters.get(name) for name in COMMITTING):
+        return None
+    record = VersionRecord(
+        run_id=run_id,
+        kind=kind,
+        published_at="",
+        engine_version=__version__,
+        tables={},
+        settings=settings,
+        counts={k: int(v) for k, v in counts.items()},
+        stats=json.dumps(stats.as_dict()),
+    )
+    number = dataset.publish(record)
+    dataset.write_text("README.md", dataset_card(dataset, config, number))
+    return number

@@ -1,5 +1,6 @@
-"""Prefect flows. Thin: the flow lists work items, submits one coarse task per batch, merges what the tasks
-return and writes the manifest, stats and dataset card, even when a batch failed.
+"""Prefect flows. Thin: a flow streams its sources a chunk at a time, drops complete items in bulk before
+anything is scheduled, submits one coarse task per batch of the rest with a bounded number in flight, commits
+what the batches wrote and publishes a dataset version. It returns counts, never an entry per item.
 
 Deployments are declared in prefect.yaml. Called from Python (`clip_and_track_flow(...)`), a flow runs on
 Prefect's ephemeral API, which starts by itself.
@@ -7,108 +8,201 @@ Prefect's ephemeral API, which starts by itself.
 
 from __future__ import annotations
 
-from typing import Any, Optional
+import json
+import uuid
+from collections import Counter, deque
+from typing import Any, Optional, Union
 
 from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NONE
 
-from engine.errors import transient_faults
+from engine.config import EngineConfig
+from engine.errors import BadInputError, transient_faults
 from engine.stats import Stats
-from flows.pipelines import finish_run, load, run_items
-from schemas import WorkItem
+from flows.pipelines import finish_run, iter_items, load, run_identity, run_items, run_settings
+from schemas import RunSettings, WorkItem
+
+PLAN_CHUNK = 8192  # items checked against the dataset per bulk skip check
+Sources = Union[str, list[str]]  # one source, or several
 
 
 # No input caching: items can carry masks, and hashing them buys nothing (reruns skip committed items).
-@task(retries=2, retry_delay_seconds=[10, 60], tags=["gpu"], cache_policy=NONE)
+@task(retries=2, retry_delay_seconds=[10, 60], retry_jitter_factor=0.5, tags=["gpu"], cache_policy=NONE)
 def run_batch(
     pipeline: str,
     items: list[dict],
     out: str,
-    profile: str,
-    config_file: Optional[str],
+    config: dict,
+    run_id: str,
     force: bool,
     options: dict[str, Any],
+    previous: dict[str, dict],
 ) -> dict:
-    """One batch of items through a pipeline; returns each item's status and this task's stats. Models load
-    once per worker process (a lock makes that safe under the thread task runner)."""
+    """One batch of items (already planned: none is complete) through a pipeline, into the process's writer
+    of this run; returns counts per status and this task's stats. Models load once per worker process."""
+    from engine.planning import Plan
+    from engine.storage import Dataset
+    from engine.writer import shared_writer
+
     stats = Stats()
+    todo = [WorkItem.model_validate(i) for i in items]
     outcomes = run_items(
         pipeline,
-        [WorkItem.model_validate(i) for i in items],
+        todo,
         out,
-        config=load(profile, config_file),
+        config=EngineConfig.model_validate(config),
         stats=stats,
         force=force,
         transient=transient_faults(),
+        writer=shared_writer(Dataset(out), run_id),
+        plan=Plan(todo=todo, previous=previous),
         **options,
     )
-    return {"statuses": {o.item.source: o.status for o in outcomes}, "stats": stats.as_dict()}
+    return {"counts": dict(Counter(o.status for o in outcomes)), "stats": stats.as_dict()}
 
 
-def run_pipeline_flow(
+def _as_list(source: Sources) -> list[str]:
+    """A deployment parameter given as one string or a list."""
+    sources = [source] if isinstance(source, str) else list(source)
+    if not sources:
+        raise BadInputError("give at least one source")
+    return sources
+
+
+def run_pipeline(
     pipeline: str,
-    items: list[WorkItem],
+    sources: list[str],
     out: str,
     *,
-    profile: str,
-    config_file: Optional[str],
-    batch_size: int,
-    force: bool,
+    config: EngineConfig,
     options: dict[str, Any],
-) -> dict:
-    """The body every pipeline flow shares."""
-    from engine.storage import Dataset
+    batch_size: int = 8,
+    force: bool = False,
+    limit: Optional[int] = None,
+    frame_rate: Optional[float] = None,
+    split: Optional[str] = None,
+    max_batches_in_flight: int = 4,
+    run_id: str,
+    stats: Stats,
+    counts: Counter,
+    mark_removed: bool = False,
+) -> None:
+    """Stream the sources through one pipeline: plan each chunk in bulk, run the rest in batches with at most
+    `max_batches_in_flight` submitted at once, and with `mark_removed` record as removed the live items of
+    this pipeline and options that the sources no longer hold. Adds to `stats` and `counts`."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
 
-    if batch_size < 1:
-        raise ValueError("batch_size must be >= 1")
-    config = load(profile, config_file)  # validates before any task starts
-    Dataset(out).prepare()
+    from engine.planning import Planner, chunked, item_id
+    from engine.storage import Dataset, item_row
+    from engine.writer import shared_writer
+    from schemas import ItemRecord
+
+    if batch_size < 1 or max_batches_in_flight < 1:
+        raise BadInputError("batch_size and max_batches_in_flight must be >= 1")
     logger = get_run_logger()
-    payload = [i.model_dump() for i in items]
-    batches = [payload[i : i + batch_size] for i in range(0, len(payload), batch_size)]
-    logger.info("%s: %d items in %d batches", pipeline, len(items), len(batches))
-    futures = [run_batch.submit(pipeline, b, out, profile, config_file, force, options) for b in batches]
-    statuses: dict[str, str] = {}
-    stats = Stats()
-    failed = []
-    try:
-        for batch, future in zip(batches, futures):
+    dataset = Dataset(out)
+    run_hash, variant = run_identity(pipeline, config, options)
+    planner = Planner(dataset, pipeline=pipeline, variant=variant, run_hash=run_hash, force=force)
+    writer = shared_writer(dataset, run_id)
+    items = iter_items(sources, limit=limit, frame_rate=frame_rate, split=split)
+    in_flight: deque = deque()
+    seen: list[Any] = []  # item ids of the sources, as Arrow chunks (for removals)
+    config_dump = config.model_dump()
+
+    def collect(keep: int) -> None:
+        while len(in_flight) > keep:
+            batch, future = in_flight.popleft()
             result = future.result(raise_on_failure=False)
             if isinstance(result, BaseException) or not isinstance(result, dict):
-                failed.append(result)
-                statuses.update({i["source"]: "failed" for i in batch})
+                counts["failed"] += len(batch)
                 logger.error("a batch of %d items failed: %s", len(batch), result)
                 continue
-            statuses.update(result["statuses"])
+            counts.update(result["counts"])
             stats.merge(Stats.from_dict(result["stats"]))
+
+    for chunk in chunked(items, PLAN_CHUNK):
+        plan = planner.split(chunk)
+        if mark_removed:
+            seen.append(pa.array([item_id(pipeline, i, variant) for i in chunk], pa.string()))
+        counts["skipped"] += plan.skipped
+        stats.count("items_skipped_complete", plan.skipped)
+        if plan.beside:
+            stats.count("items_beside_other_options", plan.beside)
+        for row in plan.replace:
+            writer.keep(ItemRecord.model_validate({**item_row(row), "status": "replaced", "run_id": run_id}))
+            stats.count("items_replaced")
+        for batch in chunked(plan.todo, batch_size):
+            previous = {i: plan.previous[i] for i in (item_id(pipeline, w, variant) for w in batch) if i in plan.previous}
+            payload = [w.model_dump() for w in batch]
+            future = run_batch.submit(pipeline, payload, out, config_dump, run_id, force, options, previous)
+            in_flight.append((batch, future))
+            collect(max_batches_in_flight)
+    collect(0)
+    if plan_beside := stats.counters.get("items_beside_other_options"):
+        how = "replaced them (--force)" if force else "kept them and added this run's beside them (--force replaces)"
+        logger.info("%s: %d inputs hold outputs made with other options; %s", pipeline, plan_beside, how)
+    if mark_removed:
+        live = planner.live_rows()
+        present = pa.concat_arrays(seen) if seen else pa.array([], pa.string())
+        gone = live.filter(pc.invert(pc.is_in(live["item_id"], value_set=present)))
+        for row in gone.to_pylist():
+            writer.keep(ItemRecord.model_validate({**item_row(row), "status": "removed", "run_id": run_id}))
+        stats.count("items_removed", gone.num_rows)
+        counts["removed"] += gone.num_rows
+
+
+def run_and_publish(
+    pipeline: str,
+    source: Sources,
+    out: str,
+    *,
+    config: EngineConfig,
+    options: dict[str, Any],
+    batch_size: int,
+    force: bool,
+    limit: Optional[int] = None,
+    frame_rate: Optional[float] = None,
+    split: Optional[str] = None,
+    max_batches_in_flight: int = 4,
+) -> dict:
+    """The body every pipeline flow shares: run, commit, publish a version unless a batch failed."""
+    from engine.storage import Dataset
+    from engine.writer import flush_writers
+
+    sources = _as_list(source)
+    Dataset(out).prepare()
+    run_id = uuid.uuid4().hex[:16]
+    stats, counts = Stats(), Counter()
+    try:
+        run_pipeline(
+            pipeline, sources, out, config=config, options=options, batch_size=batch_size, force=force, limit=limit,
+            frame_rate=frame_rate, split=split, max_batches_in_flight=max_batches_in_flight, run_id=run_id,
+            stats=stats, counts=counts,
+        )
     finally:
-        manifest = finish_run(out, stats, config)
-    logger.info("%s: tables %s", pipeline, {t: i["rows"] for t, i in manifest["tables"].items()})
-    if failed:
-        raise RuntimeError(f"{len(failed)} of {len(batches)} batches failed (the others are written): {failed[0]}")
-    return {"items": statuses, "tables": manifest["tables"], "stats": stats.as_dict()}
+        flush_writers(out, run_id)  # what finished is committed, even when a batch failed
+    return _publish(out, stats, config, counts, run_id, "run", [run_settings(pipeline, config, options, sources=sources, frame_rate=frame_rate)])
 
 
-def _items(source: list[str], limit: Optional[int], frame_rate: Optional[float]) -> list[WorkItem]:
-    """Work items from every source in turn, at most `limit` of them."""
-    from itertools import islice
+def _publish(out: str, stats: Stats, config: EngineConfig, counts: Counter, run_id: str, kind: str, settings: list[RunSettings]) -> dict:
+    from engine.storage import Dataset
 
-    from engine.sources import open_source
-
-    if isinstance(source, str):  # a single path given where a list is expected
-        source = [source]
-    items: list[WorkItem] = []
-    for spec in source:
-        room = None if limit is None else limit - len(items)
-        if room == 0:
-            break
-        items += islice(open_source(spec, frame_rate=frame_rate), room)
-    return items
+    logger = get_run_logger()
+    if counts.get("failed"):
+        raise RuntimeError(
+            f"{counts['failed']} items failed in their batches (the other items are committed; no version is "
+            "published: rerun to finish them)"
+        )
+    version = finish_run(out, stats, config, run_id=run_id, kind=kind, settings=settings, counts=dict(counts))
+    tables = Dataset(out).summary(version)["tables"] if version else Dataset(out).summary()["tables"]
+    logger.info("version %s; items %s; tables %s", version or "unchanged", dict(counts), {t: i["rows"] for t, i in tables.items()})
+    return {"version": version, "items": dict(counts), "tables": tables, "stats": stats.as_dict()}
 
 
 @flow(name="clip-and-track", log_prints=True)
 def clip_and_track_flow(
-    videos: list[str],
+    videos: Sources,
     entities: list[str],
     out: str,
     profile: str = "default",
@@ -122,12 +216,11 @@ def clip_and_track_flow(
     from schemas import EntityRef
 
     parsed = [EntityRef.parse(e).model_dump() for e in entities]
-    return run_pipeline_flow(
+    return run_and_publish(
         "clip-and-track",
-        [WorkItem(source=v) for v in videos],
+        videos,
         out,
-        profile=profile,
-        config_file=config_file,
+        config=load(profile, config_file),
         batch_size=batch_size,
         force=force,
         options={"entities": parsed, "baseline": baseline, "render": render},
@@ -136,7 +229,7 @@ def clip_and_track_flow(
 
 @flow(name="build-videorefer-700k", log_prints=True)
 def build_videorefer_flow(
-    source: list[str],
+    source: Sources,
     out: str,
     profile: str = "default",
     config_file: Optional[str] = None,
@@ -144,29 +237,34 @@ def build_videorefer_flow(
     limit: Optional[int] = None,
     data_types: list[str] = ["detailed_caption", "short_caption", "object_qa"],
     frame_rate: Optional[float] = None,
+    split: Optional[str] = None,
     force: bool = False,
+    max_batches_in_flight: int = 4,
 ) -> dict:
     """VideoRefer's multi-agent engine (Analyzer, Annotator, Segmentor, Reviewer, Refiner) over caption
     manifests (detailed and short captions) and mask datasets in the MeViS or Ref-YouTube-VOS layout
-    (object-level QA). `source` lists manifests, dataset folders or videos; `limit` caps the items."""
+    (object-level QA). `source` is one manifest, dataset folder or video, or a list; `limit` caps the items."""
     from flows.videorefer import check_data_types
 
     check_data_types(data_types)
-    return run_pipeline_flow(
+    return run_and_publish(
         "videorefer",
-        _items(source, limit, frame_rate),
+        source,
         out,
-        profile=profile,
-        config_file=config_file,
+        config=load(profile, config_file),
         batch_size=batch_size,
+        limit=limit,
+        frame_rate=frame_rate,
+        split=split,
         force=force,
-        options={"data_types": list(data_types)},
+        max_batches_in_flight=max_batches_in_flight,
+        options={"data_types": sorted(data_types)},
     )
 
 
 @flow(name="build-strefer", log_prints=True)
 def build_strefer_flow(
-    source: list[str],
+    source: Sources,
     out: str,
     profile: str = "default",
     config_file: Optional[str] = None,
@@ -174,7 +272,9 @@ def build_strefer_flow(
     limit: Optional[int] = None,
     entities: list[str] = [],
     frame_rate: Optional[float] = None,
+    split: Optional[str] = None,
     force: bool = False,
+    max_batches_in_flight: int = 4,
 ) -> dict:
     """Strefer's instruction engine: entities (found by the Entity Recognizer and Referring Parser unless
     given as `EXPRESSION[:NOUN]`), clips, masklets, transcripts and instructions of the 11 task types over
@@ -182,13 +282,63 @@ def build_strefer_flow(
     from schemas import EntityRef
 
     parsed = [EntityRef.parse(e).model_dump() for e in entities]
-    return run_pipeline_flow(
+    return run_and_publish(
         "strefer",
-        _items(source, limit, frame_rate),
+        source,
         out,
-        profile=profile,
-        config_file=config_file,
+        config=load(profile, config_file),
         batch_size=batch_size,
+        limit=limit,
+        frame_rate=frame_rate,
+        split=split,
         force=force,
+        max_batches_in_flight=max_batches_in_flight,
         options={"entities": parsed},
     )
+
+
+@flow(name="refresh-dataset", log_prints=True)
+def refresh_dataset_flow(
+    out: str,
+    source: Optional[Sources] = None,
+    batch_size: int = 8,
+    max_batches_in_flight: int = 4,
+) -> dict:
+    """Bring a dataset up to date with its sources: run every pipeline (with the options and settings it was
+    published with) over only the inputs that are new or changed, retry rejections whose reason was
+    transient, mark inputs gone from the source as removed, and publish one version; nothing changed, nothing
+    written. `source` overrides the sources the dataset recorded."""
+    from engine.storage import Dataset
+    from engine.writer import flush_writers
+
+    dataset = Dataset(out)
+    dataset.require()
+    settings = recorded_settings(dataset)
+    if not settings:
+        raise BadInputError(f"{out} has no published run to refresh: build it with a pipeline first")
+    run_id = uuid.uuid4().hex[:16]
+    stats, counts = Stats(), Counter()
+    used = []
+    try:
+        for s in settings:
+            sources = _as_list(source) if source is not None else s.sources
+            options = json.loads(s.options)
+            config = EngineConfig.model_validate_json(s.config)
+            run_pipeline(
+                s.pipeline, sources, out, config=config, options=options, batch_size=batch_size,
+                frame_rate=s.frame_rate, max_batches_in_flight=max_batches_in_flight, run_id=run_id, stats=stats,
+                counts=counts, mark_removed=True,
+            )
+            used.append(s.model_copy(update={"sources": sources}))
+    finally:
+        flush_writers(out, run_id)
+    return _publish(out, stats, EngineConfig.model_validate_json(settings[-1].config), counts, run_id, "refresh", used)
+
+
+def recorded_settings(dataset: Any) -> list[RunSettings]:
+    """The latest recorded settings of every (pipeline, run options) the dataset's versions hold."""
+    latest: dict[tuple[str, str], RunSettings] = {}
+    for version in dataset.versions():
+        for s in version.record.settings:
+            latest[(s.pipeline, s.variant)] = s
+    return list(latest.values())

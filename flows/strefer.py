@@ -70,6 +70,11 @@ def roles(config: EngineConfig, *, entities: Sequence[Any] = (), **_: Any) -> di
     return {**clip_and_track.roles(config, entities=entities), "vlm": "chat", "llm": "chat"}
 
 
+def prompt_names(config: EngineConfig, *, entities: Sequence[Any] = (), **_: Any) -> list[str]:
+    """Prompt templates this pipeline renders under these options (their hashes are in its run hash)."""
+    return [*clip_and_track.prompt_names(config, entities=entities), *VideoTranscriber.prompts, *InstructionGenerator.prompts]
+
+
 class TranscriberStage:
     name = "transcriber"
 
@@ -160,13 +165,12 @@ def build(
     cfg = StreferConfig(**config.section("strefer"))
     transcriber = VideoTranscriber(backends["vlm"], TranscriberConfig(**config.section("transcriber")), stats)
     generator = InstructionGenerator(backends["llm"], InstructionConfig(**config.section("instructions")), stats)
-    prompt_hashes = {**base.prompt_hashes, **{p: template_hash(p) for p in (*transcriber.prompts, *generator.prompts)}}
     return Pipeline(
         name=NAME,
         stages=[*base.stages, TranscriberStage(transcriber, cfg, stats), InstructionStage(generator, cfg, stats)],
         config=config,
         models=base.models,
-        prompt_hashes=prompt_hashes,
+        prompt_hashes={p: template_hash(p) for p in prompt_names(config, entities=entities)},
         entities=base.entities,
         options=base.options,
     )

@@ -91,6 +91,11 @@ def roles(config: EngineConfig, **_: Any) -> dict[str, str]:
     }
 
 
+def prompt_names(config: EngineConfig, **_: Any) -> list[str]:
+    """Prompt templates this pipeline renders (their hashes are in its run hash)."""
+    return [*Analyzer.prompts, *Annotator.prompts, *Reviewer.prompts, *Refiner.prompts]
+
+
 def check_data_types(data_types: Sequence[str]) -> None:
     unknown = sorted(set(data_types) - set(DATA_TYPES))
     if unknown or not data_types:
@@ -581,10 +586,6 @@ def build(
     )
     reviewer = Reviewer(backends["region_captioner"], backends["llm"], ReviewerConfig(**section("reviewer")), stats)
     refiner = Refiner(backends["refiner"], RefinerConfig(**section("refiner")), stats)
-    prompts = [
-        "analyzer", "analyzer_short", "annotator_dynamic", "annotator_static", "region_captioner", "reviewer",
-        "refiner_caption", "refiner_qa",
-    ]
     return Pipeline(
         name=NAME,
         stages=[
@@ -596,6 +597,6 @@ def build(
         ],
         config=config,
         models={role: getattr(b, "model_id", "?") for role, b in backends.items()},
-        prompt_hashes={p: template_hash(p) for p in prompts},
+        prompt_hashes={p: template_hash(p) for p in prompt_names(config)},
         options={"data_types": sorted(data_types)},
     )

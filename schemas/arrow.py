@@ -63,6 +63,8 @@ def to_table(model: type[M], rows: list[M]) -> pa.Table:
 
 
 def from_table(model: type[M], table: pa.Table) -> list[M]:
+    """The rows as records; columns the record does not have (the storage's `item_id`, ...) are left out."""
+    table = table.select([name for name in table.column_names if name in model.model_fields])
     return [model.model_validate(_nested_maps(model, row)) for row in table.to_pylist()]
 
 

@@ -234,3 +234,59 @@ class WorkItem(Record):
         from engine.ids import stable_id
 
         return stable_id(self.source, self.start_s, self.end_s, self.caption)
+
+
+class ItemRecord(Record):
+    """One row of the `items` table: a work item of a pipeline, committed. An item is complete exactly when its
+    row is there; its rows in the data tables carry its `item_id` and the `write_id` of the flush that wrote
+    them. The latest row of an `item_id` (by `committed_at`) is the one that counts: a rerun supersedes."""
+
+    item_id: str = Field(description="the pipeline, the item's key and its run options (variant), hashed")
+    pipeline: str
+    item_key: str = Field(description="WorkItem.key: source, window and caption")
+    variant: str = Field(description="hash of the run options that shape the output (data types, entities)")
+    source: str
+    start_s: Optional[float] = None
+    end_s: Optional[float] = None
+    status: Literal["done", "rejected", "removed", "replaced"] = Field(
+        description="done; rejected (see reason); removed: gone from the source at a refresh; replaced: a --force "
+        "run with other options took its place"
+    )
+    reason: Optional[str] = Field(default=None, description="why a rejected item produced nothing")
+    detail: str = ""
+    video_id: Optional[str] = None
+    content_sha256: Optional[str] = None
+    fingerprint: Optional[str] = Field(default=None, description="size and mtime (or etag) seen, as JSON")
+    run_hash: str = Field(description="the pipeline's roles, prompts, settings and run options, hashed")
+    write_id: str
+    run_id: str
+    rows: dict[str, int] = Field(default_factory=dict, description="rows the item wrote per table")
+    counters: dict[str, int] = Field(default_factory=dict, description="what the item cost: frames, model calls")
+    engine_version: str
+    committed_at: str = Field(description="UTC, ISO 8601 with microseconds (sorts as text)")
+
+
+class RunSettings(Record):
+    """What a pipeline ran with, recorded with each version so a refresh can run it again."""
+
+    pipeline: str
+    variant: str
+    run_hash: str
+    options: str = Field(description="run options as JSON (data types, entities, ...)")
+    config: str = Field(description="the resolved profile and settings as JSON")
+    sources: list[str]
+    frame_rate: Optional[float] = None
+
+
+class VersionRecord(Record):
+    """One row of the `versions` table: a published dataset version (its number is the Delta version of the
+    `versions` table that added it, plus one)."""
+
+    run_id: str
+    kind: Literal["run", "refresh", "compact"]
+    published_at: str
+    engine_version: str
+    tables: dict[str, int] = Field(description="Delta version of every table (items included) at publication")
+    settings: list[RunSettings]
+    counts: dict[str, int] = Field(description="items done, skipped, rejected, removed, replaced in this run")
+    stats: str = Field(description="the run's counters and timers as JSON")

@@ -84,7 +84,7 @@ def test_one_decode_feeds_clipper_and_masklets(entities_video, tmp_path):
     dog = {f.frame_index for f in masklets["dog"].frames}
     assert 24 in dog and 30 not in dog and 41 in dog  # leaves at 25, back at 40
     assert min(f.frame_index for f in masklets["red person"].frames) == 0 < start  # backward pass
-    assert masklets["red person"].provenance.config_hash == runner.pipeline.config.hash
+    assert masklets["red person"].provenance.config_hash == runner.pipeline.run_hash
     record = dataset.completion("clip-and-track", WorkItem(source=str(path)).key)
     cost = record["counters"]
     assert cost["frames_decoded"] == n and cost["tracker_passes"] == 2 and cost["grounder_calls"] == 1

@@ -1,0 +1,159 @@
+"""The dataset writer: rows of many finished items, committed together by size or by age.
+
+A flush is one Delta append per data table (the rows of every buffered item, each row tagged with its
+`item_id` and the flush's `write_id`), then one append to `items` with a row per buffered item. Until that
+last append the items are not part of the dataset; a process killed before it loses the buffered items (at
+most `flush_minutes` of work) and leaves rows nothing names, which readers skip and `compact` deletes.
+Several threads may add at once (an item's rows enter the buffer together, a flush runs alone), and several
+processes may write one dataset (Delta's optimistic commits).
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+import uuid
+from collections import defaultdict
+from dataclasses import dataclass, field
+from typing import Any, Mapping, Sequence
+
+from engine import __version__
+from engine.storage import ITEMS, TABLES, Dataset, now_iso, table_schema
+from schemas import ItemRecord, to_table
+from schemas.records import Record
+
+
+@dataclass
+class _Pending:
+    record: ItemRecord
+    tables: dict[str, Any]  # table -> its rows as Arrow, storage columns but write_id added
+
+
+@dataclass
+class TableWriter:
+    """Buffers items (their `items` row and their data rows) and flushes them when the buffer passes
+    `flush_mb` or its oldest item is `flush_minutes` old (checked as items arrive), and on `flush()`."""
+
+    dataset: Dataset
+    run_id: str
+    flush_mb: float = 192
+    flush_minutes: float = 10
+    commits: int = 0  # flushes done
+    items_committed: int = 0
+    _pending: dict[str, _Pending] = field(default_factory=dict)  # item_id -> its buffered rows (a retry replaces)
+    _nbytes: int = 0
+    _oldest: float | None = None
+    _lock: Any = field(default_factory=threading.RLock, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        if self.flush_mb <= 0 or self.flush_minutes <= 0:
+            raise ValueError(f"flush_mb and flush_minutes must be positive, got {self.flush_mb}, {self.flush_minutes}")
+        self.dataset.prepare()  # every table exists before the first flush (and a folder of the old layout is refused)
+
+    def add(self, record: ItemRecord, tables: Mapping[str, Sequence[Record]] | None = None) -> None:
+        """Buffer one item: its `items` row (write_id, run_id, rows, time and engine version are filled at the
+        flush) and its rows per data table."""
+        import pyarrow as pa
+
+        tables = tables or {}
+        unknown = set(tables) - set(TABLES)
+        if unknown:
+            raise ValueError(f"unknown tables {sorted(unknown)}")
+        converted = {}
+        for name, rows in tables.items():  # converted outside the lock: the costly part
+            if not rows:
+                continue
+            arrow = to_table(TABLES[name], list(rows))
+            n = arrow.num_rows
+            if "pipeline" not in arrow.column_names:
+                arrow = arrow.append_column("pipeline", pa.array([record.pipeline] * n, pa.string()))
+            converted[name] = arrow.append_column("item_id", pa.array([record.item_id] * n, pa.string()))
+        with self._lock:
+            old = self._pending.pop(record.item_id, None)
+            if old is not None:
+                self._nbytes -= sum(t.nbytes for t in old.tables.values())
+            self._pending[record.item_id] = _Pending(record, converted)
+            self._nbytes += sum(t.nbytes for t in converted.values())
+            if self._oldest is None:
+                self._oldest = time.monotonic()
+            if self._nbytes >= self.flush_mb * 2**20 or time.monotonic() - self._oldest >= self.flush_minutes * 60:
+                self._flush()
+
+    def keep(self, record: ItemRecord) -> None:
+        """Write an `items` row as it is (its write_id kept): a refreshed fingerprint of an unchanged input,
+        or a status change (removed, replaced) that adds no rows."""
+        self.add(record.model_copy(update={"write_id": record.write_id or "-"}))
+
+    def pending(self, item_id: str) -> bool:
+        with self._lock:
+            return item_id in self._pending
+
+    def flush(self) -> None:
+        with self._lock:
+            self._flush()
+
+    def _flush(self) -> None:
+        import pyarrow as pa
+        from deltalake import write_deltalake
+
+        if not self._pending:
+            return
+        write_id = uuid.uuid4().hex[:16]
+        by_table: dict[str, list[Any]] = defaultdict(list)
+        for pending in self._pending.values():
+            for name, arrow in pending.tables.items():
+                by_table[name].append(arrow)
+        for name, parts in by_table.items():  # the data first...
+            combined = pa.concat_tables(parts)
+            combined = combined.append_column("write_id", pa.array([write_id] * combined.num_rows, pa.string()))
+            combined = combined.select(table_schema(name).names).cast(table_schema(name))
+            write_deltalake(self.dataset.uri(name), combined, mode="append", storage_options=self.dataset.storage_options)
+        stamp = now_iso()
+        rows = []
+        for pending in self._pending.values():
+            record = pending.record
+            update: dict[str, Any] = {"run_id": self.run_id, "committed_at": stamp, "engine_version": __version__}
+            if record.write_id == "":  # a new item: its rows are this flush's
+                update |= {"write_id": write_id, "rows": {n: t.num_rows for n, t in pending.tables.items()}}
+            rows.append(record.model_copy(update=update))
+        # ...then the items: from this commit on, they are part of the dataset.
+        write_deltalake(self.dataset.uri(ITEMS), to_table(ItemRecord, rows), mode="append", storage_options=self.dataset.storage_options)
+        self.commits += 1
+        self.items_committed += len(rows)
+        self._pending.clear()
+        self._nbytes = 0
+        self._oldest = None
+
+    def close(self) -> None:
+        self.flush()
+
+    def __enter__(self) -> "TableWriter":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        # Items finished before an error are kept: their rows are complete.
+        self.flush()
+
+
+_WRITERS: dict[tuple[str, str], TableWriter] = {}
+_WRITERS_LOCK = threading.Lock()
+
+
+def shared_writer(dataset: Dataset, run_id: str, **settings: Any) -> TableWriter:
+    """The process's writer for one run into one dataset: batches of a run that land in this process
+    (threads of the local task runner, a shard run's batches) fill the same buffer, so a commit holds many
+    batches. `flush_writers` commits what is left."""
+    with _WRITERS_LOCK:
+        key = (dataset.url, run_id)
+        if key not in _WRITERS:
+            _WRITERS[key] = TableWriter(dataset, run_id, **settings)
+        return _WRITERS[key]
+
+
+def flush_writers(url: str, run_id: str) -> TableWriter | None:
+    """Commit and forget the process's writer of a run (None if this process wrote nothing for it)."""
+    with _WRITERS_LOCK:
+        writer = _WRITERS.pop((Dataset(url).url, run_id), None)
+    if writer is not None:
+        writer.flush()
+    return writer
