@@ -1,29 +1,22 @@
-"""Records, Arrow schemas, RLE, config profiles, and the dataset folder's write guarantees."""
+"""Records, Arrow schemas, RLE and config profiles (the dataset's storage: tests/test_storage.py)."""
 
 from __future__ import annotations
 
-import json
-
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
 import pytest
 
 from engine import masks
 from engine.config import load_config, profile_names
 from engine.errors import ConfigError
 from engine.ids import stable_id
-from engine.storage import Dataset
 from schemas import (
-    TABLES,
     Assignment,
     ClipRecord,
     EntityRef,
     FrameMask,
     MaskletRecord,
     Provenance,
-    RejectionRecord,
-    VideoRecord,
     arrow_schema,
     from_table,
     to_table,
@@ -160,111 +153,3 @@ def test_factory_checks_role_kinds_and_missing_roles(tmp_path):
         factory.build(config, {"grounder": "detector"})
     with pytest.raises(ConfigError, match="has no planner role"):
         factory.build(config, {"planner": "chat"}, pipeline="x")
-
-
-def _video(video_id="v") -> VideoRecord:
-    return VideoRecord(
-        video_id=video_id, source="a.mp4", content_sha256="0" * 64, duration_s=1.0, fps=10.0, num_frames=10,
-        width=32, height=24, rotation=0, codec="h264", decode_width=32, decode_height=24,
-    )
-
-
-def _commit(ds, key, tables, *, pipeline="p", status="done", shard_mb=128):
-    with ds.writer(pipeline, shard_mb=shard_mb) as writer:
-        writer.add(key, tables, {"status": status, "config_hash": "c", "video_id": key})
-
-
-def test_rerun_supersedes_and_never_duplicates(tmp_path):
-    ds = Dataset(str(tmp_path / "ds"))
-    assert ds.completion("p", "v") is None
-    _commit(ds, "v", {"videos": [_video()], "masklets": [_masklet()]})
-    _commit(ds, "v", {"videos": [_video()], "masklets": [_masklet()]})  # rerun
-    assert ds.completion("p", "v")["status"] == "done"
-    assert ds.read_table("masklets").num_rows == 1  # superseded, not duplicated
-    assert len(ds.shards("masklets")) == 2 and len(ds.committed_ranges("masklets")) == 1
-    assert ds.read_table("rejections").schema == arrow_schema(RejectionRecord)
-    manifest = ds.write_manifest(engine_version="0")
-    assert manifest["tables"]["masklets"]["rows"] == 1 and manifest["videos"] == ["v"]
-    assert manifest["items"] == {"p": {"done": 1}}
-    assert json.loads((tmp_path / "ds" / "manifest.json").read_text())["tables"]["videos"]["rows"] == 1
-
-
-def test_later_success_supersedes_an_earlier_rejection(tmp_path):
-    ds = Dataset(str(tmp_path / "ds"))
-    rejection = RejectionRecord(rejection_id="r", source="a.mp4", stage="input", reason="unreadable_video", detail="x")
-    _commit(ds, "a", {"rejections": [rejection]}, status="rejected")
-    assert ds.read_table("rejections").num_rows == 1
-    _commit(ds, "a", {"videos": [_video("a")]})
-    assert ds.read_table("rejections").num_rows == 0 and ds.read_table("videos").num_rows == 1
-
-
-def test_pipelines_share_a_dataset_and_shards_hold_many_items(tmp_path):
-    ds = Dataset(str(tmp_path / "ds"))
-    with ds.writer("one") as writer:
-        for i in range(5):
-            writer.add(f"k{i}", {"videos": [_video(f"v{i}")]}, {"status": "done", "video_id": f"v{i}"})
-    _commit(ds, "k0", {"masklets": [_masklet()]}, pipeline="two")  # same item key, another pipeline
-    assert len(ds.shards("videos")) == 1  # one batch, one shard
-    assert sorted(ds.read_table("videos").column("video_id").to_pylist()) == [f"v{i}" for i in range(5)]
-    assert ds.read_table("masklets").num_rows == 1
-    assert {r["pipeline"] for r in ds.completions()} == {"one", "two"}
-
-
-def test_shards_rotate_by_size_without_splitting_an_item(tmp_path):
-    ds = Dataset(str(tmp_path / "ds"))
-    with ds.writer("p", shard_mb=0.0001) as writer:  # about 100 bytes: every item passes it
-        for i in range(3):
-            writer.add(f"k{i}", {"masklets": [_masklet(f"e{i}"), _masklet(f"f{i}")]}, {"status": "done"})
-    assert len(ds.shards("masklets")) == 3
-    for record in ds.completions():
-        ((name, first, count),) = record["rows"]["masklets"]
-        assert count == 2
-    assert ds.read_table("masklets").num_rows == 6
-
-
-def test_killed_write_leaves_no_visible_rows(tmp_path, monkeypatch):
-    ds = Dataset(str(tmp_path / "ds"))
-    _commit(ds, "a", {"videos": [_video("a")]})
-
-    real_mv = ds.fs.mv
-    calls = {"n": 0}
-
-    def dying_mv(src, dst, **kw):  # the process "dies" renaming b's commit record, after its shards
-        calls["n"] += 1
-        if calls["n"] == 3:
-            raise KeyboardInterrupt
-        return real_mv(src, dst, **kw)
-
-    monkeypatch.setattr(ds.fs, "mv", dying_mv)
-    writer = ds.writer("p")
-    writer.add("b", {"videos": [_video("b")], "masklets": [_masklet()]}, {"status": "done"})
-    with pytest.raises(KeyboardInterrupt):
-        writer.flush()  # no `with`: a killed process gets no second try at the end
-    monkeypatch.undo()
-    assert ds.completion("p", "b") is None  # no commit record: a rerun redoes b
-    leftovers = [p for p in (tmp_path / "ds").rglob("*") if p.name.startswith("_tmp-")]
-    assert leftovers == []  # the temporary file was removed
-    for table in TABLES:
-        for shard in ds.shards(table):
-            pq.read_table(shard)  # every visible shard is whole
-    assert ds.read_table("videos").column("video_id").to_pylist() == ["a"]  # b's orphan rows stay invisible
-    assert ds.read_table("masklets").num_rows == 0
-
-
-def test_fingerprint_is_cheap_and_changes_with_the_file(tmp_path):
-    import os
-
-    ds = Dataset(str(tmp_path / "ds"))
-    video = tmp_path / "a.bin"
-    video.write_bytes(b"x" * 10)
-    first = ds.fingerprint(str(video))
-    assert first == ds.fingerprint(str(video))
-    os.utime(video, (1, 1))
-    assert ds.fingerprint(str(video)) != first
-    assert ds.fingerprint(str(tmp_path / "missing")) is None
-
-
-def test_fsspec_memory_url():
-    ds = Dataset("memory://engine-test/ds")
-    _commit(ds, "v", {"videos": [_video()]})
-    assert ds.completion("p", "v")["status"] == "done" and ds.read_table("videos").num_rows == 1
