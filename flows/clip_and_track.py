@@ -62,6 +62,7 @@ def prompt_names(config: EngineConfig, *, entities: Sequence[Any] = (), **_: Any
     return names
 
 
+SOURCES_ARE_VIDEOS = True  # its sources are video files as given: one that cannot be read is a rejection
 RUN_ONLY_OPTIONS = ("render",)  # options that add files, not rows: not part of an item's identity
 
 

@@ -124,16 +124,26 @@ def run_items(
 
 
 def iter_items(
-    sources: Sequence[str], *, limit: int | None = None, frame_rate: float | None = None, split: str | None = None
+    sources: Sequence[str],
+    *,
+    limit: int | None = None,
+    frame_rate: float | None = None,
+    split: str | None = None,
+    videos: bool = False,
 ) -> Iterator[WorkItem]:
     """Work items of every source in turn, read lazily, at most `limit` of them. Every source is opened (and
-    so checked, with a one-line error) before the first item is read."""
+    so checked, with a one-line error) before the first item is read. With `videos`, each source is one video
+    taken as it is (one that cannot be read becomes a rejection when its turn comes, as `engine clip-and-track`
+    promises for the files it is given)."""
     from itertools import islice
 
     from engine.sources import open_source
 
     extra = {"split": split} if split else {}
-    opened = [open_source(spec, frame_rate=frame_rate, **extra) for spec in sources]
+    if videos:
+        opened = [iter([WorkItem(source=v, frame_rate=frame_rate)]) for v in sources]
+    else:
+        opened = [open_source(spec, frame_rate=frame_rate, **extra) for spec in sources]
 
     def chain() -> Iterator[WorkItem]:
         for items in opened:

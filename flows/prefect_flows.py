@@ -19,7 +19,7 @@ from prefect.cache_policies import NONE
 from engine.config import EngineConfig
 from engine.errors import BadInputError, transient_faults
 from engine.stats import Stats
-from flows.pipelines import finish_run, iter_items, load, run_identity, run_items, run_settings
+from flows.pipelines import finish_run, iter_items, load, pipeline_module, run_identity, run_items, run_settings
 from schemas import RunSettings, WorkItem
 
 PLAN_CHUNK = 8192  # items checked against the dataset per bulk skip check
@@ -105,7 +105,8 @@ def run_pipeline(
     run_hash, variant = run_identity(pipeline, config, options)
     planner = Planner(dataset, pipeline=pipeline, variant=variant, run_hash=run_hash, force=force)
     writer = shared_writer(dataset, run_id)
-    items = iter_items(sources, limit=limit, frame_rate=frame_rate, split=split)
+    videos = getattr(pipeline_module(pipeline), "SOURCES_ARE_VIDEOS", False)
+    items = iter_items(sources, limit=limit, frame_rate=frame_rate, split=split, videos=videos)
     in_flight: deque = deque()
     seen: list[Any] = []  # item ids of the sources, as Arrow chunks (for removals)
     config_dump = config.model_dump()
@@ -197,7 +198,7 @@ def _publish(out: str, stats: Stats, config: EngineConfig, counts: Counter, run_
     version = finish_run(out, stats, config, run_id=run_id, kind=kind, settings=settings, counts=dict(counts))
     tables = Dataset(out).summary(version)["tables"] if version else Dataset(out).summary()["tables"]
     logger.info("version %s; items %s; tables %s", version or "unchanged", dict(counts), {t: i["rows"] for t, i in tables.items()})
-    return {"version": version, "items": dict(counts), "tables": tables, "stats": stats.as_dict()}
+    return {"version": version, "items": {k: n for k, n in counts.items() if n}, "tables": tables, "stats": stats.as_dict()}
 
 
 @flow(name="clip-and-track", log_prints=True)

@@ -6,6 +6,7 @@ import json
 
 import pytest
 
+from schemas import WorkItem
 from tests import synthetic
 
 
@@ -33,22 +34,24 @@ def test_clip_and_track_flow_with_tiny_models(tmp_path, monkeypatch):
         result = clip_and_track_flow(
             videos=[str(video), missing], entities=["red person:person", "ball"], out=out, profile="tiny", batch_size=1
         )
-    assert result["items"] == {str(video): "done", missing: "rejected"}
+    assert result["items"] == {"done": 1, "rejected": 1} and result["version"] == 1  # counts, not an entry per item
     dataset = Dataset(out)
     assert dataset.read_table("videos").num_rows == 1
-    assert sorted(r["status"] for r in dataset.completions("clip-and-track")) == ["done", "rejected"]
+    assert dataset.completion("clip-and-track", WorkItem(source=missing).key)["reason"] == "unreadable_video"
     assert result["tables"]["rejections"]["rows"] >= 1  # the missing file, at least
     # each task returned its stats; the flow merged them (no model loaded in the flow to read them)
     assert result["stats"]["counters"]["items_done"] == 1 and result["stats"]["counters"]["items_rejected"] == 1
-    assert json.loads((tmp_path / "ds" / "stats.json").read_text())["counters"]["items_done"] == 1
+    (version,) = dataset.versions()  # the run's counters are kept with its version
+    assert json.loads(version.record.stats)["counters"]["items_done"] == 1
 
 
 @pytest.mark.integration
-def test_a_failed_batch_still_writes_the_manifest(tmp_path, monkeypatch):
+def test_a_failed_batch_commits_the_others_and_publishes_no_version(tmp_path, monkeypatch):
     monkeypatch.setenv("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
     from prefect.testing.utilities import prefect_test_harness
 
     import flows.prefect_flows as prefect_flows
+    from engine.storage import Dataset
 
     video = tmp_path / "entities.mp4"
     synthetic.entities_video(video)
@@ -65,10 +68,10 @@ def test_a_failed_batch_still_writes_the_manifest(tmp_path, monkeypatch):
     monkeypatch.setattr(prefect_flows.run_batch, "retries", 0)
     copy = tmp_path / "copy.mp4"
     copy.write_bytes(video.read_bytes() + b"\0")
-    with prefect_test_harness(), pytest.raises(RuntimeError, match="1 of 2 batches failed"):
+    with prefect_test_harness(), pytest.raises(RuntimeError, match="1 items failed in their batches"):
         prefect_flows.clip_and_track_flow(
             videos=[str(video), str(copy)], entities=["ball"], out=str(tmp_path / "ds"), profile="tiny", batch_size=1
         )
-    manifest = json.loads((tmp_path / "ds" / "manifest.json").read_text())
-    assert manifest["tables"]["videos"]["rows"] == 1  # the batch that finished is written and counted
-    assert (tmp_path / "ds" / "README.md").exists()
+    dataset = Dataset(str(tmp_path / "ds"))
+    assert dataset.read_table("videos").num_rows == 1  # the batch that finished is committed
+    assert dataset.versions() == []  # a run that failed part-way publishes no version

@@ -163,11 +163,12 @@ def _items(videos) -> list[WorkItem]:
 
 
 def _records(dataset: Dataset, items: list[WorkItem]) -> list[dict | None]:
-    """Commit records without what differs between any two runs (when, and which shard file)."""
+    """The items rows without what differs between any two runs (when, which flush, which run)."""
     out = []
     for item in items:
         record = dataset.completion(PIPELINE, item.key)
-        out.append(None if record is None else {k: v for k, v in record.items() if k not in ("completed_at", "rows")})
+        ignored = ("committed_at", "write_id", "run_id")  # what differs between any two runs
+        out.append(None if record is None else {k: v for k, v in record.items() if k not in ignored})
     return out
 
 
@@ -435,14 +436,15 @@ def test_stats_count_from_many_threads_and_record_each_threads_own():
     assert all("outside" not in own.counters for own in records.values())
 
 
-def test_shard_writer_takes_items_from_many_threads(tmp_path):
-    """Items added from eight threads with flushes in between: every commit record points at its own rows,
-    each in one shard."""
-    from schemas import Provenance
+def test_writer_takes_items_from_many_threads(tmp_path):
+    """Items added from eight threads with flushes in between: every item's rows are committed whole, with
+    its own item id, and several flushes happened."""
+    from engine.writer import TableWriter
+    from schemas import ItemRecord, Provenance
 
     dataset = Dataset(str(tmp_path / "ds"))
     provenance = Provenance(engine_version="test", profile="test", models={}, config_hash="c")
-    writer = dataset.writer(PIPELINE, shard_mb=0.002)  # a few items per shard
+    writer = TableWriter(dataset, "run", flush_mb=0.01)  # a few items per flush
 
     def add(k: int) -> None:
         for j in range(10):
@@ -452,7 +454,9 @@ def test_shard_writer_takes_items_from_many_threads(tmp_path):
                            start_time=0.0, end_time=1.0, method="single", provenance=provenance)
                 for c in range(1 + (k + j) % 4)
             ]
-            writer.add(key, {"clips": clips}, {"status": "done", "video_id": key})
+            record = ItemRecord(item_id=key, pipeline=PIPELINE, item_key=key, variant="v", source=key, status="done",
+                                run_hash="h", write_id="", run_id="", engine_version="", committed_at="")
+            writer.add(record, {"clips": clips})
 
     threads = [threading.Thread(target=add, args=(k,)) for k in range(8)]
     with writer:
@@ -460,28 +464,28 @@ def test_shard_writer_takes_items_from_many_threads(tmp_path):
             t.start()
         for t in threads:
             t.join()
-    records = dataset.completions(PIPELINE)
-    assert len(records) == 80
-    shards = set()
-    for record in records:
-        (entry,) = record["rows"]["clips"]  # one shard per item
-        shards.add(entry[0])
-    assert len(shards) > 1  # it did flush several times
-    rows = dataset.read_table("clips").to_pylist()
+    items = dataset.items()
+    assert items.num_rows == 80 and writer.commits > 1  # it did flush several times
+    rows = dataset.read_table("clips", ["video_id", "clip_id", "pipeline"]).to_pylist()
     assert len(rows) == sum(1 + (k + j) % 4 for k in range(8) for j in range(10))
-    import pyarrow.parquet as pq
-
-    for record in records:
-        name, first, count = record["rows"]["clips"][0]
-        shard = pq.read_table(f"{dataset.root}/clips/{name}").slice(first, count).to_pylist()
-        assert {r["video_id"] for r in shard} == {record["key"]}
-        assert len(shard) == 1 + sum(int(x) for x in record["key"].split("-")[1:]) % 4
+    by_item = {}
+    for row in dataset.delta("clips").to_pyarrow_table(columns=["video_id", "item_id"]).to_pylist():
+        assert row["video_id"] == row["item_id"]  # each row carries its own item's id
+        by_item[row["item_id"]] = by_item.get(row["item_id"], 0) + 1
+    for key, n in by_item.items():
+        assert n == 1 + sum(int(x) for x in key.split("-")[1:]) % 4
+    assert dict(zip(items["item_id"].to_pylist(), items["rows"].to_pylist()))["item-0-0"] == [("clips", 1)]
 
 
 def test_videos_records_are_whole(videos, tmp_path):
-    """Every committed item has its `videos` row (an item's rows never spread over commits)."""
+    """Every committed item has its `videos` row (an item's rows never spread over commits), with flushes
+    between items added from several threads."""
+    from engine.writer import TableWriter
+
     dataset = Dataset(str(tmp_path / "ds"))
-    _runner(dataset, videos, Events(), videos_in_flight=3, prefetch=2, shard_mb=0.001).run(_items(videos))
+    with TableWriter(dataset, "run", flush_mb=0.001) as writer:
+        _runner(dataset, videos, Events(), videos_in_flight=3, prefetch=2, writer=writer).run(_items(videos))
+    assert writer.commits > 1
     rows = {r.video_id: r for r in dataset.read_records("videos")}
     assert all(isinstance(r, VideoRecord) for r in rows.values())
     assert sorted(r.num_frames for r in rows.values()) == sorted(f for _, f in videos)
