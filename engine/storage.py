@@ -136,7 +136,7 @@ class Dataset:
         if self.fs.exists(f"{self.root}/{LEGACY_MARKER}") and not self._is_table(ITEMS):
             raise BadInputError(
                 f"{self.url} is in the engine's earlier layout (Parquet shards with a _complete/ commit file per "
-                f"item); convert it first: engine dataset convert {self.url} --out NEW_DIR"
+                f"item); rebuild it into a new folder with the command that made it (runs write the Delta layout)"
             )
 
     def require(self) -> None:

@@ -205,7 +205,7 @@ def test_compaction_keeps_the_committed_view_as_the_plain_snapshot(tmp_path):
 def test_an_old_layout_is_refused_with_the_way_out(tmp_path):
     old = tmp_path / "old"
     (old / "_complete" / "videorefer").mkdir(parents=True)
-    with pytest.raises(BadInputError, match="earlier layout.*engine dataset convert"):
+    with pytest.raises(BadInputError, match="earlier layout.*rebuild it into a new folder"):
         Dataset(str(old)).prepare()
 
 
