@@ -29,7 +29,7 @@ from typing import TYPE_CHECKING, Any, Literal, NamedTuple, Optional, Sequence
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from agents.analyzer import Failure
+from agents.common import Failure
 from agents.timecodes import (
     DEFAULT_M,
     END_TOLERANCE_S,
