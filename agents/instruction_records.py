@@ -390,7 +390,7 @@ def to_samples(
     time_formats: Sequence[TimeFormat] = ("timestamp", "tokens"),
     kept: bool = True,
 ) -> list[SampleRecord]:
-    """`samples` rows: human "<video>\n" + question, gpt answer. An instruction with a time in it gives one
+    """`samples` rows: human "<video>\\n" + question, gpt answer. An instruction with a time in it gives one
     row per time format, times as HH:MM:SS.xxx ("timestamp") or as temporal tokens ("tokens"), labelled
     `time_format`; one without a time gives a single row with no such label (an exporter keeps it whatever
     format it picks), whose id does not depend on the formats. `frames` are the frame indexes the exporter
@@ -439,10 +439,11 @@ def scope_frames(start_frame: int, end_frame: int, *, count: int = 32) -> list[i
     the item's: never recomputed from seconds, where 62 / 15 * 15 > 62 would reach into the next shot)."""
     if not 0 <= start_frame < end_frame or count < 1:
         raise ValueError(f"need 0 <= start_frame < end_frame and count >= 1, got {start_frame}, {end_frame}, {count}")
-    last = end_frame - 1
     if end_frame - start_frame <= count:
         return list(range(start_frame, end_frame))
-    step = (last - start_frame) / (count - 1)
+    if count == 1:
+        return [(start_frame + end_frame - 1) // 2]
+    step = (end_frame - 1 - start_frame) / (count - 1)
     return sorted({start_frame + int(round(i * step)) for i in range(count)})
 
 

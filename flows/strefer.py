@@ -41,9 +41,9 @@ NAME = "strefer"
 @dataclass(frozen=True)
 class StreferConfig:
     # The transcriber describes each clip from frames of that clip alone (§2.1.5): `clip_frames` spread over it,
-    # picked from frames the decode keeps at `clip_sample_fps` (a clip of clip_frames / clip_sample_fps seconds
-    # or more gets them all; a shorter one every frame kept in it). Past `clip_memory_mb`, kept frames spill to
-    # a temporary folder.
+    # picked from frames the decode keeps at `clip_sample_fps` (a clip of at least clip_frames / clip_sample_fps
+    # seconds gets all clip_frames; a shorter one every frame kept in it). Past `clip_memory_mb`, kept frames
+    # spill to a temporary folder.
     clip_frames: int = 8
     clip_sample_fps: float = 8.0
     clip_memory_mb: float = 256.0

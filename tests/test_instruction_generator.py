@@ -539,7 +539,7 @@ def test_refers_to_says_what_the_text_points_at():
 def test_scope_frames_spread_over_a_frame_range():
     assert scope_frames(0, 31, count=8) == [0, 4, 9, 13, 17, 21, 26, 30]
     assert scope_frames(31, 62, count=40) == list(range(31, 62))  # never frame 62, the next clip's first
-    assert scope_frames(5, 6, count=3) == [5]
+    assert scope_frames(5, 6, count=3) == [5] and scope_frames(10, 20, count=1) == [14]
     with pytest.raises(ValueError, match="start_frame < end_frame"):
         scope_frames(10, 10)
 

@@ -324,3 +324,22 @@ def test_export_picks_one_time_format(run, tmp_path):
     for i, entry in entries["tokens"].items():
         if i not in shared:
             assert re.search(r"<\d+>", entry["conversations"][0]["value"] + entry["conversations"][1]["value"])
+
+
+def test_clip_frames_keep_a_bounded_dense_sample_and_pick_each_clips_own():
+    from engine.frame_store import ClipFrames
+
+    pool = ClipFrames(fps=4.0, width=320, height=180, max_side=160, memory_mb=0.004)  # a few frames in memory
+    for i in range(40):  # 4 s at 10 fps, each frame a flat gray that names it
+        if pool.wants(i, i / 10):
+            pool.consume(i, i / 10, np.full((180, 320, 3), 5 * i, np.uint8))
+    assert pool.frame_index == [0, 3, 5, 8, 10, 13, 15, 18, 20, 23, 25, 28, 30, 33, 35, 38]  # 4 per second
+    assert pool.store.spilled > 0 and pool.store.nbytes <= 0.004 * 2**20  # the rest waits on disk
+    video = pool.chat_video(10, 31, 4)  # a clip of frames 10-30: 4 of its own 9 kept frames, spread over it
+    shown = [int(round(f.mean() / 5)) for f in video.frames]
+    assert shown == [10, 18, 23, 30] and all(f.shape == (90, 160, 3) for f in video.frames)  # its aspect
+    assert video.fps == pytest.approx(3 / 2.0)
+    assert pool.positions(10, 31, 40) == list(range(4, 13))  # fewer kept than asked: all of them
+    assert pool.chat_video(11, 13, 4) is None  # no kept frame inside: nothing borrowed from a neighbour
+    pool.close()
+    assert len(pool.store) == 0
