@@ -1,11 +1,10 @@
 """Analyzer (VideoRefer §3.1.1): an LLM extracts the object nouns from a video's scene-level caption.
 
-Detailed mode lists the subjects and the other concrete objects (things a detector can box); short mode
-(§3.1.2, object-level short captions) keeps only the single singular subject noun. All captions of a call go
-to the model in one batch.
-
-`Failure` lives here because the Analyzer is the first VideoRefer agent; the Annotator, Reviewer and Refiner
-use the same type, so a caller turns any of them into a `rejections` row the same way.
+Detailed mode lists the subjects and the other concrete objects (things a detector can box), each with how
+many of it the caption says there are, so the Segmentor can track every instance of "two dogs"; short mode
+(§3.1.2, object-level short captions) keeps only the single singular subject noun, and a plural subject is a
+failure (`plural_subject`): the raw caption becomes the answer about one masklet, which is only true of a
+caption about one object. All captions of a call go to the model in one batch.
 """
 
 from __future__ import annotations
@@ -16,6 +15,7 @@ from typing import Sequence
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from agents.common import Failure
 from engine.chat import ask_json
 from engine.models.interfaces import ChatMessage, ChatModel, ChatRequest
 from engine.stats import Stats
@@ -25,6 +25,7 @@ AGENT = "analyzer"
 MAX_NOUN_CHARS = 60
 MAX_NOUN_WORDS = 5
 MAX_LISTED_NOUNS = 32  # hard bound of the JSON answer; `AnalyzerConfig.max_nouns` keeps fewer
+MAX_COUNT = 99  # hard bound of a noun's count in the JSON answer; `AnalyzerConfig.max_instances` keeps fewer
 
 # Words for the scene or the medium, never an object a detector can box; dropped (and counted) if the model
 # lists them anyway.
@@ -39,26 +40,14 @@ _ARTICLE = re.compile(r"^(a|an|the|some|one)\s+", re.IGNORECASE)
 
 
 @dataclass(frozen=True)
-class Failure:
-    """Why an item produced nothing, with every model answer kept as evidence (first to last).
-
-    `reason` is short and machine-friendly (`invalid_answer`, `no_nouns`, `static_only`, ...); the caller
-    writes it, `detail` and `raw_answer` into a `rejections` row.
-    """
-
-    reason: str
-    detail: str = ""
-    raw: tuple[str, ...] = ()
-
-    @property
-    def raw_answer(self) -> str | None:
-        return self.raw[-1] if self.raw else None
-
-
-@dataclass(frozen=True)
 class Noun:
     noun: str  # a short singular noun phrase, lowercase, no article: "man", "red car"
     is_subject: bool
+    count: int = 1  # how many of it the caption says there are: "two dogs" is ("dog", 2); 0: a plural without a number
+
+    @property
+    def plural(self) -> bool:
+        return self.count != 1
 
 
 @dataclass(frozen=True)
@@ -66,6 +55,9 @@ class NounsResult:
     caption: str
     nouns: tuple[Noun, ...] = ()
     failure: Failure | None = None
+    # Nouns the caption names that cannot be segmented soundly (see `AnalyzerConfig.max_instances`), each with
+    # why; the caption's other nouns go on.
+    rejected: tuple[tuple[Noun, Failure], ...] = ()
 
     @property
     def ok(self) -> bool:
@@ -79,6 +71,10 @@ class NounsResult:
 @dataclass(frozen=True)
 class AnalyzerConfig:
     max_nouns: int = 8  # per caption, subjects kept first
+    # Instances of one plural noun tracked and described one by one ("three dogs": three masklets). A plural
+    # with more, or without a number ("dogs", "a crowd"), is rejected: the Segmentor takes as many boxes as the
+    # caption counts, so without a count a missed or a spurious instance could not be told from a real one.
+    max_instances: int = 4
     max_caption_chars: int = 2000  # longer captions are cut before they reach the prompt
     retries: int = 2  # re-asks of an invalid answer, each shown its error
     max_tokens: int = 384
@@ -86,6 +82,8 @@ class AnalyzerConfig:
     def __post_init__(self) -> None:
         if not 1 <= self.max_nouns <= MAX_LISTED_NOUNS:
             raise ValueError(f"max_nouns must be in [1, {MAX_LISTED_NOUNS}], got {self.max_nouns}")
+        if not 1 <= self.max_instances <= MAX_COUNT:
+            raise ValueError(f"max_instances must be in [1, {MAX_COUNT}], got {self.max_instances}")
         if self.max_caption_chars < 16:
             raise ValueError(f"max_caption_chars must be >= 16, got {self.max_caption_chars}")
         if self.retries < 0:
@@ -116,6 +114,7 @@ class NounItem(BaseModel):
 
     noun: str = Field(min_length=1, max_length=MAX_NOUN_CHARS)
     is_subject: bool
+    count: int = Field(ge=0, le=MAX_COUNT)
 
     @field_validator("noun")
     @classmethod
@@ -138,11 +137,13 @@ class NounsAnswer(BaseModel):
 
 
 class SubjectAnswer(BaseModel):
-    """The short-mode answer: `{"subject": "dog"}`, or `{"subject": ""}` when there is none."""
+    """The short-mode answer: `{"subject": "dog", "plural": false}`, or `{"subject": "", "plural": false}` when
+    there is none; "Two dogs run" is `{"subject": "dog", "plural": true}`."""
 
     model_config = ConfigDict(extra="forbid")
 
     subject: str = Field(max_length=MAX_NOUN_CHARS)
+    plural: bool
 
     @field_validator("subject")
     @classmethod
@@ -194,9 +195,16 @@ class Analyzer:
                 stats.count(f"{AGENT}_failed_invalid")
                 continue
             if short:
-                listed = [Noun(answer.value.subject, True)] if answer.value.subject else []
+                subject = answer.value.subject
+                if subject and answer.value.plural:
+                    detail = (f"the subject {subject!r} is plural: a short caption is reused as the answer about one "
+                              "object's masklet, so only singular subjects are kept (VideoRefer §3.1.2)")
+                    results[i] = NounsResult(caption, failure=Failure("plural_subject", detail, raw))
+                    stats.count(f"{AGENT}_failed_plural_subject")
+                    continue
+                listed = [Noun(subject, True)] if subject else []
             else:
-                listed = [Noun(n.noun, n.is_subject) for n in answer.value.nouns]
+                listed = [Noun(n.noun, n.is_subject, n.count) for n in answer.value.nouns]
             nouns = self._clean(listed)
             if not nouns:
                 results[i] = NounsResult(
@@ -204,23 +212,54 @@ class Analyzer:
                 )
                 stats.count(f"{AGENT}_failed_no_nouns")
                 continue
-            results[i] = NounsResult(caption, tuple(nouns))
-            stats.count(f"{AGENT}_nouns", len(nouns))
-            stats.count(f"{AGENT}_subjects", sum(n.is_subject for n in nouns))
+            kept, rejected = [], []
+            for noun in nouns:
+                failure = self._uncountable(noun, raw)
+                if failure is None:
+                    kept.append(noun)
+                else:
+                    rejected.append((noun, failure))
+            results[i] = NounsResult(caption, tuple(kept), rejected=tuple(rejected))
+            stats.count(f"{AGENT}_nouns", len(kept))
+            stats.count(f"{AGENT}_subjects", sum(n.is_subject for n in kept))
+            stats.count(f"{AGENT}_instances", sum(n.count for n in kept))
         return results  # type: ignore[return-value]
 
+    def _uncountable(self, noun: Noun, raw: tuple[str, ...]) -> Failure | None:
+        """Why a plural noun cannot be segmented instance by instance, or None."""
+        if noun.count == 0:
+            self.stats.count(f"{AGENT}_rejected_uncounted_plural")
+            return Failure(
+                "uncounted_plural",
+                f"the caption names several {noun.noun!r} without saying how many: the Segmentor tracks as many "
+                "instances as the caption counts",
+                raw,
+            )
+        if noun.count > self.config.max_instances:
+            self.stats.count(f"{AGENT}_rejected_too_many_instances")
+            return Failure(
+                "too_many_instances",
+                f"{noun.count} {noun.noun!r}: more than max_instances={self.config.max_instances} instances",
+                raw,
+            )
+        return None
+
     def _clean(self, nouns: list[Noun]) -> list[Noun]:
-        """Drop scene words, merge case-insensitive duplicates (a subject wins), keep at most `max_nouns`
-        with the subjects first; every removal is counted."""
-        merged: dict[str, bool] = {}
+        """Drop scene words, merge case-insensitive duplicates (a subject wins; the larger count wins, and
+        "several without a number" wins over any number), keep at most `max_nouns` with the subjects first;
+        every removal is counted."""
+        merged: dict[str, Noun] = {}
         for n in nouns:
             if n.noun in SCENE_WORDS:
                 self.stats.count(f"{AGENT}_dropped_scene_word")
                 continue
-            if n.noun in merged:
+            seen = merged.get(n.noun)
+            if seen is not None:
                 self.stats.count(f"{AGENT}_duplicates_removed")
-            merged[n.noun] = merged.get(n.noun, False) or n.is_subject
-        ordered = [Noun(k, v) for k, v in merged.items() if v] + [Noun(k, v) for k, v in merged.items() if not v]
+                count = 0 if 0 in (seen.count, n.count) else max(seen.count, n.count)
+                n = Noun(n.noun, seen.is_subject or n.is_subject, count)
+            merged[n.noun] = n
+        ordered = [n for n in merged.values() if n.is_subject] + [n for n in merged.values() if not n.is_subject]
         if len(ordered) > self.config.max_nouns:
             self.stats.count(f"{AGENT}_truncated_nouns", len(ordered) - self.config.max_nouns)
         return ordered[: self.config.max_nouns]

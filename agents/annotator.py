@@ -5,6 +5,10 @@ A subject the model says never moves or acts is dropped (`static_only`): the pap
 subjects to keep the captions about change over time. Non-subject objects are kept even when static (a parked
 car is still worth a description). Each step sends every object of the video in one batch, the video first in
 each message so a backend with prefix caching encodes it once.
+
+An instance of a counted plural noun ("dog 1 of 2") cannot be told from its look-alikes by name, so it is
+shown with its mask's contour drawn on every frame where it has one (`annotate_instances`), as VideoRefer
+shows generalist models a region: frames "with mask contours" (§4, VideoRefer-Bench multi-frame mode).
 """
 
 from __future__ import annotations
@@ -12,10 +16,13 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Sequence
 
+import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from agents.analyzer import Failure, Noun
+from agents.analyzer import Noun
+from agents.common import Failure
 from engine.chat import ask_json, ask_text
+from engine.draw import draw_region
 from engine.models.interfaces import ChatMessage, ChatModel, ChatRequest, ChatVideo
 from engine.stats import Stats
 from prompts import render
@@ -66,8 +73,14 @@ class AnnotatorConfig:
     dynamic_max_tokens: int = 384
     static_max_tokens: int = 256
     max_static_chars: int = 1500  # longer static answers are cut (counted)
+    outline_color: tuple[int, int, int] = (255, 0, 0)  # an instance's contour (`annotate_instances`)
+    outline_color_name: str = "red"  # said in the prompt; must name `outline_color`
 
     def __post_init__(self) -> None:
+        if len(self.outline_color) != 3 or any(not 0 <= int(c) <= 255 for c in self.outline_color):
+            raise ValueError(f"outline_color must be three ints in [0, 255], got {self.outline_color!r}")
+        if not self.outline_color_name.strip():
+            raise ValueError("outline_color_name must name the outline color for the prompt, e.g. 'red'")
         if self.retries < 0:
             raise ValueError(f"retries must be >= 0, got {self.retries}")
         for name in ("dynamic_max_tokens", "static_max_tokens"):
@@ -78,10 +91,33 @@ class AnnotatorConfig:
 
 
 @dataclass(frozen=True)
+class InstanceJob:
+    """One instance of a counted plural noun: frames of its video in time order, each with the instance's mask
+    (bool, the frame's height and width; empty where it is not seen)."""
+
+    noun: str  # the singular noun, "dog"
+    is_subject: bool
+    frames: tuple[np.ndarray, ...]
+    masks: tuple[np.ndarray, ...]
+    fps: float  # the rate the frames were sampled at
+
+    def __post_init__(self) -> None:
+        if not self.frames or len(self.frames) != len(self.masks):
+            raise ValueError(f"an InstanceJob needs frames and one mask per frame, got {len(self.frames)} and {len(self.masks)}")
+        for frame, mask in zip(self.frames, self.masks):
+            if np.asarray(mask).dtype != bool or np.asarray(mask).shape != frame.shape[:2]:
+                raise ValueError("each InstanceJob mask must be boolean with its frame's height and width")
+        if not any(np.asarray(m).any() for m in self.masks):
+            raise ValueError("an InstanceJob's masks are all empty: nothing would show which object is meant")
+
+
+@dataclass(frozen=True)
 class _Target:
     name: str
     is_subject: bool
     is_expression: bool
+    video: ChatVideo
+    outline: str | None = None  # the color name of the contour that marks the object, where one does
 
 
 class Annotator:
@@ -96,8 +132,22 @@ class Annotator:
 
     def annotate(self, video: ChatVideo, nouns: Sequence[Noun]) -> list[Annotation]:
         """Describe each noun's object in `video`; static-only subjects are dropped."""
-        targets = [_Target(n.noun, n.is_subject, is_expression=False) for n in nouns]
-        return self._run(video, targets, drop_static_subjects=True)
+        targets = [_Target(n.noun, n.is_subject, is_expression=False, video=video) for n in nouns]
+        return self._run(targets, drop_static_subjects=True)
+
+    def annotate_instances(self, jobs: Sequence[InstanceJob]) -> list[Annotation]:
+        """Describe each instance shown by its contour; static-only subjects are dropped, as in `annotate`."""
+        cfg = self.config
+        targets = []
+        for job in jobs:
+            marked = tuple(
+                draw_region(frame, mask, cfg.outline_color, fill_alpha=0.0) if mask.any() else frame
+                for frame, mask in zip(job.frames, job.masks)
+            )
+            video = ChatVideo(marked, fps=job.fps)
+            targets.append(_Target(job.noun, job.is_subject, is_expression=False, video=video,
+                                   outline=cfg.outline_color_name))
+        return self._run(targets, drop_static_subjects=True)
 
     def annotate_expressions(self, video: ChatVideo, expressions: Sequence[str]) -> list[Annotation]:
         """Describe the objects that referring expressions name (mask sources: MeViS, Ref-YouTube-VOS).
@@ -106,25 +156,26 @@ class Annotator:
         picked the object on purpose, so a still object is a valid target for object-level QA, and the
         motion filter (meant to keep auto-mined captions about change) has no job to do here.
         """
-        targets = [_Target(" ".join(e.split()), True, is_expression=True) for e in expressions]
-        return self._run(video, targets, drop_static_subjects=False)
+        targets = [_Target(" ".join(e.split()), True, is_expression=True, video=video) for e in expressions]
+        return self._run(targets, drop_static_subjects=False)
 
-    def _run(self, video: ChatVideo, targets: list[_Target], *, drop_static_subjects: bool) -> list[Annotation]:
+    def _prompt(self, template: str, t: _Target) -> str:
+        return render(template, object_name=t.name, is_expression=t.is_expression, outline=t.outline)
+
+    def _run(self, targets: list[_Target], *, drop_static_subjects: bool) -> list[Annotation]:
         cfg, stats = self.config, self.stats
         if not targets:
             return []
-        if not video.frames:
-            raise ValueError("the video has no frames: sample at least one frame before annotating")
         for t in targets:
+            if not t.video.frames:
+                raise ValueError("the video has no frames: sample at least one frame before annotating")
             if not t.name:
                 raise ValueError("an object to annotate has an empty name")
         stats.count(f"{AGENT}_objects", len(targets))
 
         # Step 1: dynamic actions and movement, every object in one batch.
         dynamic_requests = [
-            self._request(video, render("annotator_dynamic", object_name=t.name, is_expression=t.is_expression),
-                          cfg.dynamic_max_tokens)
-            for t in targets
+            self._request(t.video, self._prompt("annotator_dynamic", t), cfg.dynamic_max_tokens) for t in targets
         ]
         with stats.timer(f"{AGENT}_dynamic"):
             dynamic = ask_json(self.vlm, dynamic_requests, DynamicAnswer, retries=cfg.retries, stats=stats,
@@ -153,11 +204,7 @@ class Annotator:
 
         # Step 2: static appearance and state, only for the objects still kept, in one batch.
         static_requests = [
-            self._request(
-                video,
-                render("annotator_static", object_name=targets[i].name, is_expression=targets[i].is_expression),
-                cfg.static_max_tokens,
-            )
+            self._request(targets[i].video, self._prompt("annotator_static", targets[i]), cfg.static_max_tokens)
             for i in survivors
         ]
         with stats.timer(f"{AGENT}_static"):

@@ -11,7 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Sequence
 
-from agents.analyzer import Failure
+from agents.common import Failure
 from engine.chat import ask_text
 from engine.models.interfaces import ChatMessage, ChatModel, ChatRequest, ChatVideo
 from engine.stats import Stats

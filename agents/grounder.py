@@ -12,8 +12,8 @@ from typing import Sequence
 
 import numpy as np
 
+from engine.chat import DEFAULT_MAX_PIXELS, ask_text, fit_pixels
 from engine.images import check_rgb_uint8
-from engine.models.chat_transformers import DEFAULT_MAX_PIXELS, fit_pixels
 from engine.models.interfaces import Box, ChatImage, ChatMessage, ChatModel, ChatRequest, GroundingAnswer
 
 PROMPT_TEMPLATE = "grounder"
@@ -65,7 +65,6 @@ class ChatGrounder:
         return [render(PROMPT_TEMPLATE, referring=e, n=n_boxes) for e in expressions]
 
     def ground(self, image: np.ndarray, boxes: Sequence[Box], expressions: Sequence[str]) -> list[GroundingAnswer]:
-        from engine.chat import ask_text
         from engine.draw import draw_numbered_boxes
 
         check_rgb_uint8(image)

@@ -1,6 +1,7 @@
 """Template task types 1-6 of Strefer's Instruction Generator (Table 7), from a video's transcript.
 
-    1  what an entity present in a clip is doing (clip frames; mask-referring version)
+    1  what an entity present in a clip is doing (clip frames; mask-referring version where its masklet has a
+       mask in the clip)
     2  the same question of an entity absent from the clip; the answer says it is not seen (clip frames)
     3  is there <entity>? yes plus its behaviour, or an uncertain no (clip frames)
     4  is there <entity>? "Yes." or "No." only (clip frames)
@@ -22,7 +23,7 @@ import random
 import re
 from typing import Callable, NamedTuple, Sequence
 
-from agents.instruction_generator import (
+from agents.instruction_records import (
     LETTERS,
     MASK_PREFIX,
     Instruction,
@@ -250,6 +251,11 @@ def _make(ctx: _Context, task_type: int, referring: str, question: str, answer: 
 def _mask_version(ctx: _Context, task_type: int, entity: TranscriptEntity, phrasings: Sequence[str], answer: str,
                   **kwargs) -> list[Instruction]:
     if not ctx.config.mask_versions or entity.masklet_id is None:
+        return []
+    clip = kwargs.get("clip")
+    if clip is not None and clip.clip_index not in entity.mask_clips:
+        # A clip's <region> is shown on the clip's own frames: without a mask there, no mask version.
+        ctx.stats.count("instructions_mask_skipped_not_in_clip")
         return []
     slots = {k: kwargs.pop(k) for k in ("t0", "t1") if k in kwargs}
     question = mask_question(entity, phrasings, ctx.rng, **slots)

@@ -11,8 +11,10 @@ One decode pass fills a frame store at the tracker's resolution (`consumers`); `
 Beyond the paper (`redetect`, on by default): the paper's single start frame loses an entity absent from it,
 and one that leaves for longer than SAM 2's memory. Here every sampled frame is detected, and detections that
 no live track explains prompt new sessions (as DEVA does); duplicates are merged, and the grounder assigns
-expressions over every candidate. Either way no track crosses a hard cut: each shot is tracked on its own,
-and only the grounder links an entity's tracks across a cut.
+expressions over every candidate. With re-detection, identity checks (`identity_checks`, agents.identity)
+catch the tracker's identity switches at every re-detection frame: a track that follows another object after
+a crossing is cut where it switched, and the object it lost gets a new track. Either way no track crosses a
+hard cut: each shot is tracked on its own, and only the grounder links an entity's tracks across a cut.
 """
 
 from __future__ import annotations
@@ -24,11 +26,12 @@ from typing import Literal, Sequence
 
 import numpy as np
 
+from agents.identity import CHI2_99_4DOF, IdentityChecker, Lost, best_iou
 from agents.tracking import Prompt, Track, frame_masks, track_objects
 from engine import masks
 from engine.frame_store import FrameStore, TrackFrames
 from engine.ids import stable_id
-from engine.models.interfaces import BoxSegmenter, Detection, Detector, Grounder, Tracker
+from engine.models.interfaces import BoxSegmenter, Detection, Detector, Embedder, Grounder, Tracker
 from engine.stats import Stats
 from schemas import Assignment, EntityRef, MaskletRecord, Provenance, RejectionRecord, TrackPrompt
 
@@ -50,17 +53,27 @@ class MaskletConfig:
     redetect_iou: float = 0.3  # a detection overlapping no live track of its noun this much starts a new one
     merge_iou: float = 0.5  # tracks whose masks overlap this much (mean over shared frames) are one object
     max_sessions_per_shot: int = 8  # tracking sessions per shot: the start frame's, then re-detections
+    # Identity checks (with re-detection; agents.identity): every live track is checked at every re-detection
+    # frame for the tracker's identity switch; a failing track is cut and its lost object prompted anew.
+    identity_checks: bool = True
+    identity_history: int = 4  # recent region embeddings a track is compared with, beside its prompt frame's
+    appearance_margin: float = 0.03  # cosine by which another detection must look more like a track to count
+    motion_gate: float = CHI2_99_4DOF  # Kalman innovation (squared Mahalanobis, 4 dof) beyond which motion breaks
 
     def __post_init__(self) -> None:
         if self.num_sample_frames < 1:
             raise ValueError(f"num_sample_frames must be >= 1, got {self.num_sample_frames}")
-        for name in ("box_threshold", "text_threshold", "redetect_iou", "merge_iou"):
+        for name in ("box_threshold", "text_threshold", "redetect_iou", "merge_iou", "appearance_margin"):
             if not 0.0 <= getattr(self, name) <= 1.0:
                 raise ValueError(f"{name} must be in [0, 1], got {getattr(self, name)}")
         if self.track_fps < 0:
             raise ValueError(f"track_fps must be >= 0 (0 = every frame), got {self.track_fps}")
         if self.detect_batch < 1 or self.max_candidates_per_noun < 1 or self.max_sessions_per_shot < 1:
             raise ValueError("detect_batch, max_candidates_per_noun and max_sessions_per_shot must be >= 1")
+        if self.identity_history < 0 or not self.motion_gate > 0:
+            raise ValueError(
+                f"identity_history must be >= 0 and motion_gate > 0, got {self.identity_history} and {self.motion_gate}"
+            )
         if self.prompt not in ("box", "mask"):
             raise ValueError(f"prompt must be 'box' or 'mask', got {self.prompt!r}")
         if not 1 <= self.frame_jpeg_quality <= 100:
@@ -199,6 +212,7 @@ class ReferringMaskletGenerator:
         tracker: Tracker,
         grounder: Grounder | None,
         box_segmenter: BoxSegmenter | None = None,
+        embedder: Embedder | None = None,
         config: MaskletConfig = MaskletConfig(),
         stats: Stats | None = None,
     ) -> None:
@@ -206,12 +220,23 @@ class ReferringMaskletGenerator:
             raise ValueError("the Strefer masklet generator needs a grounder")
         if config.prompt == "mask" and box_segmenter is None:
             raise ValueError("prompt='mask' needs a box_segmenter")
+        if self.method == "strefer" and self.checks_identity(config) and embedder is None:
+            raise ValueError(
+                "identity checks (masklets.identity_checks, on with redetect) need an embedder: pass the embedder "
+                "role, or set identity_checks: false"
+            )
         self.detector = detector
         self.tracker = tracker
         self.grounder = grounder
         self.box_segmenter = box_segmenter
+        self.embedder = embedder
         self.config = config
         self.stats = stats or Stats()
+
+    @staticmethod
+    def checks_identity(config: MaskletConfig) -> bool:
+        """Identity checks run with re-detection: they need its detections on every sampled frame."""
+        return config.redetect and config.identity_checks
 
     def start(
         self,
@@ -389,25 +414,71 @@ class MaskletPass:
         until every detection is explained or `max_sessions_per_shot` is reached. An entity absent from the
         start frame, or lost after it left for longer than the tracker's memory, gets a track this way.
         Sessions prompt on one frame each (sam2's batched predictor takes objects not prompted on a frame
-        that carries prompts as absent there); duplicates of one object are merged afterwards."""
+        that carries prompts as absent there); duplicates of one object are merged afterwards.
+
+        With identity checks, every new track is checked at the shot's sampled frames first (agents.identity);
+        a track that switched to another object is cut there, and the object it lost is prompted in a session
+        of its own ("identity") before any re-detection, within the same `max_sessions_per_shot`."""
         order = middle_first([p for p in samples if shot[0] <= p < shot[1]])
         if not order:
             return []
         best, _ = select_start_frame(order, [detections[p] for p in order], needed)
         tracks = self._session(detections[order[best]], order[best], k, shot, "start", nouns)
-        prompted = {order[best]}
-        while len(prompted) < min(self.cfg.max_sessions_per_shot, len(order)):
-            frame, fresh = None, []
-            for p in order:
-                unexplained = [] if p in prompted else self._unexplained(detections[p], tracks, p)
-                if len(unexplained) > len(fresh):
-                    frame, fresh = p, unexplained
-            if frame is None:
+        prompted, sessions = {order[best]}, 1
+        checker = self._identity_checker(order, detections) if self.gen.checks_identity(self.cfg) else None
+        checked: set[int] = set()
+        lost: list[Lost] = []
+        while True:
+            if checker is not None:
+                lost += checker.check([t for t in tracks if t.obj_id not in checked], tracks)
+                checked |= {t.obj_id for t in tracks}
+                lost = [x for x in lost if not self._held(x, tracks, detections)]
+            if sessions >= self.cfg.max_sessions_per_shot:
                 break
+            if lost:  # a track switched identity: prompt the object it lost where the switch was found
+                frame = Counter(x.position for x in lost).most_common(1)[0][0]
+                fresh, reason = [x.detection for x in lost if x.position == frame], "identity"
+                lost = [x for x in lost if x.position != frame]
+                self.stats.count("identity_sessions")
+            else:
+                frame, fresh = None, []
+                for p in order:
+                    unexplained = [] if p in prompted else self._unexplained(detections[p], tracks, p)
+                    if len(unexplained) > len(fresh):
+                        frame, fresh = p, unexplained
+                if frame is None:
+                    break
+                reason = "redetect"
+                self.stats.count("redetect_sessions")
             prompted.add(frame)
-            self.stats.count("redetect_sessions")
-            tracks += self._session(fresh, frame, k, shot, "redetect", nouns)
+            sessions += 1
+            tracks += self._session(fresh, frame, k, shot, reason, nouns)
         return self._merge(tracks)
+
+    def _identity_checker(self, samples: Sequence[int], detections: dict[int, list[Detection]]) -> IdentityChecker:
+        assert self.gen.embedder is not None and self.gen.grounder is not None
+        expressions: dict[str, list[str]] = {}
+        for e in self.entities:
+            expressions.setdefault(e.noun, []).append(e.expression)
+        return IdentityChecker(
+            embedder=self.gen.embedder, grounder=self.gen.grounder,
+            image=lambda p: self.frames.store.resized(p, self.width, self.height),
+            detections=detections, expressions=expressions, samples=samples, overlap_iou=self.cfg.redetect_iou,
+            history=self.cfg.identity_history, appearance_margin=self.cfg.appearance_margin,
+            motion_gate=self.cfg.motion_gate, stats=self.stats,
+        )
+
+    def _held(self, lost: Lost, tracks: Sequence[_Track], detections: dict[int, list[Detection]]) -> bool:
+        """Whether a track holds the lost object's detection: it is the detection that track's mask box
+        overlaps most. Mere overlap is not enough: where a switch is found, the lost object is often still
+        next to the one that took its track."""
+        p, det = lost.position, lost.detection
+        boxes = [d.box for d in detections[p] if d.label == det.label]
+        return any(
+            best_iou(t.frames[p][1], boxes, self.cfg.redetect_iou) == boxes.index(det.box)
+            for t in tracks
+            if t.label == det.label and p in t.frames
+        )
 
     def _unexplained(self, detections: Sequence[Detection], tracks: Sequence[_Track], position: int) -> list[Detection]:
         """Detections whose box overlaps the mask box of no track of their label at `position`."""
@@ -419,9 +490,9 @@ class MaskletPass:
         return out
 
     def _merge(self, tracks: list[_Track]) -> list[_Track]:
-        """Join tracks of one object found from two prompt frames: same label, and masks overlapping by at
-        least `merge_iou` (mean over the frames both cover). On a frame both cover, the mask of the track
-        prompted nearer in time is kept."""
+        """Join tracks of one object found from two prompt frames: same label, both on one object where it was
+        prompted (see `_same_object`), and masks overlapping by at least `merge_iou` (mean over the frames both
+        cover). On a frame both cover, the mask of the track prompted nearer in time is kept."""
         merged: list[_Track] = []
         for track in tracks:
             twin = next((m for m in merged if m.label == track.label and self._same_object(m, track)), None)
@@ -437,8 +508,17 @@ class MaskletPass:
         return merged
 
     def _same_object(self, a: _Track, b: _Track) -> bool:
+        """Masks that overlap are not enough: after an identity switch two tracks cover one object, and at a
+        crossing two objects' masks touch. Each track must also hold the other's prompt box on the prompt
+        frames it covers (at least one), where the detector gave the object its identity."""
         shared = sorted(set(a.frames) & set(b.frames))
-        if not shared:
+        held = [
+            box_iou(np.array([det.box]), np.array([other.frames[p][1]]))[0, 0] >= self.cfg.merge_iou
+            for one, other in ((a, b), (b, a))
+            for p, det, _ in one.prompts
+            if p in other.frames
+        ]
+        if not shared or not held or not all(held):
             return False
         ious = [masks.iou(a.frames[p][0], b.frames[p][0]) for p in shared]
         return float(np.mean(ious)) >= self.cfg.merge_iou

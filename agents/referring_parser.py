@@ -20,7 +20,8 @@ from typing import Annotated, Callable, Sequence
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from agents.analyzer import Failure, normalize_noun
+from agents.analyzer import normalize_noun
+from agents.common import Failure
 from engine.chat import ask_json
 from engine.models.interfaces import ChatMessage, ChatModel, ChatRequest
 from engine.stats import Stats

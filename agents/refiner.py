@@ -7,6 +7,10 @@ plain text, third person, starting with the object, each fact once, nothing that
 and answers refer to regions only as `<region0>`, `<region1>`, ... placeholders, which `to_region_tokens`
 turns into the `<region>` tokens of the training formats, with the region of each token in order.
 
+A region may hold several objects (a MeViS expression such as "the two boxes" refers to two masks, and its
+placeholder becomes "<region> and <region>"): the prompt says how many each region holds, and `check_qa`
+rejects a verb of the wrong number beside a placeholder ("What is <region0> doing?" about two boxes).
+
 Every answer is validated; an invalid one is asked again with its error (all of a round in one batch), and
 after `retries` it becomes a `Failure` that keeps every raw answer.
 """
@@ -22,7 +26,7 @@ from typing import Any, Literal, NamedTuple, Sequence
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from agents.analyzer import Failure
+from agents.common import Failure
 from engine.chat import REPAIR_PROMPT, ask_checked, ask_json, ask_text, schema_of
 from engine.models.interfaces import ChatMessage, ChatModel, ChatRequest
 from engine.stats import Stats
@@ -47,6 +51,20 @@ _META = re.compile(
 _REFUSAL = re.compile(r"(?i)\bas an ai\b|\bi'?m sorry\b|\bi am sorry\b|\bi can ?not\b|\bi can'?t\b")
 _LIST_LINE = re.compile(r"(?m)^\s*(?:[-*\u2022#]|\d+[.)])\s")
 _ARTICLE = r"(?:(?:the|a|an)\s+)?"
+# Placeholders joined into one noun phrase ("<region0>, <region1> and <region2>"): its grammatical number.
+_JOINED = re.compile(r"<region\d+>(?:(?:\s*,\s*(?:and\s+)?|\s+and\s+)<region\d+>)*")
+_SINGULAR_VERBS = frozenset("is was does has isn't wasn't doesn't hasn't what's where's who's how's".split())
+_PLURAL_VERBS = frozenset("are were do have aren't weren't don't haven't".split())
+# After a subject "do" and "have" are as often a bare infinitive ("What will the dog <region0> do?"): only
+# these forms are plural for sure there.
+_PLURAL_AFTER = frozenset("are were aren't weren't".split())
+# Auxiliaries whose number does not change ("Where will <region0> go?"): before a placeholder they are the
+# verb of its question, and the word after it is a bare infinitive ("do", "have") of either number.
+_NUMBERLESS_AUX = frozenset("did will would can could should may might must shall had".split())
+# Before these a joined phrase is not the subject ("Which of <region0> and <region1> is faster?"), or not
+# the whole subject ("the man and <region0> are").
+_NOT_SUBJECT = frozenset("of between among from than with to and or nor".split())
+_WORD = re.compile(r"[A-Za-z']+")
 
 
 def placeholders(text: str) -> list[int]:
@@ -108,6 +126,7 @@ class QARegion(NamedTuple):
     index: int  # the N of <regionN>
     name: str  # noun or referring expression
     description: str  # the object's detailed description
+    count: int = 1  # objects the region holds (a referring expression can name several)
 
 
 @dataclass(frozen=True)
@@ -126,6 +145,8 @@ class QAJob:
             raise ValueError(f"QAJob region indexes must be distinct ints >= 0, got {indexes}")
         if any(not r.name.strip() for r in regions):
             raise ValueError("every QAJob region needs a non-empty name")
+        if any(not isinstance(r.count, int) or r.count < 1 for r in regions):
+            raise ValueError(f"QAJob region counts must be ints >= 1, got {[r.count for r in regions]}")
 
 
 @dataclass(frozen=True)
@@ -212,9 +233,11 @@ def check_merged(text: str, max_chars: int) -> str | None:
 
 
 def check_qa(job: QAJob, pairs: Sequence[QAPair]) -> str | None:
-    """Why `pairs` do not fit `job` (a placeholder names no region of the job, or a question names an object
-    right beside its placeholder, e.g. "the dog <region0>"), or None."""
+    """Why `pairs` do not fit `job` (a placeholder names no region of the job, a question names an object
+    right beside its placeholder, e.g. "the dog <region0>", or a verb beside a placeholder has the wrong number
+    for the objects it stands for), or None."""
     names = {r.index: r.name for r in job.regions}
+    counts = {r.index: r.count for r in job.regions}
     known = ", ".join(f"<region{i}>" for i in names)
     for n, pair in enumerate(pairs):
         for field in ("question", "answer"):
@@ -228,6 +251,40 @@ def check_qa(job: QAJob, pairs: Sequence[QAPair]) -> str | None:
                     f"pairs.{n}.question names {names[index]!r} beside <region{index}>: refer to that object "
                     "only by its placeholder"
                 )
+        for field in ("question", "answer"):
+            error = _number_error(getattr(pair, field), counts, names)
+            if error:
+                return f"pairs.{n}.{field}: {error}"
+    return None
+
+
+def _number_error(text: str, counts: dict[int, int], names: dict[int, str]) -> str | None:
+    """A verb right before or after a placeholder (or placeholders joined by "and") whose number does not fit
+    the objects they stand for, or None. Only auxiliaries are checked (is/are, was/were, does/do, has/have):
+    they are where the singular slips in ("What is <region0> doing?"), and a plain verb ending in -s could as
+    well be a noun."""
+    for match in _JOINED.finditer(text):
+        indexes = placeholders(match.group(0))
+        objects = sum(counts[i] for i in indexes)
+        before = (_WORD.findall(text[: match.start()])[-1:] or [""])[0]
+        after = (_WORD.findall(text[match.end():])[:1] or [""])[0]
+        if before.lower() in _NOT_SUBJECT:
+            continue
+        # A question puts its auxiliary before the subject ("What is <region0> doing?"); a statement puts the
+        # verb after it ("<region0> is running").
+        if before.lower() in _SINGULAR_VERBS | _PLURAL_VERBS | _NUMBERLESS_AUX:
+            verb, wrong = before, _SINGULAR_VERBS if objects > 1 else _PLURAL_VERBS
+        else:
+            verb, wrong = after, _SINGULAR_VERBS if objects > 1 else _PLURAL_AFTER
+        if verb.lower() not in wrong:
+            continue
+        phrase = match.group(0)
+        if objects == 1:
+            return f"{phrase} is one object ({names[indexes[0]]!r}): use a singular verb, not {verb!r}"
+        held = ", ".join(f"<region{i}> {counts[i]}" for i in indexes if counts[i] > 1)
+        why = f" (objects per region: {held})" if held and len(indexes) > 1 else ""
+        return (f"{phrase} stands for {objects} objects{why}: use a plural verb, not {verb!r}, e.g. "
+                f"'What are {phrase} doing?'")
     return None
 
 
@@ -318,8 +375,10 @@ class Refiner:
                 results[i] = Failure("too_many_regions", detail)
                 stats.count(f"{agent}_failed")
                 continue
-            regions = [QARegion(r.index, " ".join(r.name.split()), _clip(r.description, cfg.max_input_chars))
-                       for r in job.regions]
+            regions = [
+                QARegion(r.index, " ".join(r.name.split()), _clip(r.description, cfg.max_input_chars), r.count)
+                for r in job.regions
+            ]
             prompt = render(
                 "refiner_qa",
                 regions=regions,

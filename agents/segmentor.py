@@ -5,6 +5,12 @@ The paper picks a random frame. `frame_choice: best` (the default) detects on se
 frames and keeps the highest-scoring box, so a noun that is small or hidden on one frame still gets its
 best view; `random` is the paper's behaviour (seeded by the video id, so reruns agree). Nouns whose boxes
 come from the same frame share one tracking session.
+
+A plural noun the caption counts ("two dogs": `counts={"dog": 2}`) gives one masklet per instance: on the
+sampled frame where the detector sees at least that many of it, best by the weakest of its top boxes, those
+boxes are tracked together, numbered left to right ("dog 1 of 2", "dog 2 of 2"). Where no sampled frame shows
+that many, the noun is a `missing_instances` failure: fewer boxes than the caption counts would describe the
+wrong number of objects.
 """
 
 from __future__ import annotations
@@ -12,7 +18,7 @@ from __future__ import annotations
 import random
 from collections import defaultdict
 from dataclasses import dataclass
-from typing import Literal, Sequence
+from typing import Literal, Mapping, Sequence
 
 import numpy as np
 
@@ -50,12 +56,24 @@ class SegmentorConfig:
             raise ValueError(f"track_fps must be >= 0 (0 = every frame), got {self.track_fps}")
 
 
+def instance_name(noun: str, index: int, count: int) -> str:
+    """The name of one instance of a counted plural noun: "dog 1 of 2" (numbered left to right)."""
+    return f"{noun} {index + 1} of {count}"
+
+
 @dataclass
 class NounMasklet:
     noun: str
     masklet: MaskletRecord | None
-    reason: str | None = None  # why there is none: no_frames, no_detection
+    reason: str | None = None  # why there is none: no_frames, no_detection, missing_instances
     detail: str = ""
+    instance: int | None = None  # the instance's number (0-based, left to right) of a counted plural noun
+    count: int = 1  # instances the caption counts
+
+    @property
+    def name(self) -> str:
+        """The noun, or "dog 1 of 2" for an instance: unique among the results of one call."""
+        return self.noun if self.instance is None else instance_name(self.noun, self.instance, self.count)
 
 
 class Segmentor:
@@ -83,9 +101,14 @@ class Segmentor:
         width: int,
         height: int,
         provenance: Provenance,
+        counts: Mapping[str, int] | None = None,
     ) -> list[NounMasklet]:
-        """One masklet per noun (in order) over the stored frames; masks at width x height."""
+        """One masklet per noun, or per instance of a noun `counts` gives more than one of (in order), over the
+        stored frames; masks at width x height. A noun without a masklet is one result with its reason."""
         nouns = list(dict.fromkeys(nouns))
+        counts = {noun: (counts or {}).get(noun, 1) for noun in nouns}
+        if any(c < 1 for c in counts.values()):
+            raise ValueError(f"instance counts must be >= 1, got {counts}")
         n = len(frames.store)
         if n == 0:
             return [NounMasklet(noun, None, "no_frames", "no frames were decoded") for noun in nouns]
@@ -94,21 +117,29 @@ class Segmentor:
         positions = self._positions(n, video_id)
         detections = self._detect(frames, positions, nouns, width, height)
 
-        best: dict[str, tuple[int, Detection, int]] = {}  # noun -> (position, detection, boxes of it there)
+        # noun -> (position, its chosen boxes left to right, boxes of it there)
+        best: dict[str, tuple[int, list[Detection], int]] = {}
+        most: dict[str, int] = {noun: 0 for noun in nouns}  # most boxes of a noun on one frame, for the detail
+        score: dict[str, float] = {}
         for position, dets in zip(positions, detections):
             for noun in nouns:
-                mine = [d for d in dets if d.label == noun]
-                top = max(mine, key=lambda d: d.score, default=None)
-                if top is not None and (noun not in best or top.score > best[noun][1].score):
-                    best[noun] = (position, top, len(mine))
+                mine = sorted((d for d in dets if d.label == noun), key=lambda d: -d.score)
+                most[noun] = max(most[noun], len(mine))
+                top = mine[: counts[noun]]
+                if len(top) < counts[noun]:
+                    continue
+                weakest = top[-1].score  # every instance must be seen well on the start frame
+                if noun not in best or weakest > score[noun]:
+                    best[noun] = (position, sorted(top, key=lambda d: d.box[0] + d.box[2]), len(mine))
+                    score[noun] = weakest
 
-        by_start: dict[int, list[str]] = defaultdict(list)
-        for noun, (position, _, _) in best.items():
-            by_start[position].append(noun)
-        out: dict[str, NounMasklet] = {}
+        by_start: dict[int, list[tuple[str, int]]] = defaultdict(list)
+        for noun, (position, chosen, _) in best.items():
+            by_start[position] += [(noun, k) for k in range(len(chosen))]
+        out: dict[tuple[str, int], NounMasklet] = {}
         for start, group in sorted(by_start.items()):
             image = frames.store.resized(start, width, height)
-            boxes = np.array([best[noun][1].box for noun in group], dtype=np.float32)
+            boxes = np.array([best[noun][1][k].box for noun, k in group], dtype=np.float32)
             with self.stats.timer("segmentor.segment"):
                 seg = self.box_segmenter.segment(image, boxes)
             self.stats.count("box_segmenter_calls")
@@ -116,17 +147,25 @@ class Segmentor:
                 self.tracker, frames, width=width, height=height, prompts=dict(enumerate(seg)), start=start,
                 both_directions=True, stats=self.stats, timer="segmentor.track",
             )
-            for obj_id, noun in enumerate(group):
-                _, det, count = best[noun]
-                out[noun] = NounMasklet(noun, self._record(frames, noun, det, count, start, tracks[obj_id], video_id, provenance))
-        return [
-            out.get(noun)
-            or NounMasklet(
-                noun, None, "no_detection",
-                f"no '{noun}' box on any of {len(positions)} sampled frames (box_threshold {self.config.box_threshold})",
-            )
-            for noun in nouns
-        ]
+            for obj_id, (noun, k) in enumerate(group):
+                _, chosen, found = best[noun]
+                instance = None if counts[noun] == 1 else k
+                result = NounMasklet(noun, None, instance=instance, count=counts[noun])
+                result.masklet = self._record(frames, result, chosen[k], found, start, tracks[obj_id], video_id, provenance)
+                out[noun, k] = result
+        results: list[NounMasklet] = []
+        for noun in nouns:
+            if noun in best:
+                results += [out[noun, k] for k in range(counts[noun])]
+            elif counts[noun] == 1:
+                detail = (f"no '{noun}' box on any of {len(positions)} sampled frames "
+                          f"(box_threshold {self.config.box_threshold})")
+                results.append(NounMasklet(noun, None, "no_detection", detail))
+            else:
+                detail = (f"the caption counts {counts[noun]} '{noun}', but no sampled frame of {len(positions)} shows "
+                          f"that many (at most {most[noun]}; box_threshold {self.config.box_threshold})")
+                results.append(NounMasklet(noun, None, "missing_instances", detail, count=counts[noun]))
+        return results
 
     def _positions(self, n: int, video_id: str) -> list[int]:
         if self.config.frame_choice == "random":
@@ -147,20 +186,26 @@ class Segmentor:
         return out
 
     def _record(
-        self, frames: TrackFrames, noun: str, det: Detection, count: int, start: int, track, video_id: str, provenance: Provenance
+        self, frames: TrackFrames, result: NounMasklet, det: Detection, found: int, start: int, track, video_id: str,
+        provenance: Provenance,
     ) -> MaskletRecord:
         self.stats.count("masklets_videorefer")
+        # A singular noun keeps the id it always had; an instance's id holds its number too.
+        instance = () if result.instance is None else (result.instance, result.count)
         return MaskletRecord(
-            masklet_id=stable_id(video_id, provenance.config_hash, METHOD, noun),
+            masklet_id=stable_id(video_id, provenance.config_hash, METHOD, result.noun, *instance),
             video_id=video_id,
-            expression=noun,
-            noun=noun,
+            expression=result.name,
+            noun=result.noun,
             method=METHOD,
             start_frame=frames.frame_index[start],
             start_time=round(frames.times[start], 6),
             detector_score=round(float(det.score), 6),
             detector_box=[round(float(v), 2) for v in det.box],
-            assignment=Assignment(method="detector-noun", candidate_index=0, num_candidates=count, score=round(float(det.score), 6)),
+            assignment=Assignment(
+                method="detector-noun", candidate_index=result.instance or 0, num_candidates=found,
+                score=round(float(det.score), 6),
+            ),
             num_frames_tracked=len(frames.store),
             track_fps=self.config.track_fps,
             prompts=[TrackPrompt(

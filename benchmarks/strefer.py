@@ -132,7 +132,7 @@ def run_once(run: str, config: Any, items: list, kinds: list[str], entities: Seq
         for s in o.samples:
             key = (s.labels["group"], s.task, s.labels["referring"], s.labels["generator"])
             samples[key] += 1
-            instructions[key] += s.labels.get("time_format") == first_form
+            instructions[key] += s.labels.get("time_format", first_form) == first_form  # time-free: one row
         rejections.update(f"{r.stage}: {r.reason}" for r in o.rejections)
         cost = (dataset.completion(pipeline.name, outcome.item.key) or {}).get("counters", {})  # the item's own
         per_item.append({

@@ -8,15 +8,32 @@ bounded number of times, and then returned as a failure carrying the raw answers
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass, field, replace
 from typing import Any, Callable, Generic, Sequence, TypeVar
 
+import numpy as np
 from pydantic import BaseModel, ValidationError
 
 from engine.models.interfaces import ChatMessage, ChatModel, ChatRequest
 from engine.stats import Stats
 
 T = TypeVar("T", bound=BaseModel)
+
+DEFAULT_MAX_PIXELS = 1024 * 28 * 28  # about 1000 visual tokens per image for Qwen2.5-VL (28 x 28 pixels each)
+
+
+def fit_pixels(image: np.ndarray, max_pixels: int | None) -> np.ndarray:
+    """Downscale (aspect kept) so the image has at most max_pixels: bounds a VLM's visual tokens per image.
+    Here, beside the chat interface, so an agent that sends images bounds them without a concrete backend."""
+    height, width = image.shape[:2]
+    if max_pixels is None or height * width <= max_pixels:
+        return image
+    import cv2
+
+    scale = math.sqrt(max_pixels / (height * width))
+    size = (max(1, int(width * scale)), max(1, int(height * scale)))
+    return cv2.resize(image, size, interpolation=cv2.INTER_AREA)
 
 REPAIR_PROMPT = (
     "Your answer was not valid: {error}\n"

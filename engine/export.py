@@ -4,9 +4,20 @@
     [{"id", "video", "conversations": [{"from": "human", "value": "<video>\\n...<region>..."},
                                        {"from": "gpt", "value": "..."}],
       "annotation": [{"<frame_idx>": {"segmentation": <COCO RLE>}, ...}, ... one per <region>, in order],
-      "height", "width"}]
-Masks are copied from the masklets as stored (a source's ground truth comes out bit for bit); frame indexes
-are those of the source video (of the whole file when the item was a window of it).
+      "height", "width", "start", "end"}]
+- `video`: the source as the build read it, or relative to `video_root` (the trainer joins it to its data
+  folder). With `cut_clips`, a sample about a clip or window points at that clip, written under
+  `<out>/clips/` (a video file: H.264 at the source's display size) or `<out>/frames/` (a frame folder).
+- `start`, `end`: seconds of `video` that the sample is about, on every sample whose scope is a clip or a
+  window (Strefer's clip-level tasks, a caption manifest's start/end); left out where `video` is that clip.
+- Annotation keys are frame indexes of `video` as the trainer's loader counts them: of the whole source, or
+  from the clip's first frame. A frame folder whose frames a text sort of its entries would list in another
+  order (0.jpg, 1.jpg, 10.jpg, ...; a stray .DS_Store) is written anew in that order with `cut_clips`, else
+  its samples are left out (`frame_order_differs`).
+- Masks are at the size of the frames the trainer decodes from `video` (`height` x `width`): a source larger
+  than the build's decode bound has its masks scaled up, once, here; otherwise they are copied bit for bit.
+- A region is annotated only inside the sample's scope; a region with no mask there leaves the sample out
+  (`region_outside_scope`).
 
 Which frames each region is annotated on (`frames`):
 - `sample`: the frames the sample names (its keyframes), as VideoRefer-700K does;
@@ -14,40 +25,82 @@ Which frames each region is annotated on (`frames`):
 - `all`: every decoded frame: a frame the tracker skipped holds the mask of the nearest tracked frame, when
   one lies within half a tracking interval (so a frame is never filled across an absence). Set
   `masklets.track_fps: 0` to track every frame instead of holding masks.
+
+Samples are streamed (`Dataset.scan`); the videos and the masklets they name are looked up in a temporary
+SQLite index filled in one streamed pass over each table, and every file is written entry by entry, so the
+export's memory does not grow with the dataset.
 """
 
 from __future__ import annotations
 
 import json
-from collections import Counter, defaultdict
+import os
+import sqlite3
+import tempfile
+from collections import Counter
 from dataclasses import dataclass, field
-from typing import Any
+from functools import lru_cache
+from typing import Any, Iterator
 
-from engine.errors import BadInputError
+from engine.errors import BadInputError, VideoError
+from engine.export_media import ClipFile, Span, cut_video, loader_order_matches, resize_rle, write_frame_folder
 from engine.storage import Dataset
 
 FORMATS = ("videorefer",)
 FRAME_CHOICES = ("sample", "tracked", "all")
+TIME_FORMATS = ("timestamp", "tokens")
 REGION = "<region>"
+FRAME_FOLDER_CODEC = "image-sequence"  # engine.probe's codec of a folder of frames
+# What a person can do about a reason samples were left out.
+HINTS = {
+    "frame_order_differs": "their frame folders list in another order for the trainer's loader (a text sort of "
+    "every file); rerun with --cut-clips to write those frames in the loader's order",
+    "outside_video_root": "their video lies outside --video-root",
+}
+_VIDEO_COLUMNS = ("video_id", "source", "start_s", "end_s", "duration_s", "fps", "width", "height", "codec")
+_SAMPLE_COLUMNS = (
+    "sample_id", "video_id", "data_type", "labels", "conversation", "masklet_ids", "frames", "window", "kept"
+)
 
 
 @dataclass
 class ExportSummary:
     files: dict[str, int] = field(default_factory=dict)  # path -> entries
     skipped: Counter = field(default_factory=Counter)  # reason -> samples left out
+    clips: int = 0  # clip files and frame folders written
+
+
+@dataclass(frozen=True)
+class ExportOptions:
+    include_dropped: bool = False
+    frames: str = "sample"
+    cut_clips: bool = False
+    video_root: str | None = None
+    time_format: str = "timestamp"
 
 
 def export(
-    dataset_url: str, out: str, *, fmt: str = "videorefer", include_dropped: bool = False, frames: str = "sample"
+    dataset_url: str,
+    out: str,
+    *,
+    fmt: str = "videorefer",
+    include_dropped: bool = False,
+    frames: str = "sample",
+    cut_clips: bool = False,
+    video_root: str | None = None,
+    time_format: str = "timestamp",
 ) -> ExportSummary:
     if fmt not in FORMATS:
         raise BadInputError(f"unknown export format {fmt!r}; formats: {', '.join(FORMATS)}")
     if frames not in FRAME_CHOICES:
         raise BadInputError(f"unknown frames choice {frames!r}; choose from {', '.join(FRAME_CHOICES)}")
+    if time_format not in TIME_FORMATS:
+        raise BadInputError(f"unknown time format {time_format!r}; choose from {', '.join(TIME_FORMATS)}")
     dataset = Dataset(dataset_url)
     if not dataset.exists():
         raise BadInputError(f"{dataset_url} does not exist")
-    return export_videorefer(dataset, out, include_dropped=include_dropped, frames=frames)
+    options = ExportOptions(include_dropped, frames, cut_clips, video_root, time_format)
+    return export_videorefer(dataset, out, options)
 
 
 def held_masks(masked: dict[int, Any], *, fps: float, track_fps: float | None) -> dict[int, Any]:
@@ -64,75 +117,291 @@ def held_masks(masked: dict[int, Any], *, fps: float, track_fps: float | None) -
     return out
 
 
-def export_videorefer(dataset: Dataset, out: str, *, include_dropped: bool = False, frames: str = "sample") -> ExportSummary:
+def export_videorefer(dataset: Dataset, out: str, options: ExportOptions = ExportOptions()) -> ExportSummary:
     import fsspec
-    import pyarrow.compute as pc
-
-    samples = dataset.read_table("samples").to_pylist()
-    summary = ExportSummary()
-    wanted = {m for s in samples for m in s["masklet_ids"]}
-    masklets_table = dataset.read_table("masklets")
-    if wanted and masklets_table.num_rows:
-        masklets_table = masklets_table.filter(pc.is_in(masklets_table["masklet_id"], value_set=_array(wanted)))
-    masklets = {m["masklet_id"]: m for m in masklets_table.to_pylist()}
-    videos = {v["video_id"]: v for v in dataset.read_table("videos").to_pylist()}
-
-    by_type: dict[str, list[dict[str, Any]]] = defaultdict(list)
-    for sample in samples:
-        if not sample["kept"] and not include_dropped:
-            summary.skipped["dropped_by_reviewer"] += 1
-            continue
-        entry = _entry(sample, videos, masklets, summary, frames)
-        if entry is not None:
-            by_type[sample["data_type"]].append(entry)
+    from fsspec.implementations.local import LocalFileSystem
 
     fs, root = fsspec.core.url_to_fs(out)
+    if options.cut_clips and not isinstance(fs, LocalFileSystem):
+        raise BadInputError(f"--cut-clips writes video files with PyAV: give a local folder, not {out}")
     fs.makedirs(root, exist_ok=True)
-    for data_type, entries in sorted(by_type.items()):
-        path = f"{root.rstrip('/')}/{data_type}.json"
-        with fs.open(path, "w") as f:
-            json.dump(entries, f)
-        summary.files[path] = len(entries)
+    summary = ExportSummary()
+    with tempfile.TemporaryDirectory(prefix="engine-export-") as scratch:
+        index = _Index(os.path.join(scratch, "index.sqlite"))
+        try:
+            index.fill(dataset, options.include_dropped)
+            with _JsonArrays(fs, root.rstrip("/")) as files:
+                entries = _Entries(index, summary, options, root.rstrip("/"))
+                for sample in _samples(dataset):
+                    entry = entries.entry(sample)
+                    if entry is not None:
+                        files.write(sample["data_type"], entry)
+            summary.files = files.counts
+        finally:
+            index.close()
     return summary
 
 
-def _array(values: set[str]):
-    import pyarrow as pa
+def _samples(dataset: Dataset) -> Iterator[dict[str, Any]]:
+    for batch in dataset.scan("samples", _SAMPLE_COLUMNS, batch_rows=1024):
+        for sample in batch.to_pylist():
+            sample["labels"] = dict(sample["labels"] or [])  # an Arrow map reads back as pairs
+            yield sample
 
-    return pa.array(sorted(values), type=pa.string())
 
+class _Index:
+    """Videos, and the masklets the exported samples name, in a SQLite file: looked up one sample at a time."""
 
-def _entry(sample: dict, videos: dict, masklets: dict, summary: ExportSummary, choice: str) -> dict[str, Any] | None:
-    video = videos.get(sample["video_id"])
-    if video is None:
-        summary.skipped["video_missing"] += 1
-        return None
-    regions = sum(t["value"].count(REGION) for t in sample["conversation"] if t["role"] == "human")
-    if regions != len(sample["masklet_ids"]):
-        summary.skipped["region_count_mismatch"] += 1
-        return None
-    annotation = []
-    for masklet_id in sample["masklet_ids"]:
-        masklet = masklets.get(masklet_id)
-        if masklet is None:
-            summary.skipped["masklet_missing"] += 1
+    def __init__(self, path: str) -> None:
+        self.db = sqlite3.connect(path)
+        self.db.executescript(
+            "PRAGMA journal_mode=OFF; PRAGMA synchronous=OFF;"
+            "CREATE TABLE wanted (id TEXT PRIMARY KEY) WITHOUT ROWID;"
+            "CREATE TABLE masklets (id TEXT PRIMARY KEY, track_fps REAL, frames TEXT);"
+            "CREATE TABLE videos (id TEXT PRIMARY KEY, row TEXT);"
+            "CREATE TABLE clips (path TEXT PRIMARY KEY, clip TEXT);"
+        )
+
+    def fill(self, dataset: Dataset, include_dropped: bool) -> None:
+        import pyarrow.compute as pc
+
+        for batch in dataset.scan("samples", ["masklet_ids", "kept"]):
+            ids = batch.column("masklet_ids")
+            ids = pc.list_flatten(ids if include_dropped else ids.filter(batch.column("kept")))
+            self.db.executemany("INSERT OR IGNORE INTO wanted VALUES (?)", ((i,) for i in ids.to_pylist()))
+        # Masklet rows carry every frame's RLE: small batches, and only the wanted rows become Python objects.
+        for batch in dataset.scan("masklets", ["masklet_id", "track_fps", "frames"], batch_rows=256):
+            ids = batch.column("masklet_id").to_pylist()
+            wanted = self._wanted(ids)
+            keep = [k for k, i in enumerate(ids) if i in wanted]
+            for row in batch.take(keep).to_pylist() if keep else []:
+                frames = [[f["frame_index"], f["rle"]["size"], f["rle"]["counts"]] for f in row["frames"]]
+                values = (row["masklet_id"], row["track_fps"], json.dumps(frames))
+                self.db.execute("INSERT OR REPLACE INTO masklets VALUES (?, ?, ?)", values)
+        for batch in dataset.scan("videos", _VIDEO_COLUMNS):
+            rows = ((v["video_id"], json.dumps(v)) for v in batch.to_pylist())
+            self.db.executemany("INSERT OR REPLACE INTO videos VALUES (?, ?)", rows)
+        self.db.commit()
+
+    def _wanted(self, ids: list[str]) -> set[str]:
+        found: set[str] = set()  # at most one batch of ids
+        for k in range(0, len(ids), 500):  # SQLite's bound on query parameters
+            chunk = ids[k : k + 500]
+            marks = ",".join("?" * len(chunk))
+            found.update(r[0] for r in self.db.execute(f"SELECT id FROM wanted WHERE id IN ({marks})", chunk))
+        return found
+
+    def video(self, video_id: str) -> dict[str, Any] | None:
+        row = self.db.execute("SELECT row FROM videos WHERE id = ?", (video_id,)).fetchone()
+        return json.loads(row[0]) if row else None
+
+    def masklet(self, masklet_id: str) -> tuple[float | None, dict[int, dict[str, Any]]] | None:
+        """(track_fps, frame index -> RLE) of a masklet."""
+        row = self.db.execute("SELECT track_fps, frames FROM masklets WHERE id = ?", (masklet_id,)).fetchone()
+        if row is None:
             return None
-        by_frame = {f["frame_index"]: f["rle"] for f in masklet["frames"]}
-        if choice == "all":
-            by_frame = held_masks(by_frame, fps=video["fps"], track_fps=masklet.get("track_fps"))
-        if choice == "sample":
-            frames = [i for i in sample["frames"] if i in by_frame] or sorted(by_frame)[:1]
+        return row[0], {i: {"size": size, "counts": counts} for i, size, counts in json.loads(row[1])}
+
+    def clip(self, path: str) -> ClipFile | None | str:
+        """The clip written at `path` earlier in this export, or why it could not be written."""
+        row = self.db.execute("SELECT clip FROM clips WHERE path = ?", (path,)).fetchone()
+        if row is None:
+            return None
+        value = json.loads(row[0])
+        return value if isinstance(value, str) else ClipFile(**value)
+
+    def add_clip(self, path: str, clip: ClipFile | str) -> None:
+        value = clip if isinstance(clip, str) else clip.__dict__
+        self.db.execute("INSERT OR REPLACE INTO clips VALUES (?, ?)", (path, json.dumps(value)))
+
+    def close(self) -> None:
+        self.db.close()
+
+
+@dataclass(frozen=True)
+class _Target:
+    """What an entry points at: `video`, the source frame its frame 0 is, the frames it holds (None: all) and
+    the size a trainer decodes them at."""
+
+    video: str
+    first_index: int
+    num_frames: int | None
+    height: int
+    width: int
+    cut: bool
+
+    def holds(self, index: int) -> bool:
+        return self.first_index <= index and (self.num_frames is None or index < self.first_index + self.num_frames)
+
+
+class _Entries:
+    def __init__(self, index: _Index, summary: ExportSummary, options: ExportOptions, out: str) -> None:
+        self.summary, self.options, self.out = summary, options, out
+        self.index = index
+        # Samples of one video are stored together: a few cached lookups and folder listings cover them.
+        self.video = lru_cache(maxsize=64)(index.video)
+        self.masklet = lru_cache(maxsize=32)(index.masklet)
+        self.order_matches = lru_cache(maxsize=64)(loader_order_matches)
+
+    def entry(self, sample: dict[str, Any]) -> dict[str, Any] | None:
+        reason, entry = self._entry(sample)
+        if reason:
+            self.summary.skipped[reason] += 1
+        return entry
+
+    def _entry(self, sample: dict[str, Any]) -> tuple[str | None, dict[str, Any] | None]:
+        if not sample["kept"] and not self.options.include_dropped:
+            return "dropped_by_reviewer", None
+        if sample["labels"].get("time_format", self.options.time_format) != self.options.time_format:
+            return "other_time_format", None
+        video = self.video(sample["video_id"])
+        if video is None:
+            return "video_missing", None
+        regions = sum(t["value"].count(REGION) for t in sample["conversation"] if t["role"] == "human")
+        if regions != len(sample["masklet_ids"]):
+            return "region_count_mismatch", None
+        span = _span(sample, video)
+        reason, target = self._target(video, span)
+        if target is None:
+            return reason, None
+        path = _relative(target.video, self.options.video_root)
+        if path is None:
+            return "outside_video_root", None
+        annotation = []
+        for masklet_id in sample["masklet_ids"]:
+            reason, frames = self._region(masklet_id, sample, video, span, target)
+            if frames is None:
+                return reason, None
+            annotation.append(frames)
+        entry = {
+            "id": sample["sample_id"],
+            "video": path,
+            "conversations": [{"from": t["role"], "value": t["value"]} for t in sample["conversation"]],
+            "annotation": annotation,
+            "height": target.height,
+            "width": target.width,
+        }
+        if span is not None and not target.cut:
+            entry["start"], entry["end"] = span.start_s, span.end_s
+        return None, entry
+
+    def _target(self, video: dict[str, Any], span: Span | None) -> tuple[str | None, _Target | None]:
+        source = video["source"]
+        folder = video["codec"] == FRAME_FOLDER_CODEC
+        if folder:
+            try:
+                in_order = self.order_matches(source)
+            except OSError:
+                return "frame_folder_unreadable", None
+            if not in_order and not self.options.cut_clips:
+                return "frame_order_differs", None
+        if not self.options.cut_clips or (span is None and (not folder or in_order)):
+            return None, _Target(source, 0, None, video["height"], video["width"], cut=False)
+        clip = self._clip(video, span, folder)
+        if isinstance(clip, str):
+            return clip, None
+        return None, _Target(clip.path, clip.first_index, clip.num_frames, clip.height, clip.width, cut=True)
+
+    def _clip(self, video: dict[str, Any], span: Span | None, folder: bool) -> ClipFile | str:
+        """The clip of `span` (None: the whole source, a frame folder in another order), written once."""
+        if span is None:
+            name = video["video_id"]
+        elif span.start_frame is not None:
+            name = f"{video['video_id']}-f{span.start_frame}-{span.end_frame}"
         else:
-            frames = sorted(by_frame)
+            name = f"{video['video_id']}-s{span.start_s:.3f}-{span.end_s:.3f}"
+        path = os.path.join(self.out, "frames", name) if folder else os.path.join(self.out, "clips", f"{name}.mp4")
+        known = self.index.clip(path)
+        if known is not None:
+            return known
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        try:
+            if folder:
+                clip: ClipFile | str = write_frame_folder(video["source"], path, span, video["fps"])
+            else:
+                clip = cut_video(video["source"], path, span)
+            self.summary.clips += 1
+        except (VideoError, OSError, ValueError):
+            clip = "clip_not_written"  # the source is gone, unreadable, or has no frame in the window
+        self.index.add_clip(path, clip)
+        return clip
+
+    def _region(
+        self, masklet_id: str, sample: dict[str, Any], video: dict[str, Any], span: Span | None, target: _Target
+    ) -> tuple[str | None, dict[str, Any] | None]:
+        found = self.masklet(masklet_id)
+        if found is None:
+            return "masklet_missing", None
+        track_fps, by_frame = found
+        if not by_frame:
+            return "region_without_mask", None
+        if self.options.frames == "all":
+            by_frame = held_masks(by_frame, fps=video["fps"], track_fps=track_fps)
+        chosen = sample["frames"] if self.options.frames == "sample" else sorted(by_frame)
+        # Only frames inside the sample's scope, and inside the clip the entry points at.
+        frames = [i for i in chosen if i in by_frame and (span is None or span.holds(i)) and target.holds(i)]
         if not frames:
-            summary.skipped["region_without_mask"] += 1
-            return None
-        annotation.append({str(i): {"segmentation": {"size": list(by_frame[i]["size"]), "counts": by_frame[i]["counts"]}} for i in frames})
-    return {
-        "id": sample["sample_id"],
-        "video": video["source"],
-        "conversations": [{"from": t["role"], "value": t["value"]} for t in sample["conversation"]],
-        "annotation": annotation,
-        "height": video["decode_height"],
-        "width": video["decode_width"],
-    }
+            return "region_outside_scope", None
+        return None, {
+            str(i - target.first_index): {"segmentation": resize_rle(by_frame[i], target.height, target.width)}
+            for i in frames
+        }
+
+
+def _span(sample: dict[str, Any], video: dict[str, Any]) -> Span | None:
+    """The clip or window a sample is about: its own window, else its video row's (a manifest's start/end);
+    None for a whole file."""
+    window = sample.get("window")
+    if window:
+        return Span(window["start_s"], window["end_s"], window["start_frame"], window["end_frame"])
+    if video["start_s"] is None and video["end_s"] is None:
+        return None
+    start = video["start_s"] or 0.0
+    return Span(start, video["end_s"] if video["end_s"] is not None else start + video["duration_s"])
+
+
+def _relative(path: str, root: str | None) -> str | None:
+    """`path` relative to `root` (None when it lies outside); `path` itself without a root."""
+    if root is None:
+        return path
+    if "://" in path or "://" in root:
+        prefix = root.rstrip("/") + "/"
+        return path[len(prefix):] if path.startswith(prefix) else None
+    path, root = os.path.abspath(path), os.path.abspath(root)
+    if os.path.commonpath([path, root]) != root:
+        return None
+    return os.path.relpath(path, root)
+
+
+class _JsonArrays:
+    """One JSON array per data type, written entry by entry to `<name>.json.partial` and renamed when complete
+    (a failed export leaves no file that looks whole)."""
+
+    def __init__(self, fs: Any, root: str) -> None:
+        self.fs, self.root = fs, root
+        self.files: dict[str, Any] = {}  # one per data type
+        self.counts: dict[str, int] = {}
+
+    def write(self, data_type: str, entry: dict[str, Any]) -> None:
+        path = f"{self.root}/{data_type}.json"
+        if path not in self.files:
+            self.files[path] = self.fs.open(f"{path}.partial", "w")
+            self.files[path].write("[\n")
+            self.counts[path] = 0
+        elif self.counts[path]:
+            self.files[path].write(",\n")
+        self.files[path].write(json.dumps(entry))
+        self.counts[path] += 1
+
+    def __enter__(self) -> "_JsonArrays":
+        return self
+
+    def __exit__(self, kind: type | None, *exc: object) -> None:
+        for path, file in self.files.items():
+            if kind is None:
+                file.write("\n]\n")
+            file.close()
+            if kind is None:
+                self.fs.mv(f"{path}.partial", path)
+            else:
+                self.fs.rm(f"{path}.partial")

@@ -188,3 +188,68 @@ class Keyframes:
 
     def close(self) -> None:
         self.frames.clear()
+
+
+class ClipFrames:
+    """Frame consumer: the item's frames at a fixed dense rate `fps`, long side scaled to at most `max_side`,
+    kept JPEG-compressed, so that each clip (known only after the decode: cuts and clusters come at its end)
+    can be shown `count` frames of its own (`chat_video`). Memory stays under `memory_mb` whatever the video's
+    length: past it, frames spill to a temporary folder (a 448-pixel frame is about 20-50 KB, so at 8 fps a
+    3-minute video holds 1440 frames, 30-70 MB). Frames are held squashed to a square, as in `FrameStore`, and
+    given back at the source's aspect."""
+
+    def __init__(
+        self, *, fps: float, width: int, height: int, max_side: int = 448, quality: int = 90, memory_mb: float = 256
+    ) -> None:
+        from engine.decode import RateGate
+
+        if not fps > 0:
+            raise ValueError(f"fps must be > 0 (a fixed sampling rate), got {fps}")
+        if width < 1 or height < 1 or max_side < 1:
+            raise ValueError(f"width, height and max_side must be >= 1, got {width}, {height}, {max_side}")
+        scale = min(1.0, max_side / max(width, height))
+        self.width, self.height = max(1, round(width * scale)), max(1, round(height * scale))
+        self.fps = fps
+        self.store = FrameStore(size=max(self.width, self.height), quality=quality, memory_budget_mb=memory_mb)
+        self.gate = RateGate(fps)
+        self.frame_index: list[int] = []  # ascending: frames arrive in decode order
+        self.times: list[float] = []
+
+    def wants(self, index: int, time: float) -> bool:
+        return self.gate.open(time)
+
+    def consume(self, index: int, time: float, frame: np.ndarray) -> None:
+        self.store.append(frame)
+        self.frame_index.append(index)
+        self.times.append(time)
+        self.gate.take(time)
+
+    def positions(self, start_frame: int, end_frame: int, count: int) -> list[int]:
+        """Store positions of up to `count` kept frames spread evenly over frames [start_frame, end_frame)."""
+        import bisect
+
+        if count < 1:
+            raise ValueError(f"count must be >= 1, got {count}")
+        lo = bisect.bisect_left(self.frame_index, start_frame)
+        hi = bisect.bisect_left(self.frame_index, end_frame)
+        if hi - lo <= count:
+            return list(range(lo, hi))
+        if count == 1:
+            return [(lo + hi - 1) // 2]
+        step = (hi - 1 - lo) / (count - 1)  # > 1: the positions are distinct
+        return [lo + int(round(i * step)) for i in range(count)]
+
+    def chat_video(self, start_frame: int, end_frame: int, count: int):
+        """Up to `count` frames of [start_frame, end_frame), in time order, as a `ChatVideo` at the source's
+        aspect whose fps is the rate they are spread at; None when no kept frame falls in the range."""
+        from engine.models.interfaces import ChatVideo
+
+        chosen = self.positions(start_frame, end_frame, count)
+        if not chosen:
+            return None
+        span = self.times[chosen[-1]] - self.times[chosen[0]]
+        fps = (len(chosen) - 1) / span if span > 0 else self.fps
+        return ChatVideo(tuple(self.store.resized(p, self.width, self.height) for p in chosen), fps=fps)
+
+    def close(self) -> None:
+        self.store.close()

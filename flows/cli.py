@@ -336,6 +336,11 @@ class FrameChoice(str, Enum):
     all = "all"
 
 
+class TimeFormat(str, Enum):
+    timestamp = "timestamp"
+    tokens = "tokens"
+
+
 @app.command("export")
 def export(
     path: Annotated[str, typer.Argument(help="Dataset folder or fsspec URL.")],
@@ -350,19 +355,43 @@ def export(
             "tracked mask, within half a tracking interval)."
         ),
     ] = FrameChoice.sample,
+    cut_clips: Annotated[
+        bool,
+        typer.Option(
+            help="Write each clip or window a sample is about as its own file under OUT/clips (frame folders under "
+            "OUT/frames, also any whose frames the trainer's loader would list in another order), point `video` at "
+            "it and count annotation frames from its first frame. Without it, such samples carry start/end seconds."
+        ),
+    ] = False,
+    video_root: Annotated[
+        Optional[str],
+        typer.Option(help="Write `video` paths relative to this folder (the trainer joins them to its data folder)."),
+    ] = None,
+    time_format: Annotated[
+        TimeFormat,
+        typer.Option(help="Which form of the samples written in both to export; samples without a time are kept."),
+    ] = TimeFormat.timestamp,
 ) -> None:
     """Write a dataset's samples in a training format (videorefer: VideoRefer-700K JSON, one file per data type)."""
-    _run_guarded(_export, path, out, fmt.value, include_dropped, frames.value)
+    _run_guarded(_export, path, out, fmt.value, include_dropped, frames.value, cut_clips, video_root, time_format.value)
 
 
-def _export(path, out, fmt, include_dropped, frames) -> None:
+def _export(path, out, fmt, include_dropped, frames, cut_clips, video_root, time_format) -> None:
+    from engine.export import HINTS
     from engine.export import export as run_export
 
-    summary = run_export(path, out, fmt=fmt, include_dropped=include_dropped, frames=frames)
+    summary = run_export(
+        path, out, fmt=fmt, include_dropped=include_dropped, frames=frames, cut_clips=cut_clips,
+        video_root=video_root, time_format=time_format,
+    )
     for file, n in summary.files.items():
         console.print(f"{file}: {n} samples")
+    if summary.clips:
+        console.print(f"clips written: {summary.clips}")
     if summary.skipped:
         console.print("left out: " + ", ".join(f"{r} {n}" for r, n in sorted(summary.skipped.items())))
+        for reason in sorted(set(summary.skipped) & set(HINTS)):
+            console.print(f"  {reason}: {HINTS[reason]}")
     if not summary.files:
         console.print("[yellow]no samples to export[/]")
 

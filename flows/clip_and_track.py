@@ -210,6 +210,7 @@ def build(
         tracker=backends["tracker"],
         grounder=_grounder(backends["grounder"]),
         box_segmenter=backends.get("box_segmenter"),
+        embedder=backends.get("embedder"),
         config=masklet_config,
         stats=stats,
     )

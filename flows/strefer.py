@@ -1,25 +1,34 @@
 """The Strefer instruction engine (Strefer §2.1-2.2, Table 1, Table 7) as runner stages over one decode:
 entities (found by the Entity Recognizer and Referring Parser unless given), clips (Video Clipper), masklets
 (Referring Masklet Generator), a structured transcript (Video Transcriber: per entity and clip, presence,
-then what happens), and instructions of the 11 task types (Instruction Generator: templates for 1-6, an LLM
-for 7-11, mask-referring versions where Table 7 has one), written as `samples` labelled with their task type
-and group G1-G8.
+then what happens, each clip shown frames of its own), and instructions of the 11 task types (Instruction
+Generator: templates for 1-6, an LLM for 7-11, mask-referring versions where Table 7 has one), written as
+`samples` labelled with their task type, group G1-G8 and what they refer to.
 
 Times in the transcript and the instructions are seconds from the item's first frame: for a window of a longer
 file (`WorkItem.start_s`), from the window's start, and the temporal tokens spread over the window. Frame
-indexes (`SampleRecord.frames`, masklets) stay those of the whole file, as in every table.
+indexes (`SampleRecord.frames`, `SampleRecord.window`, masklets) stay those of the whole file, as in every
+table. A sample with a time in it is written once per time format (`time_formats`), one without a time once.
 """
 
 from __future__ import annotations
 
-from collections import Counter
 from dataclasses import dataclass
-from typing import Any, Literal, Sequence
+from typing import Any, Sequence
 
-from agents.instruction_generator import InstructionConfig, InstructionGenerator, TranscriptInput, scope_frames, to_sample
+from agents.instruction_generator import InstructionGenerator
+from agents.instruction_records import (
+    InstructionConfig,
+    TimeFormat,
+    TranscriptInput,
+    clip_window,
+    scope_frames,
+    to_samples,
+)
 from agents.transcriber import ClipView, TranscribeJob, TranscriberConfig, VideoTranscriber
 from engine.config import EngineConfig
 from engine.decode import DecodeResult
+from engine.frame_store import ClipFrames
 from engine.runner import FunctionPass, Outputs, Pipeline, VideoContext
 from engine.stats import Stats
 from engine.storage import Dataset
@@ -27,19 +36,29 @@ from flows import clip_and_track
 from schemas import ClipRecord, MaskletRecord
 
 NAME = "strefer"
-TimeFormat = Literal["timestamp", "tokens"]
 
 
 @dataclass(frozen=True)
 class StreferConfig:
-    transcriber_frames: int = 32  # frames sampled over the whole video; each clip is shown those inside it
+    # The transcriber describes each clip from frames of that clip alone (§2.1.5): `clip_frames` spread over it,
+    # picked from frames the decode keeps at `clip_sample_fps` (a clip of at least clip_frames / clip_sample_fps
+    # seconds gets all clip_frames; a shorter one every frame kept in it). Past `clip_memory_mb`, kept frames
+    # spill to a temporary folder.
+    clip_frames: int = 8
+    clip_sample_fps: float = 8.0
+    clip_memory_mb: float = 256.0
     frame_max_side: int = 448
-    time_formats: tuple[TimeFormat, ...] = ("timestamp", "tokens")  # one sample per form: either can be exported
+    # A sample with a time in it is written once per form (either can be exported); one without, once.
+    time_formats: tuple[TimeFormat, ...] = ("timestamp", "tokens")
     sample_frames: int = 32  # frame indexes a sample lists for its clip or video
 
     def __post_init__(self) -> None:
-        if self.transcriber_frames < 1 or self.sample_frames < 1 or self.frame_max_side < 28:
-            raise ValueError("transcriber_frames and sample_frames must be >= 1, frame_max_side >= 28")
+        if self.clip_frames < 1 or self.sample_frames < 1 or self.frame_max_side < 28:
+            raise ValueError("clip_frames and sample_frames must be >= 1, frame_max_side >= 28")
+        if not self.clip_sample_fps > 0 or not self.clip_memory_mb >= 0:
+            raise ValueError(
+                f"clip_sample_fps must be > 0 and clip_memory_mb >= 0, got {self.clip_sample_fps}, {self.clip_memory_mb}"
+            )
         if not self.time_formats or not set(self.time_formats) <= {"timestamp", "tokens"}:
             raise ValueError(f"time_formats must be among timestamp, tokens; got {self.time_formats}")
 
@@ -82,29 +101,43 @@ class TranscriberStage:
         self.transcriber, self.config, self.stats = transcriber, config, stats
 
     def start(self, ctx: VideoContext) -> FunctionPass:
-        keyframes = ctx.keyframes(count=self.config.transcriber_frames, max_side=self.config.frame_max_side)
+        cfg = self.config
+        pool = ClipFrames(fps=cfg.clip_sample_fps, width=ctx.info.decode_width, height=ctx.info.decode_height,
+                          max_side=cfg.frame_max_side, memory_mb=cfg.clip_memory_mb)
 
         def finish(decoded: DecodeResult, so_far: Outputs) -> Outputs:
-            from engine.models.interfaces import ChatVideo
+            try:
+                return transcribe(decoded, so_far)
+            finally:
+                pool.close()
 
-            if not ctx.entities or not so_far.clips or not keyframes.frames:
-                return Outputs()
-            indexes = sorted(keyframes.frames)
-            views = []
+        def transcribe(decoded: DecodeResult, so_far: Outputs) -> Outputs:
+            out = Outputs()
+            if not ctx.entities or not so_far.clips:
+                return out
+            views, bare = [], []
             clips, _ = _from_item_start(so_far.clips, (), decoded.first_time)
             for clip in clips:
-                inside = [i for i in indexes if clip.start_frame <= i < clip.end_frame]
-                # A clip shorter than the sampling step still gets its nearest frame.
-                inside = inside or [min(indexes, key=lambda i: abs(i - clip.start_frame))]
-                span = max(clip.end_time - clip.start_time, 1e-6)
-                frames = ChatVideo(tuple(keyframes.frames[i] for i in inside), fps=max(len(inside) - 1, 1) / span)
-                views.append(ClipView(clip.clip_index, clip.start_time, clip.end_time, frames))
+                video = pool.chat_video(clip.start_frame, clip.end_frame, cfg.clip_frames)
+                if video is None:  # shorter than one sampling interval: nothing of its own to show
+                    bare.append(f"{clip.clip_index} (frames {clip.start_frame}-{clip.end_frame - 1})")
+                    continue
+                self.stats.count("transcriber_clip_frames", len(video.frames))
+                views.append(ClipView(clip.clip_index, clip.start_time, clip.end_time, video))
+            if bare:
+                out.rejections.append(ctx.rejection(
+                    "transcriber", "clip_without_frames",
+                    f"clips {', '.join(bare)} hold no frame sampled at {cfg.clip_sample_fps:g} fps and are not "
+                    "described; a higher strefer.clip_sample_fps would show them",
+                ))
+            if not views:
+                return out
             expressions = [e.expression for e in ctx.entities]
             (transcript,) = self.transcriber.transcribe([TranscribeJob(ctx.video_id, views, expressions)])
             ctx.state["transcript"] = transcript
-            return Outputs()
+            return out
 
-        return FunctionPass(finish)
+        return FunctionPass(finish, consumers=[pool])
 
 
 class InstructionStage:
@@ -129,23 +162,20 @@ class InstructionStage:
             if result.failure is not None:
                 f = result.failure
                 out.rejections.append(ctx.rejection("instructions", f.reason, f.detail, raw=f.raw_answer))
+            by_index = {c.clip_index: c for c in so_far.clips}
             for instruction in result.instructions:
-                frames = [
-                    decoded.first_index + i  # the window's frames, as indexes of the file
-                    for i in scope_frames(
-                        instruction,
-                        fps=ctx.info.fps,
-                        num_frames=decoded.frames_decoded - decoded.first_index,
-                        count=self.config.sample_frames,
-                    )
-                ]
-                for form in self.config.time_formats:
-                    out.samples.append(
-                        to_sample(instruction, source=ctx.item.source, provenance=ctx.provenance, frames=frames, time_format=form)
-                    )
-            kinds = Counter((s.labels["group"], s.task) for s in out.samples if s.labels.get("time_format") == self.config.time_formats[0])
-            for (group, task), n in kinds.items():
-                self.stats.count(f"samples.strefer.{group}.{task}", n)
+                # A clip's samples list its own frames and carry its window; the others span the item.
+                clip = by_index[instruction.clip_index] if instruction.clip_index is not None else None
+                start, end = (clip.start_frame, clip.end_frame) if clip else (decoded.first_index, decoded.frames_decoded)
+                out.samples += to_samples(
+                    instruction,
+                    source=ctx.item.source,
+                    provenance=ctx.provenance,
+                    frames=scope_frames(start, end, count=self.config.sample_frames),
+                    window=clip_window(clip) if clip else None,
+                    time_formats=self.config.time_formats,
+                )
+                self.stats.count(f"samples.strefer.{instruction.group}.type{instruction.task_type}")
             return out
 
         return FunctionPass(finish)

@@ -1,15 +1,22 @@
 """The VideoRefer engine (VideoRefer §3.1.1-3.1.2) as runner stages over one decode per video.
 
 Data types, chosen per run with `data_types`:
-- detailed_caption (caption items): Analyzer (nouns) -> Annotator (dynamic, then static, per noun; static-only
-  subjects dropped) -> Segmentor (box, mask, masklet) -> Reviewer (region caption, same-object verdict) ->
-  Refiner (one detailed description). Every sample is written with the Reviewer's verdict and reason;
-  `kept` is false for those it dropped, and exporters skip them.
-- short_caption (caption items): Analyzer (singular subject only) -> Segmentor; the raw caption is the answer.
+- detailed_caption (caption items): Analyzer (nouns, each with how many the caption counts) -> Annotator
+  (dynamic, then static, per noun; static-only subjects dropped) -> Segmentor (box, mask, masklet) -> Reviewer
+  (region caption, same-object verdict) -> Refiner (one detailed description). A counted plural ("two dogs")
+  is segmented first, one masklet per instance, and each instance is then described with its contour drawn on
+  the frames (a name alone cannot tell two dogs apart); a plural without a number is rejected (see
+  `AnalyzerConfig.max_instances`). Every sample is written with the Reviewer's verdict and reason; `kept` is
+  false for those it dropped, and exporters skip them.
+- short_caption (caption items): Analyzer (singular subject only; a plural one is rejected, `plural_subject`)
+  -> Segmentor; the raw caption is the answer.
 - object_qa (mask datasets: MeViS, Ref-YouTube-VOS): the source's masks are the masklets (ground truth,
   never re-segmented); Annotator on each referring expression -> Refiner writes basic, reasoning and future
-  questions. An expression that refers to several objects (MeViS) is one region of the Refiner's prompt and
-  becomes one `<region>` token per object in the question, joined with "and", each with its own masklet.
+  questions. An expression that refers to several objects (MeViS) is one region of the Refiner's prompt, which
+  is told how many objects it holds so questions about it are in the plural, and becomes one `<region>` token
+  per object in the question, joined with "and", each with its own masklet.
+
+Samples of an item with a window (a caption manifest row with start/end) carry that window.
 """
 
 from __future__ import annotations
@@ -20,9 +27,10 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from agents.analyzer import Analyzer, AnalyzerConfig, NounsResult
-from agents.annotator import Annotation, Annotator, AnnotatorConfig
-from agents.refiner import QAJob, Refiner, RefinerConfig
+from agents.analyzer import Analyzer, AnalyzerConfig, Noun, NounsResult
+from agents.annotator import Annotation, Annotator, AnnotatorConfig, InstanceJob
+from agents.common import Failure
+from agents.refiner import QAJob, QARegion, Refiner, RefinerConfig
 from agents.reviewer import INVALID_JUDGE, Reviewer, ReviewerConfig, ReviewJob
 from agents.segmentor import Segmentor, SegmentorConfig
 from engine import masks
@@ -35,7 +43,7 @@ from engine.models.interfaces import ChatVideo
 from engine.runner import FunctionPass, Outputs, Pipeline, VideoContext
 from engine.stats import Stats
 from engine.storage import Dataset
-from schemas import Assignment, FrameMask, MaskletRecord, Review, SampleRecord, Turn, WorkItem
+from schemas import Assignment, FrameMask, MaskletRecord, Review, SampleRecord, Turn, Window, WorkItem
 
 NAME = "videorefer"
 DATA_TYPES = ("detailed_caption", "short_caption", "object_qa")
@@ -112,19 +120,34 @@ def funnel(stats: Stats, agent: str, n_in: int, n_out: int, dropped: Counter | N
 
 @dataclass
 class _Work:
-    """What one video carries from stage to stage."""
+    """What one video carries from stage to stage. Caption objects are keyed by name: the noun, or an
+    instance's "dog 1 of 2" (`agents.segmentor.instance_name`)."""
 
     nouns: NounsResult | None = None  # detailed captions
     subject: NounsResult | None = None  # short captions
     object_qa: bool = False  # object-level QA from the source's masks and expressions
     video: ChatVideo | None = None
     frames_shown: list[int] = field(default_factory=list)
-    annotations: list[Annotation] = field(default_factory=list)
+    annotations: dict[str, Annotation] = field(default_factory=dict)  # name -> the Annotator's descriptions
     expression_annotations: list[Annotation] = field(default_factory=list)
     track: TrackFrames | None = None
-    masklets: dict[str, MaskletRecord] = field(default_factory=dict)  # noun -> masklet (Segmentor)
+    masklets: dict[str, MaskletRecord] = field(default_factory=dict)  # name -> masklet (Segmentor)
+    instances: dict[str, Noun] = field(default_factory=dict)  # instance name -> its plural noun
+    instance_frames: dict[str, list[int]] = field(default_factory=dict)  # instance name -> frames shown
     source_masklets: dict[str, MaskletRecord] = field(default_factory=dict)  # object id -> masklet (ground truth)
-    reviews: dict[str, Review] = field(default_factory=dict)  # noun -> verdict
+    reviews: dict[str, Review] = field(default_factory=dict)  # name -> verdict
+
+    @property
+    def singular_nouns(self) -> list[Noun]:
+        return [n for n in self.nouns.nouns if not n.plural] if self.nouns and self.nouns.ok else []
+
+    @property
+    def plural_nouns(self) -> list[Noun]:
+        return [n for n in self.nouns.nouns if n.plural] if self.nouns and self.nouns.ok else []
+
+    @property
+    def short_subjects(self) -> list[Noun]:
+        return list(self.subject.subjects) if self.subject and self.subject.ok else []
 
 
 def _work(ctx: VideoContext) -> _Work:
@@ -179,7 +202,7 @@ class AnalyzerStage:
         work = _work(ctx)
         key = ctx.item.key
         work.nouns = self._detailed.pop(key, None)
-        work.subject = self._short.pop(key, None)
+        work.subject = _singular_in_both(self._short.pop(key, None), work.nouns)
         fault = self._faults.pop(key, None)
         if fault is not None:
             raise fault
@@ -203,7 +226,27 @@ class AnalyzerStage:
             for mode, r in zip(modes, results)
             if r.failure
         ]
+        rejections += [
+            ctx.rejection(self.name, failure.reason, f"detailed caption {work.nouns.caption[:200]!r}: {failure.detail}",
+                          expression=noun.noun, raw=failure.raw_answer)
+            for noun, failure in (work.nouns.rejected if work.nouns else ())
+        ]
         return FunctionPass(lambda decoded, so_far: Outputs(rejections=rejections)) if rejections else None
+
+
+def _singular_in_both(short: NounsResult | None, detailed: NounsResult | None) -> NounsResult | None:
+    """The short analysis, or a `plural_subject` failure where the detailed analysis of the same caption counts
+    its subject as several (two answers of the model that disagree: the short sample would be about one of
+    them while its caption is about all)."""
+    if short is None or not short.ok or detailed is None:
+        return short
+    counted = {n.noun: n.count for n in detailed.nouns} | {n.noun: n.count for n, _ in detailed.rejected}
+    plural = [n.noun for n in short.subjects if counted.get(n.noun, 1) != 1]
+    if not plural:
+        return short
+    detail = (f"the detailed analysis of the caption counts {counted[plural[0]] or 'several'} {plural[0]!r}: a short "
+              "caption is reused as the answer about one object's masklet (VideoRefer §3.1.2)")
+    return NounsResult(short.caption, failure=Failure("plural_subject", detail))
 
 
 class AnnotatorStage:
@@ -216,7 +259,7 @@ class AnnotatorStage:
 
     def start(self, ctx: VideoContext) -> FunctionPass | None:
         work = _work(ctx)
-        nouns = list(work.nouns.nouns) if work.nouns and work.nouns.ok else []
+        nouns = work.singular_nouns  # instances of plural nouns are described after the Segmentor tells them apart
         expressions = [e.expression for e in ctx.item.expressions] if work.object_qa else []
         if not nouns and not expressions:
             return None
@@ -229,8 +272,9 @@ class AnnotatorStage:
             work.frames_shown = sorted(keyframes.frames)
             rejections = []
             if nouns:
-                work.annotations = self.annotator.annotate(work.video, nouns)
-                rejections += self._rejections(ctx, work.annotations)
+                annotations = self.annotator.annotate(work.video, nouns)
+                work.annotations.update((a.noun, a) for a in annotations)
+                rejections += self._rejections(ctx, annotations)
             if expressions:
                 work.expression_annotations = self.annotator.annotate_expressions(work.video, expressions)
                 rejections += self._rejections(ctx, work.expression_annotations)
@@ -239,13 +283,19 @@ class AnnotatorStage:
         return FunctionPass(finish)
 
     def _rejections(self, ctx: VideoContext, annotations: list[Annotation]) -> list:
-        dropped = Counter(a.failure.reason for a in annotations if a.failure)
-        funnel(self.stats, self.name, len(annotations), len(annotations) - sum(dropped.values()), dropped)
-        return [
-            ctx.rejection(self.name, a.failure.reason, a.failure.detail, expression=a.noun, raw=a.failure.raw_answer)
-            for a in annotations
-            if a.failure
-        ]
+        return annotation_rejections(ctx, self.stats, annotations, [a.noun for a in annotations])
+
+
+def annotation_rejections(ctx: VideoContext, stats: Stats, annotations: list[Annotation], names: list[str]) -> list:
+    """The Annotator's funnel and a rejection row per failed annotation, under its object's name (the noun,
+    the expression, or an instance's name)."""
+    dropped = Counter(a.failure.reason for a in annotations if a.failure)
+    funnel(stats, "annotator", len(annotations), len(annotations) - sum(dropped.values()), dropped)
+    return [
+        ctx.rejection("annotator", a.failure.reason, a.failure.detail, expression=name, raw=a.failure.raw_answer)
+        for name, a in zip(names, annotations)
+        if a.failure
+    ]
 
 
 class SegmentorStage:
@@ -258,8 +308,7 @@ class SegmentorStage:
 
     def start(self, ctx: VideoContext) -> FunctionPass | None:
         work = _work(ctx)
-        candidates = [n.noun for n in (work.nouns.nouns if work.nouns and work.nouns.ok else ())]
-        candidates += [n.noun for n in (work.subject.subjects if work.subject and work.subject.ok else ())]
+        candidates = work.singular_nouns + work.plural_nouns + work.short_subjects
         if not candidates and not work.object_qa:
             return None
         cfg = self.segmentor.config
@@ -273,23 +322,28 @@ class SegmentorStage:
             out = Outputs()
             if work.object_qa:
                 out.extend(self._source_masklets(ctx, work))
-            # Only nouns the Annotator kept, and the short-caption subject, are worth tracking.
-            wanted = [a.noun for a in work.annotations if a.ok]
-            wanted += [n.noun for n in (work.subject.subjects if work.subject and work.subject.ok else ())]
+            # Singular nouns the Annotator kept, the short-caption subject, and every counted plural (its
+            # instances are described once the Segmentor has told them apart).
+            plural = {n.noun: n for n in work.plural_nouns}
+            wanted = [a.noun for a in work.annotations.values() if a.ok]
+            wanted += [n.noun for n in work.short_subjects] + list(plural)
             wanted = list(dict.fromkeys(wanted))
             if wanted and work.track is not None:
                 results = self.segmentor.segment(
                     work.track, wanted, video_id=ctx.video_id, width=ctx.info.decode_width,
                     height=ctx.info.decode_height, provenance=ctx.provenance,
+                    counts={noun: n.count for noun, n in plural.items()},
                 )
                 dropped = Counter(r.reason for r in results if r.masklet is None)
                 funnel(self.stats, self.name, len(results), len(results) - sum(dropped.values()), dropped)
                 for r in results:
                     if r.masklet is None:
                         out.rejections.append(ctx.rejection(self.name, r.reason or "no_masklet", r.detail, expression=r.noun))
-                    else:
-                        work.masklets[r.noun] = r.masklet
-                        out.masklets.append(r.masklet)
+                        continue
+                    work.masklets[r.name] = r.masklet
+                    out.masklets.append(r.masklet)
+                    if r.instance is not None:
+                        work.instances[r.name] = plural[r.noun]
             return out
 
         return FunctionPass(finish)
@@ -345,6 +399,56 @@ class SegmentorStage:
         return out
 
 
+class InstanceAnnotatorStage:
+    """The Annotator on each instance of a counted plural noun, shown with its contour on frames where its
+    masklet has a mask: the name alone ("dog") would not say which of the two dogs to describe."""
+
+    name = "annotator"
+
+    def __init__(self, annotator: Annotator, config: VideoReferConfig, stats: Stats) -> None:
+        self.annotator, self.config, self.stats = annotator, config, stats
+
+    def start(self, ctx: VideoContext) -> FunctionPass | None:
+        work = _work(ctx)
+        if not work.plural_nouns:
+            return None
+
+        def finish(decoded: DecodeResult, so_far: Outputs) -> Outputs:
+            if not work.instances or work.track is None:
+                return Outputs()
+            names = list(work.instances)
+            jobs = [self._job(ctx, work, name) for name in names]
+            annotations = self.annotator.annotate_instances(jobs)
+            work.annotations.update(zip(names, annotations))
+            return Outputs(rejections=annotation_rejections(ctx, self.stats, annotations, names))
+
+        return FunctionPass(finish)
+
+    def _job(self, ctx: VideoContext, work: _Work, name: str) -> InstanceJob:
+        """Up to `annotator_frames` tracked frames spread over those where the instance has a mask, with its
+        mask, at most `frame_max_side` on the long side."""
+        import cv2
+
+        track, masklet, noun = work.track, work.masklets[name], work.instances[name]
+        position = {index: p for p, index in enumerate(track.frame_index)}
+        tracked = [f for f in masklet.frames if f.frame_index in position]
+        picks = np.linspace(0, len(tracked) - 1, num=min(self.config.annotator_frames, len(tracked)))
+        chosen = [tracked[i] for i in sorted({int(round(x)) for x in picks})]
+        width, height = ctx.info.decode_width, ctx.info.decode_height
+        scale = min(1.0, self.config.frame_max_side / max(width, height))
+        size = (max(1, round(width * scale)), max(1, round(height * scale)))
+        frames, shown_masks = [], []
+        for f in chosen:
+            frames.append(cv2.resize(track.store.resized(position[f.frame_index], width, height), size,
+                                     interpolation=cv2.INTER_AREA))
+            mask = masks.decode(f.rle).astype(np.uint8)
+            shown_masks.append(cv2.resize(mask, size, interpolation=cv2.INTER_NEAREST) > 0)
+        span = max(chosen[-1].timestamp - chosen[0].timestamp, 1e-6)
+        work.instance_frames[name] = [f.frame_index for f in chosen]
+        return InstanceJob(noun.noun, noun.is_subject, tuple(frames), tuple(shown_masks),
+                           fps=max(len(chosen) - 1, 1) / span)
+
+
 class ReviewerStage:
     """Is the masklet the object the Annotator described? One region caption and one verdict per noun."""
 
@@ -359,16 +463,16 @@ class ReviewerStage:
             return None
 
         def finish(decoded: DecodeResult, so_far: Outputs) -> Outputs:
-            jobs, nouns = [], []
-            for a in work.annotations:
-                masklet = work.masklets.get(a.noun)
+            jobs, names = [], []
+            for name, a in work.annotations.items():
+                masklet = work.masklets.get(name)
                 if not a.ok or masklet is None or work.track is None:
                     continue
                 jobs.append(self._job(ctx, work.track, masklet, a))
-                nouns.append(a.noun)
+                names.append(name)
             if jobs:
                 reviews = self.reviewer.review(jobs)
-                work.reviews.update(zip(nouns, reviews))
+                work.reviews.update(zip(names, reviews))
                 dropped = Counter(_drop_reason(r) for r in reviews if not r.verdict)
                 funnel(self.stats, self.name, len(reviews), len(reviews) - sum(dropped.values()), dropped)
             return Outputs()
@@ -405,9 +509,10 @@ class RefinerStage:
 
         def finish(decoded: DecodeResult, so_far: Outputs) -> Outputs:
             out = Outputs()
-            out.extend(self._detailed(ctx, work))
-            out.extend(self._short(ctx, work))
-            out.extend(self._qa(ctx, work))
+            window = item_window(ctx, decoded)
+            out.extend(self._detailed(ctx, work, window))
+            out.extend(self._short(ctx, work, window))
+            out.extend(self._qa(ctx, work, window))
             for sample in out.samples:
                 self.stats.count(f"samples.{sample.data_type}.{'kept' if sample.kept else 'dropped'}")
             return out
@@ -415,8 +520,9 @@ class RefinerStage:
         return FunctionPass(finish)
 
     def _sample(self, ctx: VideoContext, data_type: str, key: Any, question: str, answer: str,
-                masklets: list[MaskletRecord], *, task: str | None = None, kept: bool = True,
-                review: Review | None = None, questions: Sequence[str] = ()) -> SampleRecord:
+                masklets: list[MaskletRecord], *, window: Window | None, task: str | None = None, kept: bool = True,
+                review: Review | None = None, questions: Sequence[str] = (),
+                shown: Sequence[int] | None = None) -> SampleRecord:
         # The caption is part of the id: two captions of one video give two samples, never one id twice.
         sample_id = stable_id(ctx.video_id, ctx.provenance.config_hash, data_type, task, key, ctx.item.caption)
         if questions:  # a phrasing picked by the sample's id: deterministic, varied across samples
@@ -428,10 +534,12 @@ class RefinerStage:
             pipeline=NAME,
             data_type=data_type,
             task=task,
-            labels={"frames_shown": ",".join(map(str, work_frames(ctx)))},
+            labels={"frames_shown": ",".join(map(str, work_frames(ctx) if shown is None else shown))},
             conversation=[Turn(role="human", value=f"<video>\n{question}"), Turn(role="gpt", value=answer)],
             masklet_ids=[m.masklet_id for m in masklets],
             frames=self._frames(masklets),
+            window=window,
+            refers_to=["mask"] if "<region>" in question else [],
             kept=kept,
             review=review,
             provenance=ctx.provenance,
@@ -445,42 +553,41 @@ class RefinerStage:
         picks = np.linspace(0, len(indexes) - 1, num=self.config.sample_frames)
         return sorted({indexes[int(round(p))] for p in picks})
 
-    def _detailed(self, ctx: VideoContext, work: _Work) -> Outputs:
-        reviewed = [a for a in work.annotations if a.ok and a.noun in work.reviews]
-        to_refine = [a for a in reviewed if work.reviews[a.noun].verdict or self.config.refine_dropped]
-        merged = dict(zip((a.noun for a in to_refine), self.refiner.merge([(a.noun, a.dynamic, a.static) for a in to_refine]))) if to_refine else {}
+    def _detailed(self, ctx: VideoContext, work: _Work, window: Window | None) -> Outputs:
+        reviewed = [(name, a) for name, a in work.annotations.items() if a.ok and name in work.reviews]
+        to_refine = [(name, a) for name, a in reviewed if work.reviews[name].verdict or self.config.refine_dropped]
+        texts = self.refiner.merge([(a.noun, a.dynamic, a.static) for _, a in to_refine]) if to_refine else []
+        merged = dict(zip((name for name, _ in to_refine), texts))
         out = Outputs()
         failed = Counter()
-        for a in reviewed:
-            review = work.reviews[a.noun]
-            text = merged.get(a.noun)
+        for name, a in reviewed:
+            review = work.reviews[name]
+            text = merged.get(name)
             if text is not None and not isinstance(text, str):  # a Failure
                 failed[text.reason] += 1
-                out.rejections.append(ctx.rejection(self.name, text.reason, text.detail, expression=a.noun, raw=text.raw_answer))
+                out.rejections.append(ctx.rejection(self.name, text.reason, text.detail, expression=name, raw=text.raw_answer))
                 continue
             # A dropped caption that was not refined keeps the Annotator's two descriptions, as evidence.
             answer = text if text is not None else f"{a.static} {a.dynamic}".strip()
             out.samples.append(
-                self._sample(ctx, "detailed_caption", a.noun, "", answer, [work.masklets[a.noun]],
-                             kept=review.verdict, review=review, questions=DETAILED_QUESTIONS)
+                self._sample(ctx, "detailed_caption", name, "", answer, [work.masklets[name]], window=window,
+                             kept=review.verdict, review=review, questions=DETAILED_QUESTIONS,
+                             shown=work.instance_frames.get(name))
             )
         if to_refine:
             funnel(self.stats, self.name, len(to_refine), len(to_refine) - sum(failed.values()), failed)
         return out
 
-    def _short(self, ctx: VideoContext, work: _Work) -> Outputs:
+    def _short(self, ctx: VideoContext, work: _Work, window: Window | None) -> Outputs:
         out = Outputs()
-        if not (work.subject and work.subject.ok):
-            return out
-        for noun in work.subject.subjects:
+        for noun in work.short_subjects:
             masklet = work.masklets.get(noun.noun)
             if masklet is not None:
-                out.samples.append(
-                    self._sample(ctx, "short_caption", noun.noun, "", work.subject.caption, [masklet], questions=SHORT_QUESTIONS)
-                )
+                out.samples.append(self._sample(ctx, "short_caption", noun.noun, "", work.subject.caption, [masklet],
+                                                window=window, questions=SHORT_QUESTIONS))
         return out
 
-    def _qa(self, ctx: VideoContext, work: _Work) -> Outputs:
+    def _qa(self, ctx: VideoContext, work: _Work, window: Window | None) -> Outputs:
         out = Outputs()
         if "object_qa" not in self.data_types or not work.expression_annotations:
             return out
@@ -490,7 +597,8 @@ class RefinerStage:
             if not annotation.ok or not region_masklets:
                 continue
             index = len(regions)
-            regions.append((index, expression.expression, f"{annotation.static} {annotation.dynamic}".strip()))
+            description = f"{annotation.static} {annotation.dynamic}".strip()
+            regions.append(QARegion(index, expression.expression, description, len(region_masklets)))
             objects.append(region_masklets)
         if not regions:
             return out
@@ -503,9 +611,7 @@ class RefinerStage:
         for n, pair in enumerate(result):
             question, used = _with_region_tokens(pair.question, objects)
             answer = _named(pair.answer, regions)
-            out.samples.append(
-                self._sample(ctx, "object_qa", n, question, answer, used, task=pair.kind)
-            )
+            out.samples.append(self._sample(ctx, "object_qa", n, question, answer, used, window=window, task=pair.kind))
         return out
 
 
@@ -530,6 +636,19 @@ def work_frames(ctx: VideoContext) -> list[int]:
     return _work(ctx).frames_shown
 
 
+def item_window(ctx: VideoContext, decoded: DecodeResult) -> Window | None:
+    """The frames and times the item covers where it is a window of its video (a caption manifest row with
+    start/end, such as Panda-70M's clips), counted from the file's first frame; None for a whole video."""
+    if ctx.item.start_s is None and ctx.item.end_s is None:
+        return None
+    return Window(
+        start_frame=decoded.first_index,
+        end_frame=decoded.frames_decoded,
+        start_s=round(decoded.first_time, 6),
+        end_s=round(decoded.end_time, 6),
+    )
+
+
 def _with_region_tokens(text: str, objects: list[list[MaskletRecord]]) -> tuple[str, list[MaskletRecord]]:
     """`<regionN>` -> one `<region>` per object of region N ("<region> and <region>"), and the masklets in
     token order."""
@@ -545,18 +664,22 @@ def _with_region_tokens(text: str, objects: list[list[MaskletRecord]]) -> tuple[
     return re.sub(r"<region(\d+)>", swap, text), used
 
 
-_DETERMINER = r"(?i)^(?:the|a|an|this|that|these|those|his|her|its|their)\b"
+# Words a noun phrase can start with that take no "the" before them ("both shapes", not "the both shapes").
+_DETERMINER = (
+    r"(?i)^(?:the|a|an|this|that|these|those|his|her|its|their|my|your|our|both|all|each|every|either|neither"
+    r"|some|any|no|several|many|few|one|another)\b"
+)
 
 
-def _named(text: str, regions: list[tuple[int, str, str]]) -> str:
+def _named(text: str, regions: list[QARegion]) -> str:
     """Answers carry no `<region>` tokens (training code reads regions from the question): name them by their
     expression, with "the" unless it starts with a determiner already ("the two boxes", not "the the two
-    boxes"), capitalised where it starts a sentence."""
+    boxes"; "both shapes", not "the both shapes"), capitalised where it starts a sentence."""
     import re
 
     def name(match: "re.Match[str]") -> str:
         n = int(match.group(1))
-        expression = regions[n][1] if n < len(regions) else ""
+        expression = regions[n].name if n < len(regions) else ""
         phrase = (expression if re.match(_DETERMINER, expression) else f"the {expression}") if expression else "it"
         before = text[: match.start()].rstrip()
         first = phrase[0].upper() if not before or before[-1] in ".!?" else phrase[0].lower()
@@ -592,6 +715,7 @@ def build(
             AnalyzerStage(analyzer, data_types, stats),
             AnnotatorStage(annotator, cfg, stats),
             SegmentorStage(segmentor, stats),
+            InstanceAnnotatorStage(annotator, cfg, stats),
             ReviewerStage(reviewer, stats),
             RefinerStage(refiner, cfg, data_types, stats),
         ],

@@ -93,10 +93,11 @@ class TrackPrompt(Record):
     timestamp: float
     box: list[float] = Field(description="xyxy pixels of the detection that prompted the tracker")
     detector_score: float
-    reason: Literal["start", "redetect", "first-frame"] = Field(
+    reason: Literal["start", "redetect", "identity", "first-frame"] = Field(
         description="start: the frame the method starts from (Strefer's Algorithm 1, in each shot between hard cuts; "
         "the Segmentor's best box); redetect: a detection at another sampled frame that matched no live masklet; "
-        "first-frame: the Grounded-SAM-2 baseline's prompt"
+        "identity: a detection of an object a track had lost at an identity switch (that track was cut at the last "
+        "frame its identity check passed); first-frame: the Grounded-SAM-2 baseline's prompt"
     )
     track: int = Field(description="index of the track within the masklet; a track never crosses a hard cut")
 

@@ -92,6 +92,15 @@ class GroundTruth:
             raise KeyError(f"no shape named {name!r}")
         return out
 
+    def footprint(self, name: str, frame: int) -> np.ndarray:
+        """All pixels of the shape at `frame` (bool, height x width), hidden by later shapes or not."""
+        out = np.zeros((self.height, self.width), dtype=bool)
+        piece = _footprint(self.shape(name), frame, self.width, self.height)
+        if piece is not None:
+            ys, xs, window = piece
+            out[ys, xs] = window
+        return out
+
     def box(self, name: str, frame: int) -> tuple[int, int, int, int] | None:
         """Tight xyxy box of the visible mask, x1 and y1 exclusive (max pixel + 1); None when not visible."""
         mask = self.mask(name, frame)

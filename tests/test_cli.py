@@ -158,12 +158,13 @@ def test_run_strefer_through_prefect_and_export(tmp_path):
     from engine.storage import Dataset
 
     samples = Dataset(str(out)).read_table("samples").to_pylist()
-    assert samples and {dict(s["labels"])["time_format"] for s in samples} == {"timestamp", "tokens"}  # Arrow map: pairs
+    forms = {dict(s["labels"]).get("time_format") for s in samples}  # Arrow map: pairs
+    assert samples and None in forms and forms <= {None, "timestamp", "tokens"}  # time-free samples: once, unlabelled
     exported = _run("export", str(out), "--out", str(tmp_path / "json"))
     assert exported.exit_code == 0, exported.output
     entries = json.loads((tmp_path / "json" / "strefer.json").read_text())
-    kept = [s for s in samples if s["kept"]]
-    assert len(entries) == len(kept)
+    kept = [s for s in samples if s["kept"] and dict(s["labels"]).get("time_format", "timestamp") == "timestamp"]
+    assert len(entries) == len(kept)  # the default --time-format, and every time-free sample
     for entry in entries:
         human = entry["conversations"][0]["value"]
         assert human.startswith("<video>\n") and len(entry["annotation"]) == human.count("<region>")

@@ -8,23 +8,23 @@ import itertools
 import json
 import math
 import re
+from pathlib import Path
 
 import pytest
 from pydantic import ValidationError
 
-from agents.analyzer import Failure
-from agents.instruction_generator import (
+from agents.common import Failure
+from agents.instruction_generator import InstructionGenerator, llm_schema
+from agents.instruction_records import (
     GROUPS,
     MASK_PREFIX,
     Instruction,
     InstructionConfig,
-    InstructionGenerator,
     TranscriptInput,
     first_appearance,
     group_of,
-    llm_schema,
     scope_frames,
-    to_sample,
+    to_samples,
 )
 from agents.instruction_templates import (
     ABSENT_ANSWERS,
@@ -79,9 +79,9 @@ def park(video_id: str = "park", duration: float = 30.0, end: float | None = Non
         clips=[(0, 0.0, 10.0), (1, 10.0, 20.0), (2, 20.0, duration if end is None else end)],
         entities=[
             {"expression": GIRL, "noun": "girl", "masklet_id": "m-girl", "first_appearance_time": 1.0,
-             "clips": obs((0, "The girl waves at the camera."), (1, None), (2, "She sits down on a bench"))},
+             "mask_clips": [0, 2], "clips": obs((0, "The girl waves at the camera."), (1, None), (2, "She sits down on a bench"))},
             {"expression": DOG, "noun": "dog", "masklet_id": "m-dog", "first_appearance_time": 12.0,
-             "clips": obs((0, None), (1, "The dog runs across the lawn."), (2, "The dog barks."))},
+             "mask_clips": [1, 2], "clips": obs((0, None), (1, "The dog runs across the lawn."), (2, "The dog barks."))},
             {"expression": MAN, "noun": "person", "masklet_id": None, "first_appearance_time": None,
              "clips": obs((0, None), (1, None), (2, "The man walks in."))},
         ],
@@ -397,7 +397,7 @@ def test_mask_referring_questions_start_with_the_sentence_and_hide_the_entity():
     t = park().model_dump()
     t["entities"].append(
         {"expression": "person doing a handstand", "noun": "person", "masklet_id": "m-hand",
-         "first_appearance_time": 21.0, "clips": obs((0, None), (1, None), (2, "The person flips over."))}
+         "first_appearance_time": 21.0, "mask_clips": [2], "clips": obs((0, None), (1, None), (2, "The person flips over."))}
     )
     t = TranscriptInput.model_validate(t)
     stats = Stats()
@@ -470,6 +470,7 @@ def test_from_transcript_joins_the_transcriber_output_with_masklets():
     assert (bride.noun, bride.masklet_id, bride.first_appearance_time) == ("person", "m-bride", pytest.approx(4.5))
     assert (kite.noun, kite.masklet_id, kite.first_appearance_time) == ("red kite", None, None)
     assert bride.observation(1).description == "She dances." and bride.observation(0).present is False
+    assert (bride.mask_clips, kite.mask_clips) == ([1], [])  # masks at 4.5-6.0 s: the second clip only
     out = template_instructions(t, InstructionConfig(template_types=(1,)))
     (masked,) = [i for i in out if i.referring == "mask"]
     assert masked.masklet_ids == ["m-bride"] and masked.entities == ["bride in white"]
@@ -488,34 +489,73 @@ def test_generator_counts_types_and_groups():
 # -- samples -------------------------------------------------------------------------------------------------------
 
 
-def test_to_sample_writes_both_time_formats():
+def test_a_timed_instruction_gives_one_sample_per_time_format():
     out = template_instructions(park(), InstructionConfig(template_types=(6,)))
     ins = next(i for i in out if i.referring == "mask")
-    sample = to_sample(ins, source="park.mp4", provenance=PROVENANCE, frames=[1, 2])
-    assert sample.data_type == "strefer" and sample.pipeline == "strefer" and sample.task == "type6"
-    assert sample.labels["group"] == "G8" and sample.labels["form"] == "open"
-    assert sample.labels["time_format"] == "timestamp" and sample.labels["referring"] == "mask"
-    assert [t.role for t in sample.conversation] == ["human", "gpt"]
-    assert sample.conversation[0].value == "<video>\n" + ins.question and sample.conversation[1].value == ins.answer
-    assert sample.masklet_ids == ins.masklet_ids == ["m-girl"]
-    assert sample.frames == [1, 2] and sample.video_id == "park"
-    tokens = to_sample(ins, source="park.mp4", provenance=PROVENANCE, time_format="tokens")
-    assert tokens.labels["time_format"] == "tokens" and tokens.sample_id != sample.sample_id
+    stamp, tokens = to_samples(ins, source="park.mp4", provenance=PROVENANCE, frames=[1, 2])
+    assert stamp.data_type == "strefer" and stamp.pipeline == "strefer" and stamp.task == "type6"
+    assert stamp.labels["group"] == "G8" and stamp.labels["form"] == "open"
+    assert stamp.labels["time_format"] == "timestamp" and stamp.labels["referring"] == "mask"
+    assert "temporal_tokens" not in stamp.labels and tokens.labels["temporal_tokens"] == "32"
+    assert [t.role for t in stamp.conversation] == ["human", "gpt"]
+    assert stamp.conversation[0].value == "<video>\n" + ins.question and stamp.conversation[1].value == ins.answer
+    assert stamp.masklet_ids == ins.masklet_ids == ["m-girl"]
+    assert stamp.frames == [1, 2] and stamp.video_id == "park" and stamp.window is None
+    assert stamp.refers_to == tokens.refers_to == ["mask", "timestamp"]
+    assert tokens.labels["time_format"] == "tokens" and tokens.sample_id != stamp.sample_id
     assert tokens.conversation[0].value == "<video>\n" + ins.temporal_tokens.question
     assert not find_timestamps(tokens.conversation[0].value) and re.search(r"<\d+>", tokens.conversation[0].value)
-    assert to_sample(ins, source="park.mp4", provenance=PROVENANCE).sample_id == to_sample(
-        ins, source="park.mp4", provenance=PROVENANCE).sample_id
-    with pytest.raises(ValueError, match="time_format"):
-        to_sample(ins, source="x", provenance=PROVENANCE, time_format="seconds")
+    (again,) = to_samples(ins, source="park.mp4", provenance=PROVENANCE, time_formats=("timestamp",))
+    assert again.sample_id == stamp.sample_id
+    with pytest.raises(ValueError, match="time_formats"):
+        to_samples(ins, source="x", provenance=PROVENANCE, time_formats=("seconds",))
 
 
-def test_scope_frames_stay_inside_the_clip():
-    ins = by_type(template_instructions(park(), InstructionConfig(template_types=(1,))), 1)[0]
-    assert ins.span == (0.0, 10.0)
-    frames = scope_frames(ins, fps=10.0, num_frames=300, count=8)
-    assert len(frames) == 8 and frames[0] == 0 and frames[-1] == 99
-    video = template_instructions(park(), InstructionConfig(template_types=(5,)))[0]
-    assert scope_frames(video, fps=10.0, num_frames=300, count=400) == list(range(300))
+def test_a_time_free_instruction_gives_one_sample_whatever_the_formats():
+    ins = by_type(template_instructions(park(), InstructionConfig(template_types=(1,))), 1, "mask")[0]
+    assert ins.question == ins.temporal_tokens.question and ins.answer == ins.temporal_tokens.answer
+    ids = set()
+    for formats in (("timestamp", "tokens"), ("tokens",), ("timestamp",)):
+        (sample,) = to_samples(ins, source="park.mp4", provenance=PROVENANCE, time_formats=formats)
+        assert "time_format" not in sample.labels and "temporal_tokens" not in sample.labels
+        assert sample.refers_to == ["mask"]
+        ids.add(sample.sample_id)
+    assert len(ids) == 1  # the id does not depend on the time formats
+
+
+def test_refers_to_says_what_the_text_points_at():
+    out = InstructionGenerator(FakeChat([json.dumps(valid_answer())])).generate([park()])[0].instructions
+    kinds = {}
+    for i in out:
+        (sample, *_) = to_samples(i, source="park.mp4", provenance=PROVENANCE)
+        kinds.setdefault((i.task_type, i.referring), set()).add(tuple(sample.refers_to))
+    assert kinds[(7, "language")] == {("timestamp",)} and kinds[(7, "mask")] == {("mask", "timestamp")}  # G3, G6
+    assert kinds[(8, "mask")] == kinds[(9, "mask")] == {("mask", "coarse_time")}  # G7: mask and a coarse time
+    assert kinds[(10, "language")] == {("event",)} and kinds[(11, "mask")] == {("mask", "event")}
+    assert kinds[(6, "language")] == {("timestamp",)} and kinds[(6, "mask")] == {("mask", "timestamp")}
+    assert kinds[(1, "language")] == kinds[(4, "language")] == kinds[(5, "language")] == {()}
+
+
+def test_scope_frames_spread_over_a_frame_range():
+    assert scope_frames(0, 31, count=8) == [0, 4, 9, 13, 17, 21, 26, 30]
+    assert scope_frames(31, 62, count=40) == list(range(31, 62))  # never frame 62, the next clip's first
+    assert scope_frames(5, 6, count=3) == [5] and scope_frames(10, 20, count=1) == [14]
+    with pytest.raises(ValueError, match="start_frame < end_frame"):
+        scope_frames(10, 10)
+
+
+def test_a_type1_mask_version_needs_a_mask_in_its_clip():
+    t = park().model_dump()
+    t["entities"][1]["mask_clips"] = [2]  # the dog's masklet misses clip 1, where the transcript sees it
+    stats = Stats()
+    out = template_instructions(TranscriptInput.model_validate(t), InstructionConfig(template_types=(1,)), stats)
+    masked = {(i.entities[0], i.clip_index) for i in out if i.referring == "mask"}
+    assert masked == {(GIRL, 0), (GIRL, 2), (DOG, 2)}
+    assert {(i.entities[0], i.clip_index) for i in out if i.referring == "language"} >= {(DOG, 1)}
+    assert stats.counters["instructions_mask_skipped_not_in_clip"] == 1
+    t["entities"][1]["mask_clips"] = [5]
+    with pytest.raises(ValidationError, match="mask_clips"):
+        TranscriptInput.model_validate(t)
 
 
 def test_instruction_rejects_inconsistent_fields():
@@ -736,11 +776,25 @@ def test_config_says_what_is_wrong(kwargs, message):
         InstructionConfig(**kwargs)
 
 
-def test_generator_names_its_prompt():
-    from prompts import template_hash
+def test_generator_asks_with_the_prompt_it_names(tmp_path, monkeypatch):
+    import prompts
+    from prompts import render, template_hash
 
-    assert InstructionGenerator.prompts == ("instruction_llm",)
-    assert len(template_hash("instruction_llm")) == 12
+    (name,) = InstructionGenerator.prompts
+    llm = FakeChat([json.dumps(valid_answer())])
+    InstructionGenerator(llm).from_llm([park()])
+    # The request is exactly that template rendered with this video's transcript (what provenance hashes).
+    text = first_prompt(llm.requests[0])
+    assert text.startswith("You write question-answer pairs about one video")
+    assert "The video lasts 00:00:30.000" in text and f'- "{GIRL}" (has a mask), first seen at 00:00:01.000' in text
+    assert f'- "{MAN}"\n' in text and f"- {DOG}: not visible" in text and "- The dog runs across the lawn." not in text
+    assert text == render(name, **InstructionGenerator()._prompt_variables(park()))
+    # Its hash follows the template's content: an edited copy hashes differently.
+    original = template_hash(name)
+    edited = tmp_path / f"{name}.j2"
+    edited.write_text((Path(prompts.__file__).parent / f"{name}.j2").read_text() + "\n")
+    monkeypatch.setattr(prompts, "_DIR", tmp_path)
+    assert template_hash(name) != original
 
 
 def test_llm_options_are_shuffled_by_seed_and_the_letter_follows_the_answer():

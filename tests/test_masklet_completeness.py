@@ -12,7 +12,7 @@ from engine import masks
 from engine.models.interfaces import Detection
 from flows.clip_and_track import hard_cuts
 from schemas import ClipRecord, EntityRef, Provenance
-from tests.fakes import FakeColorDetector, FakeColorGrounder, FakeColorTracker
+from tests.fakes import FakeColorDetector, FakeColorGrounder, FakeColorTracker, FakeRegionEmbedder
 from tests.scenarios import SCENARIOS, ScenarioRun, run_scenario
 
 PROV = Provenance(engine_version="test", profile="test", models={}, config_hash="cfg")
@@ -35,6 +35,9 @@ def test_with_redetection_every_entity_gets_a_masklet_covering_it(runs, name):
     for entity in BY_NAME[name].entities:
         assert entity.expression in run.masklets["strefer"], f"{name}: {entity.expression} has no masklet"
         assert run.coverage["strefer"][entity.expression] >= 0.9, (name, run.coverage)
+    # a tracker that never switches identity is never cut, though every track was checked
+    assert run.counters["identity_checks"] > 0 and run.counters.get("identity_cuts", 0) == 0
+    assert all(p.reason != "identity" for m in run.masklets["strefer"].values() for p in m.prompts)
 
 
 def test_the_paper_mode_loses_what_its_start_frame_cannot_see(runs):
@@ -93,25 +96,43 @@ def test_link_chains_extends_matches_without_overlap_or_sharing():
     assert link_chains(scores, [{0}, {1}, {2}], [(0, 0), (1, 2)]) == {0: [0], 1: [2, 1]}
 
 
-def test_tracks_of_one_object_from_two_prompt_frames_are_merged():
+def _merge_job():
     gen = ReferringMaskletGenerator(
         detector=FakeColorDetector({}), tracker=FakeColorTracker(), grounder=FakeColorGrounder({}),
-        config=MaskletConfig(track_fps=0),
+        embedder=FakeRegionEmbedder([(0, 0, 0)]), config=MaskletConfig(track_fps=0),
     )
     job = gen.start(video_id="v", source="s", width=40, height=30, entities=[EntityRef(expression="a", noun="x")], provenance=PROV)
     square, other = np.zeros((30, 40), bool), np.zeros((30, 40), bool)
     square[5:15, 5:15], other[20:28, 25:35] = True, True
-    det = Detection(box=(5, 5, 15, 15), score=0.9, label="x")
 
-    def track(obj_id, position, span, mask):
-        frames = {p: (masks.encode(mask), masks.mask_box(mask)) for p in span}
+    def track(obj_id, position, spans):
+        """Prompted on the object of the first span's mask at `position`; (frames, mask) per span."""
+        det = Detection(box=tuple(masks.mask_box(spans[0][1])), score=0.9, label="x")
+        frames = {p: (masks.encode(m), masks.mask_box(m)) for span, m in spans for p in span}
         return _Track(obj_id=obj_id, label="x", shot=0, prompts=[(position, det, "start")], frames=frames)
 
-    a, b, c = track(0, 2, range(0, 10), square), track(1, 12, range(6, 20), square), track(2, 8, range(0, 20), other)
+    return gen, job, track, square, other
+
+
+def test_tracks_of_one_object_from_two_prompt_frames_are_merged():
+    gen, job, track, square, other = _merge_job()
+    a, b = track(0, 2, [(range(0, 10), square)]), track(1, 12, [(range(0, 20), square)])
+    c = track(2, 8, [(range(0, 20), other)])
     merged = job._merge([a, b, c])
     assert [t.obj_id for t in merged] == [0, 2]  # b is a's object seen again; c is another
     assert sorted(merged[0].frames) == list(range(20)) and [p for p, _, _ in merged[0].prompts] == [2, 12]
     assert gen.stats.counters["tracks_merged"] == 1
+    job.frames.close()
+
+
+def test_two_tracks_on_one_object_after_a_switch_are_not_merged():
+    """A track that switched to another object overlaps that object's own track on every frame after the switch
+    (here half its frames: mean mask IoU 0.5, enough for `merge_iou`), but on its prompt frame it held its own
+    object: overlap alone never merges them."""
+    gen, job, track, square, other = _merge_job()
+    switched = track(0, 2, [(range(0, 10), square), (range(10, 20), other)])
+    merged = job._merge([switched, track(1, 12, [(range(0, 20), other)])])
+    assert [t.obj_id for t in merged] == [0, 1] and "tracks_merged" not in gen.stats.counters
     job.frames.close()
 
 

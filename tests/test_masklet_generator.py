@@ -19,7 +19,7 @@ from agents.masklet_generator import (
 from engine import masks
 from engine.models.interfaces import Detection
 from schemas import EntityRef, Provenance
-from tests.fakes import FakeColorDetector, FakeColorGrounder, FakeColorTracker
+from tests.fakes import FakeColorDetector, FakeColorGrounder, FakeColorTracker, FakeRegionEmbedder
 
 W, H, N = 160, 120, 30
 RED, BLUE, GREEN, YELLOW = (230, 30, 30), (30, 60, 230), (30, 200, 40), (240, 220, 20)
@@ -64,7 +64,8 @@ def _generator(box_segmenter=None, **config):
     grounder = FakeColorGrounder({"person in red": RED, "person in blue": BLUE})
     cfg = MaskletConfig(track_fps=0, num_sample_frames=8, detect_batch=2, **config)
     return ReferringMaskletGenerator(
-        detector=detector, tracker=tracker, grounder=grounder, box_segmenter=box_segmenter, config=cfg
+        detector=detector, tracker=tracker, grounder=grounder, box_segmenter=box_segmenter,
+        embedder=FakeRegionEmbedder([(128, 128, 128)]), config=cfg,
     )
 
 

@@ -381,6 +381,7 @@ def test_mevis_errors_name_the_video_and_anno_id(tmp_path: Path) -> None:
     mask_path.unlink()
     with pytest.raises(BadInputError, match="mask_dict.json not found"):
         read_mevis(tmp_path)  # the JSON files are checked up front
+    mask_path.write_text(json.dumps(mask_dict))
     meta_path.write_text(json.dumps({"items": []}))
     with pytest.raises(BadInputError, match='meta_expressions.json has no "videos" object'):
         read_mevis(tmp_path)
@@ -447,6 +448,108 @@ def test_ref_youtube_vos_errors(tmp_path: Path) -> None:
         list(read_ref_youtube_vos(tmp_path))
 
 
+# -- releases as they unpack -------------------------------------------------------------------------------
+
+
+def mevis_release(root: Path) -> None:
+    """MeViS as its release unpacks: train/ and valid_u/ with masks, valid/ without (withheld)."""
+    mevis_layout(root / "train")
+    mevis_layout(root / "valid_u")
+    mevis_layout(root / "valid")
+    (root / "valid" / "mask_dict.json").unlink()
+
+
+def test_mevis_reads_its_release_layout_by_split(tmp_path: Path) -> None:
+    mevis_release(tmp_path)
+    with pytest.raises(BadInputError, match="is a MeViS release with splits train, valid_u: give the split"):
+        open_source(str(tmp_path))
+    items = list(open_source(str(tmp_path), split="valid_u"))
+    assert [i.source for i in items] == [str(tmp_path / "valid_u" / "JPEGImages" / v) for v in ("v1", "v2")]
+    assert [o.object_id for o in items[0].objects] == ["10", "11"]
+    assert [i.source for i in open_source(str(tmp_path / "train"))] == [
+        str(tmp_path / "train" / "JPEGImages" / v) for v in ("v1", "v2")
+    ]
+    assert len(list(read_mevis(tmp_path, split="train"))) == 2
+    for spec, split, message in [
+        (tmp_path, "valid", "split valid of .* has no mask_dict.json .*splits with masks: train, valid_u"),
+        (tmp_path, "test", "has no MeViS split 'test'; its splits: train, valid, valid_u"),
+        (tmp_path / "train", "valid_u", "is one split folder \\(train\\), not a release root"),
+        (tmp_path / "valid", None, "has meta_expressions.json and JPEGImages/ but no masks"),
+    ]:
+        with pytest.raises(BadInputError, match=message) as caught:
+            open_source(str(spec), split=split)
+        assert "\n" not in str(caught.value)
+
+
+def ytvos_release(root: Path) -> dict[str, dict[int, np.ndarray]]:
+    """Ref-YouTube-VOS as its release unpacks: meta_expressions/<split>/meta_expressions.json beside
+    train/{JPEGImages,Annotations,meta.json} and valid/JPEGImages (its masks are withheld)."""
+    truth = ytvos_layout(root / "train")
+    for split in ("train", "valid"):
+        (root / "meta_expressions" / split).mkdir(parents=True)
+    (root / "train" / "meta_expressions.json").rename(root / "meta_expressions" / "train" / "meta_expressions.json")
+    (root / "train" / "meta.json").write_text(json.dumps({"videos": {}}))
+    write_frames(root / "valid" / "JPEGImages" / "vv", [flat(COLORS[0])])
+    valid_meta = {"videos": {"vv": {"expressions": {"0": {"exp": "a thing"}}, "frames": ["00000"]}}}
+    (root / "meta_expressions" / "valid" / "meta_expressions.json").write_text(json.dumps(valid_meta))
+    return truth
+
+
+def test_ref_youtube_vos_reads_its_release_layout(tmp_path: Path) -> None:
+    """Pointed at the release root or at train/, the adapter finds meta_expressions/train/ (before, both were
+    "a folder the engine cannot read")."""
+    truth = ytvos_release(tmp_path)
+    for spec, split in [(tmp_path, None), (tmp_path, "train"), (tmp_path / "train", None)]:
+        (item,) = open_source(str(spec), split=split)  # train: the only split with masks
+        assert (item.source, item.dataset) == (str(tmp_path / "train" / "JPEGImages" / "vid"), "ref-youtube-vos")
+        assert [e.expression for e in item.expressions] == ["a red square", "a green bar"]
+        for obj in item.objects:
+            assert all(np.array_equal(masks.decode(r), truth[obj.object_id][p]) for p, r in obj.masks.items())
+    for spec, split, message in [
+        (tmp_path, "valid", "split valid of .* has no Annotations/ .*splits with masks: train"),
+        (tmp_path, "test", "has no Ref-YouTube-VOS split 'test'; its splits: train, valid"),
+        (tmp_path / "valid", None, "valid has no Annotations/: the release withholds the masks"),
+        (tmp_path / "train", "valid", "is one split folder \\(train\\)"),
+    ]:
+        with pytest.raises(BadInputError, match=message):
+            open_source(str(spec), split=split)
+
+
+def test_every_bad_source_is_refused_when_opened(tmp_path: Path, monkeypatch) -> None:
+    """open_source raises its one-line error at call time, before any item is read, so a run can check all of
+    its sources before it starts."""
+    video = synthetic.short_video(tmp_path / "clip.mp4", seconds=0.5, fps=4).path
+    (tmp_path / "junk.parquet").write_bytes(b"PAR1 nope")
+    (tmp_path / "nocaption.csv").write_text("video,text\na.mp4,hello\n")
+    (tmp_path / "empty.csv").write_text("")
+    mevis_layout(tmp_path / "mevis")
+    (tmp_path / "mevis" / "meta_expressions.json").write_text("{not json")
+    mevis_release(tmp_path / "release")
+    write_frames(tmp_path / "frames", [flat(COLORS[0])])
+    cases = [
+        (tmp_path / "junk.parquet", {}, "junk.parquet is not a readable Parquet file"),
+        (tmp_path / "nocaption.csv", {}, "needs a video .* and a caption column; its columns: video, text"),
+        (tmp_path / "empty.csv", {}, "its columns: none"),
+        (tmp_path / "mevis", {}, "meta_expressions.json is not readable JSON"),
+        (tmp_path / "release", {}, "give the split"),
+        (tmp_path / "release", {"split": "nope"}, "its splits: train, valid, valid_u"),
+        (video, {"split": "train"}, "has no splits"),
+        (tmp_path / "frames", {"frame_rate": -1.0}, "frame rate must be a positive number"),
+        (tmp_path / "frames", {}, "give its frame_rate"),
+    ]
+    for spec, options, message in cases:
+        with pytest.raises(BadInputError, match=message) as caught:
+            open_source(str(spec), **options)
+        assert "\n" not in str(caught.value), spec
+
+    def unreadable(path):
+        raise PermissionError(13, "Permission denied", str(path))
+
+    monkeypatch.setattr("os.scandir", unreadable)
+    with pytest.raises(BadInputError, match="frames cannot be read: .*Permission denied"):
+        open_source(str(tmp_path / "frames"), frame_rate=6)
+
+
 # -- open_source --------------------------------------------------------------------------------------------
 
 
@@ -477,7 +580,7 @@ def test_open_source_dispatches_on_what_it_is_given(tmp_path: Path) -> None:
     (tmp_path / "notes.txt").write_text("hi")
     (tmp_path / "empty").mkdir()
     for spec in (tmp_path / "notes.txt", tmp_path / "empty"):
-        with pytest.raises(BadInputError, match="give a video file .* a caption manifest .* a MeViS folder") as e:
+        with pytest.raises(BadInputError, match="give a video file .* a caption manifest .* a MeViS release") as e:
             open_source(str(spec))
         assert "\n" not in str(e.value)
     assert "Ref-YouTube-VOS" in describe_sources() and "Panda-70M" in describe_sources()

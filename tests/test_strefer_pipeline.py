@@ -1,7 +1,8 @@
 """The Strefer instruction engine end to end through the shared runner, over a synthetic video with a hard cut
 (two clips), with a scripted chat model and the color fakes: entities found (or given), masklets, the
-transcript per clip, samples of the 11 task types with their groups in both time forms, counters, a rerun,
-a window of a file, the instruction LLM failing, and the Strefer JSON export read back field by field."""
+transcript per clip, samples of the 11 task types with their groups (in both time forms where a time appears),
+counters, a rerun, a window of a file, the instruction LLM failing, and the Strefer JSON export read back field
+by field."""
 
 from __future__ import annotations
 
@@ -25,7 +26,7 @@ from engine.stats import Stats
 from engine.storage import Dataset
 from flows import strefer
 from flows.clip_and_track import EntityStage
-from schemas import EntityRef, MaskletRecord, SampleRecord, WorkItem, from_table
+from schemas import EntityRef, MaskletRecord, SampleRecord, Window, WorkItem, from_table
 from tests import synthetic
 from tests.fakes import FakeChat, FakeColorDetector, FakeColorGrounder, FakeColorTracker, FakeEmbedder, color_mask
 from tests.synthetic import SceneSpec, ShapeSpec
@@ -281,6 +282,26 @@ def _form_free(labels: dict) -> dict:
     return {k: v for k, v in labels.items() if k not in ("time_format", "temporal_tokens")}
 
 
+def _one_form(samples: list[SampleRecord]) -> list[SampleRecord]:
+    """One sample per instruction: the timestamp form of a timed one, the single row of a time-free one."""
+    return [s for s in samples if s.labels.get("time_format", "timestamp") == "timestamp"]
+
+
+def _forms(samples: list[SampleRecord]) -> list[tuple[SampleRecord, ...]]:
+    """The samples of each instruction, in order: a (timestamp, tokens) pair, or a time-free sample alone."""
+    out, pending = [], None
+    for s in samples:
+        form = s.labels.get("time_format")
+        if form == "tokens":
+            out.append((pending, s))
+            pending = None
+        elif form == "timestamp":
+            pending = s
+        else:
+            out.append((s,))
+    return out
+
+
 def _options(question: str) -> list[str]:
     return re.findall(r"^\([A-H]\) (.+)$", question, flags=re.M)
 
@@ -355,13 +376,15 @@ def test_transcript_follows_the_presence_answers_clip_by_clip(built):
     assert not models.presence[(WOMAN, 1)] and sum(models.presence.values()) == 7
     # Every check of the video in ONE batch, then one batch of behaviour questions for the present ones only.
     assert models.kinds(models.vlm)[1:] == [("presence", 8), ("behaviour", 7)]
-    wanted = sorted({int(round(x)) for x in np.linspace(0, N - 1, 32)})  # the transcriber's 32 keyframes
     for request in models.vlm.requests:
         if kind_of(request) == "presence":
-            frames = video_of(request).frames
-            clip = clip_of(frames[0])
-            assert {clip_of(f) for f in frames} == {clip}  # only that clip's frames
-            assert len(frames) == sum((i < CUT) == (clip == 0) for i in wanted)
+            video = video_of(request)
+            clip = clip_of(video.frames[0])
+            assert {clip_of(f) for f in video.frames} == {clip}  # only that clip's frames
+            # clip_frames of its own, spread over its 3 s (kept at 8 fps during the decode)
+            # 8 frames from the clip's first frame to its last: 35 frame intervals
+            assert len(video.frames) == 8 and video.fps == pytest.approx(7 / (35 / FPS))
+            assert video.frames[0].shape == (240, 320, 3)
     asked = set()
     for request in models.vlm.requests:
         if kind_of(request) == "behaviour":
@@ -402,7 +425,7 @@ EXPECTED_KINDS = {
 
 def test_every_task_type_with_its_group(built):
     dataset, _, models, outcome, _ = built
-    samples = [s for s in _samples(dataset) if s.labels["time_format"] == "timestamp"]
+    samples = _one_form(_samples(dataset))
     assert {(s.task, s.labels["group"], s.labels["referring"]) for s in samples} == EXPECTED_KINDS
     n = Counter((s.task, s.labels["referring"]) for s in samples)
     present = sum(models.presence.values())
@@ -416,11 +439,14 @@ def test_every_task_type_with_its_group(built):
         t = int(s.task.removeprefix("type"))
         assert (s.pipeline, s.data_type, s.video_id, s.kept) == ("strefer", "strefer", outcome.video_id, True)
         assert s.labels["generator"] == ("template" if t <= 6 else "llm")
-        if t <= 4:  # clip frames only
+        if t <= 4:  # clip frames only, and the clip's window
             clip = _clip_index(s)
             assert s.labels["frames"] == "clip" and set(s.frames) <= set(range(clip * CUT, (clip + 1) * CUT))
+            assert s.window == Window(start_frame=clip * CUT, end_frame=(clip + 1) * CUT, start_s=3.0 * clip,
+                                      end_s=3.0 * (clip + 1))
         else:
             assert s.labels["frames"] == "video" and s.frames[0] == 0 and s.frames[-1] == N - 1
+            assert s.window is None
         assert set(s.frames) <= video_frames and len(s.frames) <= 32
         if s.labels["form"] == "multiple_choice":
             options = _options(_human(s))
@@ -457,7 +483,7 @@ def test_type5_answer_is_the_first_appearance_order(built):
     masklets = _masklets(dataset)
     first = {e: min(f.frame_index for f in m.frames) for e, m in masklets.items()}
     type5 = [s for s in _samples(dataset) if s.task == "type5"]
-    assert len(type5) == 2  # one question, in both time forms
+    assert len(type5) == 1 and "time_format" not in type5[0].labels  # one question, with no time in it
     for s in type5:
         options = _options(_human(s))
         letter = re.fullmatch(r"\(([A-H])\)", s.conversation[1].value).group(1)
@@ -488,7 +514,7 @@ def test_mask_referring_samples_point_at_their_masklet(built):
         if s.labels["referring"] == "language":
             assert not s.masklet_ids and "<region" not in _human(s)
     # The LLM's mask questions come out as it wrote them, one per question with a mask_entity.
-    llm_mask = [s for s in mask if s.labels["generator"] == "llm" and s.labels["time_format"] == "timestamp"]
+    llm_mask = [s for s in _one_form(mask) if s.labels["generator"] == "llm"]
     assert sorted(_entity_of(s) for s in llm_mask) == sorted(MASK_STEMS.values())
 
 
@@ -498,14 +524,19 @@ def test_both_time_forms_convert_within_one_token(built, video):
     length = record["duration_s"]
     assert length == pytest.approx(N / FPS)
     samples = outcome.outputs.samples
-    assert len(samples) % 2 == 0 and len(samples) == dataset.read_table("samples").num_rows
+    assert len(samples) == dataset.read_table("samples").num_rows
     timed = 0
-    for stamp, token in zip(samples[::2], samples[1::2]):
-        assert (stamp.labels["time_format"], token.labels["time_format"]) == ("timestamp", "tokens")
-        assert token.labels["temporal_tokens"] == "32"
-        assert (stamp.task, _form_free(stamp.labels), stamp.masklet_ids, stamp.frames) == (
-            token.task, _form_free(token.labels), token.masklet_ids, token.frames)
-        assert stamp.sample_id != token.sample_id
+    for forms in _forms(samples):
+        if len(forms) == 1:  # no time in it: written once, for either format
+            (alone,) = forms
+            assert not any(find_timestamps(t.value) or re.search(r"<\d+>", t.value) for t in alone.conversation)
+            assert "timestamp" not in alone.refers_to
+            continue
+        stamp, token = forms
+        assert token.labels["temporal_tokens"] == "32" and "temporal_tokens" not in stamp.labels
+        assert (stamp.task, _form_free(stamp.labels), stamp.masklet_ids, stamp.frames, stamp.refers_to) == (
+            token.task, _form_free(token.labels), token.masklet_ids, token.frames, token.refers_to)
+        assert stamp.sample_id != token.sample_id and "timestamp" in stamp.refers_to
         for a, b in zip(stamp.conversation, token.conversation):
             times, tokens = find_timestamps(a.value), [int(k) for k in re.findall(r"<(\d+)>", b.value)]
             assert not re.findall(r"<\d+>", a.value) and not find_timestamps(b.value)
@@ -515,6 +546,8 @@ def test_both_time_forms_convert_within_one_token(built, video):
                 timed += 1
             assert _untimed(a.value) == _untimed(b.value)  # apart from the times, the texts are the same
     assert timed >= 8 * 2 * 2 + 3 * 2  # type 6 ranges (language and mask) and type 7
+    # Only types 6 and 7 name times here: the others are written once.
+    assert {s.task for s in samples if "time_format" in s.labels} == {"type6", "type7"}
 
 
 # -- counters, rerun, export ---------------------------------------------------------------------------------------
@@ -523,12 +556,12 @@ def test_both_time_forms_convert_within_one_token(built, video):
 def test_sample_counters(built, video):
     dataset, runner, _, outcome, _ = built
     c = runner.stats.counters
-    written = Counter(f"samples.strefer.{s.labels['group']}.{s.task}" for s in outcome.outputs.samples
-                      if s.labels["time_format"] == "timestamp")
+    written = Counter(f"samples.strefer.{s.labels['group']}.{s.task}" for s in _one_form(outcome.outputs.samples))
     assert {k: v for k, v in c.items() if k.startswith("samples.strefer.")} == written
     assert c["samples.strefer.G1.type1"] == 14 and c["samples.strefer.G2.type5"] == 1
     assert c["samples.strefer.G7.type8"] == 1 and c["samples.strefer.G4.type8"] == 2
-    assert sum(written.values()) * 2 == dataset.read_table("samples").num_rows
+    timed = sum(s.labels.get("time_format") == "tokens" for s in outcome.outputs.samples)
+    assert sum(written.values()) + timed == dataset.read_table("samples").num_rows
     assert c["instruction_llm_requests"] == 1 and c["instruction_llm_failed"] == 0
     assert c["instructions_type7"] == 3 and c["instructions_group_G6"] == 1
     assert c["items_done"] == 1 and c["frames_decoded"] == N
@@ -554,15 +587,20 @@ def test_export_writes_strefer_json(built, video, tmp_path):
     dataset, _, _, _, _ = built
     _, truth = video
     summary = export(dataset.url, str(tmp_path / "json"))
-    samples = _samples(dataset)
+    samples = _one_form(_samples(dataset))  # the default format: timestamps, and every time-free sample
     assert {Path(p).name: n for p, n in summary.files.items()} == {"strefer.json": len(samples)}
-    assert not summary.skipped
+    tokens = sum(s.labels.get("time_format") == "tokens" for s in _samples(dataset))
+    assert summary.skipped == {"other_time_format": tokens} and tokens == 19  # types 6 and 7: 8 + 8 + 3
     masklets = {m.masklet_id: m for m in _masklets(dataset).values()}
     (video_row,) = dataset.read_table("videos").to_pylist()
     entries = json.loads((tmp_path / "json" / "strefer.json").read_text())
-    assert len(entries) == len(samples) and {s.labels["time_format"] for s in samples} == {"timestamp", "tokens"}
+    assert len(entries) == len(samples)
+    unique = {json.dumps({k: v for k, v in e.items() if k != "id"}, sort_keys=True) for e in entries}
+    assert len(unique) == len(entries)  # no entry twice, word for word
     for entry, sample in zip(entries, samples):  # every sample, in the table's order
-        assert set(entry) == {"id", "video", "conversations", "annotation", "height", "width"}
+        assert set(entry) - {"start", "end"} == {"id", "video", "conversations", "annotation", "height", "width"}
+        if sample.window is not None:  # a clip's sample says which seconds of the video it is about
+            assert (entry["start"], entry["end"]) == pytest.approx((sample.window.start_s, sample.window.end_s))
         assert entry["id"] == sample.sample_id
         assert entry["video"] == sample.source == video_row["source"] == str(video[0])
         assert (entry["height"], entry["width"]) == (video_row["decode_height"], video_row["decode_width"])
@@ -592,13 +630,15 @@ def test_export_can_annotate_every_tracked_or_every_frame(built, tmp_path):
         export(dataset.url, str(tmp_path / choice), frames=choice)
         entries[choice] = json.loads((tmp_path / choice / "strefer.json").read_text())
     held = 0
-    for tracked, every, sample in zip(entries["tracked"], entries["all"], _samples(dataset)):
+    for tracked, every, sample in zip(entries["tracked"], entries["all"], _one_form(_samples(dataset))):
+        # a region is annotated inside the sample's scope only: its clip, or the whole video
+        scope = range(sample.window.start_frame, sample.window.end_frame) if sample.window else range(N)
         for ann_t, ann_a, masklet_id in zip(tracked["annotation"], every["annotation"], sample.masklet_ids):
             masklet = masklets[masklet_id]
             assert 0 < masklet.track_fps < video_row["fps"]  # the tracker skipped frames
-            stored = {f.frame_index: f.rle.counts for f in masklet.frames}
+            stored = {f.frame_index: f.rle.counts for f in masklet.frames if f.frame_index in scope}
             assert {int(k): v["segmentation"]["counts"] for k, v in ann_t.items()} == stored
-            assert set(ann_t) < set(ann_a)
+            assert set(ann_t) < set(ann_a) and {int(k) for k in ann_a} <= set(scope)
             for key, value in ann_a.items():  # a held frame carries a tracked neighbour's mask
                 near = min(stored, key=lambda j: (abs(j - int(key)), j))
                 assert value["segmentation"]["counts"] == stored[near]
@@ -662,17 +702,21 @@ def test_a_window_counts_its_times_from_its_start(windowed):
     samples = outcome.outputs.samples
     assert {s.task for s in samples} == {f"type{t}" for t in range(1, 12)}
     masklets = {m.masklet_id: m for m in outcome.outputs.masklets}
-    for stamp, token in zip(samples[::2], samples[1::2]):
+    for forms in _forms(samples):
+        stamp, token = forms if len(forms) == 2 else forms * 2
         assert set(stamp.frames) <= set(range(12, 60)) and stamp.frames == token.frames
         if stamp.labels["frames"] == "video":
-            assert (stamp.frames[0], stamp.frames[-1]) == (12, 59)
+            assert (stamp.frames[0], stamp.frames[-1]) == (12, 59) and stamp.window is None
+        else:  # a clip of the window: its frames and seconds counted in the whole file
+            assert (stamp.window.start_frame, stamp.window.end_frame) in ((12, CUT), (CUT, 60))
+            assert (stamp.window.start_s, stamp.window.end_s) in ((1.0, 3.0), (3.0, 5.0))
         for a, b in zip(stamp.conversation, token.conversation):
             times, tokens = find_timestamps(a.value), [int(k) for k in re.findall(r"<(\d+)>", b.value)]
             assert all(0 <= t <= 4.0 for t in times)
             assert all(abs(4.0 * k / 31 - t) <= 4.0 / 31 for t, k in zip(times, tokens))
         for masklet_id in stamp.masklet_ids:  # the region's masks are on the frames the sample lists
             assert set(stamp.frames) & {f.frame_index for f in masklets[masklet_id].frames}
-    (type5,) = [s for s in samples if s.task == "type5" and s.labels["time_format"] == "timestamp"]
+    (type5,) = [s for s in samples if s.task == "type5"]
     letter = re.fullmatch(r"\(([A-H])\)", type5.conversation[1].value).group(1)
     correct = _options(_human(type5))[LETTERS.index(letter)].split(", ")
     first = {m.expression: min(f.frame_index for f in m.frames) for m in masklets.values()}

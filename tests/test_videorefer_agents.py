@@ -7,12 +7,14 @@ import json
 import numpy as np
 import pytest
 
-from agents.analyzer import Analyzer, AnalyzerConfig, Failure, Noun, NounsAnswer
-from agents.annotator import Annotator, AnnotatorConfig
+from agents.analyzer import Analyzer, AnalyzerConfig, Noun, NounsAnswer
+from agents.annotator import Annotator, AnnotatorConfig, InstanceJob
+from agents.common import Failure
 from agents.refiner import QAJob, QAPair, QARegion, Refiner, RefinerConfig, check_merged, qa_schema, to_region_tokens
 from agents.reviewer import INVALID_JUDGE, ReviewJob, Reviewer, ReviewerConfig
 from engine.draw import draw_region
-from engine.models.interfaces import ChatImage, ChatModel, ChatRequest, ChatVideo
+from engine.chat import ask_text
+from engine.models.interfaces import ChatImage, ChatMessage, ChatModel, ChatRequest, ChatVideo
 from engine.stats import Stats
 from tests.fakes import FakeChat
 
@@ -26,8 +28,20 @@ def all_text(request: ChatRequest) -> str:
     return "\n".join(p for m in request.messages for p in m.content if isinstance(p, str))
 
 
-def test_fake_chat_is_a_chat_model():
-    assert isinstance(FakeChat(["x"]), ChatModel)
+def test_fake_chat_answers_as_scripted_and_records_each_batch():
+    """The fake every test below leans on: scripted answers in order (or a function of each request), each
+    `chat` call recorded as one batch, and a loud failure when the script runs out."""
+    requests = [ChatRequest((ChatMessage.user(f"q{i}"),)) for i in range(3)]
+    chat = FakeChat(["a", "b", "c"])
+    assert isinstance(chat, ChatModel)
+    assert ask_text(chat, requests[:2]) == ["a", "b"] and chat.chat(requests[2:]) == ["c"]
+    assert chat.batch_sizes == [2, 1] and chat.requests == requests
+    with pytest.raises(AssertionError, match="ran out"):
+        chat.chat(requests[:1])
+    echo = FakeChat(fn=lambda r: first_prompt(r).upper())
+    assert echo.chat(requests) == ["Q0", "Q1", "Q2"] and echo.batch_sizes == [3]
+    with pytest.raises(ValueError, match="answers or fn"):
+        FakeChat()
 
 
 # -- Analyzer ---------------------------------------------------------------------------------------------------
@@ -35,17 +49,17 @@ def test_fake_chat_is_a_chat_model():
 CAPTIONS = {
     "A man throws a ball to his dog in a park.": {
         "nouns": [
-            {"noun": "The Man", "is_subject": True},
-            {"noun": "Dog", "is_subject": True},
-            {"noun": "dog", "is_subject": False},  # duplicate, not marked subject: the subject flag wins
-            {"noun": "ball", "is_subject": False},
-            {"noun": "background", "is_subject": False},  # a scene word, dropped
+            {"noun": "The Man", "is_subject": True, "count": 1},
+            {"noun": "Dog", "is_subject": True, "count": 1},
+            {"noun": "dog", "is_subject": False, "count": 1},  # duplicate, not marked subject: the subject flag wins
+            {"noun": "ball", "is_subject": False, "count": 1},
+            {"noun": "background", "is_subject": False, "count": 1},  # a scene word, dropped
         ]
     },
     "Two cars race on a track.": {
-        "nouns": [{"noun": "car", "is_subject": True}, {"noun": "track", "is_subject": False}]
+        "nouns": [{"noun": "car", "is_subject": True, "count": 2}, {"noun": "track", "is_subject": False, "count": 1}]
     },
-    "A woman sings.": {"nouns": [{"noun": "woman", "is_subject": True}]},
+    "A woman sings.": {"nouns": [{"noun": "woman", "is_subject": True, "count": 1}]},
 }
 
 
@@ -63,9 +77,10 @@ def test_analyzer_extracts_cleans_and_batches():
     assert [r.ok for r in results] == [True, True, True]
     assert results[0].nouns == (Noun("man", True), Noun("dog", True), Noun("ball", False))
     assert results[0].caption == "A man throws a ball to his dog in a park."
-    assert [n.noun for n in results[1].subjects] == ["car"]
+    assert results[1].subjects == (Noun("car", True, 2),) and results[1].subjects[0].plural  # two cars
     assert stats.counters["analyzer_captions"] == 3
     assert stats.counters["analyzer_nouns"] == 6
+    assert stats.counters["analyzer_instances"] == 7  # the two cars count twice
     assert stats.counters["analyzer_duplicates_removed"] == 1
     assert stats.counters["analyzer_dropped_scene_word"] == 1
     assert stats.counters["analyzer_backend_calls"] == 1
@@ -75,7 +90,7 @@ def test_analyzer_extracts_cleans_and_batches():
 
 
 def test_analyzer_keeps_subjects_first_within_max_nouns():
-    answer = {"nouns": [{"noun": n, "is_subject": n == "girl"} for n in ("kite", "tree", "bench", "girl")]}
+    answer = {"nouns": [{"noun": n, "is_subject": n == "girl", "count": 1} for n in ("kite", "tree", "bench", "girl")]}
     stats = Stats()
     (result,) = Analyzer(FakeChat([json.dumps(answer)]), AnalyzerConfig(max_nouns=2), stats).analyze(["x"])
     assert result.nouns == (Noun("girl", True), Noun("kite", False))
@@ -83,7 +98,7 @@ def test_analyzer_keeps_subjects_first_within_max_nouns():
 
 
 def test_analyzer_repairs_invalid_json_on_retry():
-    good = json.dumps({"nouns": [{"noun": "cat", "is_subject": True}]})
+    good = json.dumps({"nouns": [{"noun": "cat", "is_subject": True, "count": 1}]})
     llm = FakeChat(["Sure! The nouns are: cat.", good])
     stats = Stats()
     (result,) = Analyzer(llm, stats=stats).analyze(["A cat sleeps."])
@@ -99,11 +114,13 @@ def test_analyzer_repairs_invalid_json_on_retry():
     "answer, reason",
     [
         ('{"nouns": "man"}', "invalid_answer"),  # wrong type
-        ('{"nouns": [{"noun": 3, "is_subject": "yes"}]}', "invalid_answer"),  # wrong item types
-        ('{"nouns": [{"noun": "dog", "is_subject": false}]}', "invalid_answer"),  # no subject marked
+        ('{"nouns": [{"noun": 3, "is_subject": "yes", "count": 1}]}', "invalid_answer"),  # wrong item types
+        ('{"nouns": [{"noun": "dog", "is_subject": false, "count": 1}]}', "invalid_answer"),  # no subject marked
+        ('{"nouns": [{"noun": "dog", "is_subject": true}]}', "invalid_answer"),  # no count: singular or not?
+        ('{"nouns": [{"noun": "dog", "is_subject": true, "count": -2}]}', "invalid_answer"),
         ("I love this video, it is so relaxing!", "invalid_answer"),  # off-topic prose
         ('{"nouns": []}', "no_nouns"),  # valid but empty
-        ('{"nouns": [{"noun": "scene", "is_subject": true}]}', "no_nouns"),  # only a scene word
+        ('{"nouns": [{"noun": "scene", "is_subject": true, "count": 1}]}', "no_nouns"),  # only a scene word
     ],
 )
 def test_analyzer_failures_keep_the_raw_answer(answer, reason):
@@ -122,13 +139,47 @@ def test_analyzer_failures_keep_the_raw_answer(answer, reason):
 
 
 def test_analyzer_short_mode_asks_only_the_subject():
-    llm = FakeChat(['{"subject": "The Puppy"}', '{"subject": ""}', '{"subject": "scene"}'])
+    llm = FakeChat(['{"subject": "The Puppy", "plural": false}', '{"subject": "", "plural": false}',
+                    '{"subject": "scene", "plural": false}'])
     results = Analyzer(llm).analyze(["A puppy chases a ball.", "Sunset over the sea.", "A busy scene."], short=True)
     assert llm.batch_sizes == [3]
     assert results[2].failure.reason == "no_nouns"
     assert "main subject" in first_prompt(llm.requests[0]) and '"nouns"' not in first_prompt(llm.requests[0])
     assert results[0].nouns == (Noun("puppy", True),)
     assert results[1].failure.reason == "no_nouns"
+
+
+def test_analyzer_short_mode_rejects_a_plural_subject():
+    """VideoRefer §3.1.2 keeps singular subjects only: the raw caption is the answer about one masklet."""
+    answer = '{"subject": "dog", "plural": true}'
+    stats = Stats()
+    (result,) = Analyzer(FakeChat([answer]), stats=stats).analyze(["Two dogs chase each other around a bed."],
+                                                                  short=True)
+    assert not result.ok and result.nouns == ()
+    assert result.failure.reason == "plural_subject" and "'dog'" in result.failure.detail
+    assert result.failure.raw_answer == answer
+    assert stats.counters["analyzer_failed_plural_subject"] == 1
+
+
+def test_analyzer_counts_plural_nouns_and_rejects_those_it_cannot_count():
+    answer = {"nouns": [
+        {"noun": "dog", "is_subject": True, "count": 2},  # "two dogs": two instances
+        {"noun": "people", "is_subject": False, "count": 0},  # "some people": how many?
+        {"noun": "bird", "is_subject": False, "count": 7},  # more than max_instances
+        {"noun": "ball", "is_subject": False, "count": 1},
+    ]}
+    llm, stats = FakeChat([json.dumps(answer)]), Stats()
+    (result,) = Analyzer(llm, AnalyzerConfig(max_instances=4), stats).analyze(["x"])
+    assert result.ok and result.nouns == (Noun("dog", True, 2), Noun("ball", False, 1))
+    assert [(n.noun, f.reason) for n, f in result.rejected] == [("people", "uncounted_plural"),
+                                                                 ("bird", "too_many_instances")]
+    assert all(f.raw_answer == json.dumps(answer) for _, f in result.rejected)
+    assert "max_instances=4" in result.rejected[1][1].detail
+    assert stats.counters["analyzer_rejected_uncounted_plural"] == 1
+    assert stats.counters["analyzer_instances"] == 3
+    assert '"count"' in first_prompt(llm.requests[0]) and '"two dogs" is "dog" with count 2' in first_prompt(llm.requests[0])
+    with pytest.raises(ValueError, match="max_instances"):
+        AnalyzerConfig(max_instances=0)
 
 
 def test_analyzer_blank_caption_is_not_sent():

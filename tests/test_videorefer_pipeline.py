@@ -119,7 +119,7 @@ def _judge(prompt: str) -> str:
 
 
 def _qa(prompt: str) -> str:
-    regions = dict(re.findall(r"<region(\d+)>: (.+?)\. ", prompt))
+    regions = dict(re.findall(r"<region(\d+)>(?: \(\d+ objects, plural\))?: (.+?)\. ", prompt))
     assert regions and set(regions) <= {"0", "1", "2"}, regions
     if len(regions) < 3:
         pairs = [{"kind": k, "question": q, "answer": "It moves.", "regions": [0]} for k, q in (
@@ -127,7 +127,7 @@ def _qa(prompt: str) -> str:
             ("future", "What will <region0> do next?"))]
         return json.dumps({"pairs": pairs})
     pairs = [
-        {"kind": "basic", "question": "What is <region0> doing?", "answer": "<region0> slide apart.", "regions": [0]},
+        {"kind": "basic", "question": "What are <region0> doing?", "answer": "<region0> slide apart.", "regions": [0]},
         {"kind": "reasoning", "question": "Why is <region2> not moving while <region1> goes down?",
          "answer": "It is not pushed.", "regions": [2, 1]},
         {"kind": "future", "question": "Where will <region1> be relative to <region0> next?",
@@ -142,9 +142,9 @@ def answer(request: ChatRequest) -> str:
     caption = re.search(r'Caption: """(.*?)"""', prompt)
     if kind == "analyzer":
         nouns = NOUNS[caption.group(1)]
-        return json.dumps({"nouns": [{"noun": n, "is_subject": s} for n, s in nouns]})
+        return json.dumps({"nouns": [{"noun": n, "is_subject": s, "count": 1} for n, s in nouns]})
     if kind == "analyzer_short":
-        return json.dumps({"subject": SUBJECT[caption.group(1)]})
+        return json.dumps({"subject": SUBJECT[caption.group(1)], "plural": False})
     if kind == "dynamic":
         moves, dynamic, _, _ = OBJECTS[_object_name(prompt)]
         return json.dumps({"moves_or_acts": moves, "description": dynamic})
@@ -425,7 +425,7 @@ def test_mevis_expressions_give_object_qa_on_source_masks(built, mevis):
     assert set(qa) == {"basic", "reasoning", "future"} and all(s.data_type == "object_qa" for s in qa.values())
     m10, m11, m13 = (masklets[o].masklet_id for o in ("10", "11", "13"))
     expected = {
-        "basic": ("What is <region> and <region> doing?", [m10, m11], "The two boxes slide apart."),
+        "basic": ("What are <region> and <region> doing?", [m10, m11], "The two boxes slide apart."),
         "reasoning": ("Why is <region> not moving while <region> goes down?", [m13, m11], "It is not pushed."),
         "future": ("Where will <region> be relative to <region> and <region> next?", [m11, m10, m11],
                    "The box moving down will be below the two boxes."),

@@ -18,24 +18,12 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from engine.chat import DEFAULT_MAX_PIXELS, fit_pixels
 from engine.images import check_rgb_uint8
 from engine.models.interfaces import ChatImage, ChatMessage, ChatRequest, ChatVideo
 
-DEFAULT_MAX_PIXELS = 1024 * 28 * 28  # about 1000 visual tokens per image for Qwen2.5-VL (28 x 28 pixels each)
 TIGHT_MAX_ITEMS = 4  # arrays of a tightened schema (see `tighten_schema`) hold at most this many items
 TIGHT_BOUND = 999_999  # integers of a tightened schema lie in [-TIGHT_BOUND, TIGHT_BOUND] unless bounded already
-
-
-def fit_pixels(image: np.ndarray, max_pixels: int | None) -> np.ndarray:
-    """Downscale (aspect kept) so the image has at most max_pixels: bounds a VLM's visual tokens per image."""
-    height, width = image.shape[:2]
-    if max_pixels is None or height * width <= max_pixels:
-        return image
-    import cv2
-
-    scale = math.sqrt(max_pixels / (height * width))
-    size = (max(1, int(width * scale)), max(1, int(height * scale)))
-    return cv2.resize(image, size, interpolation=cv2.INTER_AREA)
 
 
 def tighten_schema(schema: dict, *, max_string_length: int, max_items: int = TIGHT_MAX_ITEMS) -> dict:

@@ -6,14 +6,16 @@
 
 from __future__ import annotations
 
+import math
 import os
+from pathlib import Path
 from typing import Iterator
 
 from engine.errors import BadInputError
-from engine.probe import list_frame_images, natural_key
+from engine.probe import list_frame_images, natural_key, one_line
 from engine.sources.manifest import MANIFEST_SUFFIXES, read_manifest
-from engine.sources.mevis import MEVIS_FPS, read_mevis
-from engine.sources.ref_youtube_vos import REF_YOUTUBE_VOS_FPS, read_ref_youtube_vos
+from engine.sources.mevis import MEVIS_FPS, mevis_split, read_mevis
+from engine.sources.ref_youtube_vos import REF_YOUTUBE_VOS_FPS, read_ref_youtube_vos, ref_youtube_vos_split
 from schemas.records import WorkItem
 
 __all__ = ["describe_sources", "open_source", "read_manifest", "read_mevis", "read_ref_youtube_vos"]
@@ -25,30 +27,49 @@ VIDEO_SUFFIXES = (
 _ACCEPTED = (
     "give a video file (.mp4, .mov, .mkv, .webm, ...), a folder of video files, a folder of frames (.jpg/.png, "
     "with a frame rate), "
-    "a caption manifest (.jsonl, .csv, .parquet), a MeViS folder (with mask_dict.json) or a Ref-YouTube-VOS "
-    "folder (with Annotations/ and meta_expressions.json)"
+    "a caption manifest (.jsonl, .csv, .parquet), a MeViS release or split folder (with mask_dict.json) or a "
+    "Ref-YouTube-VOS release or train/ folder (with Annotations/ and meta_expressions.json)"
 )
 
 
-def open_source(spec: str, *, frame_rate: float | None = None) -> Iterator[WorkItem]:
-    """WorkItems from `spec`: a manifest file, a MeViS or Ref-YouTube-VOS root, a video file or URL, or a
-    folder of frames. `frame_rate` is required for a folder of frames and overrides the datasets' defaults
-    (MeViS and Ref-YouTube-VOS: 6 fps). What `spec` is gets checked now, not when the iterator is first read."""
+def open_source(spec: str, *, frame_rate: float | None = None, split: str | None = None) -> Iterator[WorkItem]:
+    """WorkItems from `spec`: a manifest file, a MeViS or Ref-YouTube-VOS release (its root and a `split`, or
+    one split folder), a video file or URL, or a folder of frames. `frame_rate` is required for a folder of
+    frames and overrides the datasets' defaults (MeViS and Ref-YouTube-VOS: 6 fps).
+
+    What `spec` is, and whether it can be read, is checked now with a one-line BadInputError, so every source
+    of a run can be checked before any work starts; a bad row or video inside it raises when it is reached."""
+    if frame_rate is not None and not (math.isfinite(frame_rate) and frame_rate > 0):
+        raise BadInputError(f"frame rate must be a positive number of frames per second, got {frame_rate}")
+    try:
+        return _open(spec, frame_rate, split)
+    except OSError as exc:  # an unreadable folder or file (permissions, a broken mount)
+        raise BadInputError(f"{spec} cannot be read: {one_line(exc)}") from exc
+
+
+def _open(spec: str, frame_rate: float | None, split: str | None) -> Iterator[WorkItem]:
     lower = spec.lower()
     if lower.endswith(MANIFEST_SUFFIXES):
+        _no_splits(spec, split)
         return read_manifest(spec, frame_rate=frame_rate)
     if "://" in spec or os.path.isfile(spec):
         if lower.endswith(VIDEO_SUFFIXES):
+            _no_splits(spec, split)
             return iter([WorkItem(source=spec)])
         raise BadInputError(f"{spec} is not a video file or manifest the engine knows by its name: {_ACCEPTED}")
     if not os.path.isdir(spec):
         raise BadInputError(f"input not found: {spec}")
-    if os.path.isfile(os.path.join(spec, "mask_dict.json")):
-        return read_mevis(spec, frame_rate=frame_rate or MEVIS_FPS)
-    if os.path.isdir(os.path.join(spec, "Annotations")) and os.path.isfile(
-        os.path.join(spec, "meta_expressions.json")
-    ):
-        return read_ref_youtube_vos(spec, frame_rate=frame_rate or REF_YOUTUBE_VOS_FPS)
+    path = Path(spec)
+    if mevis_split(path, split) is not None:
+        return read_mevis(path, split=split, frame_rate=frame_rate or MEVIS_FPS)
+    if ref_youtube_vos_split(path, split) is not None:
+        return read_ref_youtube_vos(path, split=split, frame_rate=frame_rate or REF_YOUTUBE_VOS_FPS)
+    if (path / "meta_expressions.json").is_file() and (path / "JPEGImages").is_dir():
+        raise BadInputError(
+            f"{spec} has meta_expressions.json and JPEGImages/ but no masks (mask_dict.json for MeViS, Annotations/ "
+            "for Ref-YouTube-VOS): its release withholds them; give a split that has them"
+        )
+    _no_splits(spec, split)
     if list_frame_images(spec):
         if frame_rate is None:
             raise BadInputError(f"{spec} is a folder of frames: give its frame_rate (frames per second)")
@@ -61,6 +82,13 @@ def open_source(spec: str, *, frame_rate: float | None = None) -> Iterator[WorkI
     raise BadInputError(f"{spec} is a folder the engine cannot read: {_ACCEPTED}")
 
 
+def _no_splits(spec: str, split: str | None) -> None:
+    if split is not None:
+        raise BadInputError(
+            f"split {split!r} given, but {spec} has no splits (only MeViS and Ref-YouTube-VOS releases have them)"
+        )
+
+
 def describe_sources() -> str:
     """What `open_source` accepts, as one paragraph for the CLI's help."""
     return (
@@ -70,8 +98,10 @@ def describe_sources() -> str:
         "in the Panda-70M style (.jsonl, .csv or .parquet with columns video (or video_path, path; relative "
         "to the manifest), caption, and optional start/end in seconds or HH:MM:SS.xxx, or timestamp "
         "[start, end]); "
-        f"a MeViS root (meta_expressions.json, mask_dict.json, JPEGImages/; {MEVIS_FPS:g} fps unless "
-        "a frame rate is given); or a Ref-YouTube-VOS root (meta_expressions.json, Annotations/ of "
-        f"palette PNGs, JPEGImages/; {REF_YOUTUBE_VOS_FPS:g} fps). The datasets bring their objects' masks and "
-        "referring expressions; a manifest brings captions and time windows."
+        "a MeViS release as it unpacks (train/, valid_u/, valid/, each with meta_expressions.json, "
+        f"mask_dict.json, JPEGImages/; give the split) or one split folder; {MEVIS_FPS:g} fps unless a frame rate "
+        "is given; or a Ref-YouTube-VOS release as it unpacks (meta_expressions/<split>/meta_expressions.json "
+        "beside <split>/JPEGImages/ and, for train, <split>/Annotations/ of palette PNGs) or its train/ folder; "
+        f"{REF_YOUTUBE_VOS_FPS:g} fps. The datasets bring their objects' masks and referring expressions; a "
+        "manifest brings captions and time windows."
     )

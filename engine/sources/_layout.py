@@ -1,4 +1,5 @@
-"""What the MeViS and Ref-YouTube-VOS layouts share: meta_expressions.json and JPEGImages/<video>/ folders."""
+"""What the MeViS and Ref-YouTube-VOS layouts share: meta_expressions.json, JPEGImages/<video>/ folders, and
+releases that unpack to several splits."""
 
 from __future__ import annotations
 
@@ -13,6 +14,42 @@ from engine.errors import BadInputError
 from engine.probe import list_frame_images, one_line
 
 log = logging.getLogger(__name__)
+
+
+def choose_split(root: Path, dataset: str, splits: list[str], usable: list[str], split: str | None, masks: str) -> str:
+    """The split to read from a release root holding `splits`, of which `usable` carry their masks (`masks`
+    names what the others lack). Without `split`, the only usable one; errors name the splits to choose from."""
+    if split is None:
+        if len(usable) == 1:
+            return usable[0]
+        if not usable:
+            raise BadInputError(
+                f"{root} is a {dataset} release whose splits ({', '.join(splits)}) have no {masks}: the release "
+                "withholds the masks of its validation and test splits"
+            )
+        raise BadInputError(f"{root} is a {dataset} release with splits {', '.join(usable)}: give the split to read")
+    if split not in splits:
+        raise BadInputError(f"{root} has no {dataset} split {split!r}; its splits: {', '.join(splits)}")
+    if split not in usable:
+        raise BadInputError(
+            f"split {split} of {root} has no {masks} (the release withholds its masks); splits with masks: "
+            f"{', '.join(usable) or 'none'}"
+        )
+    return split
+
+
+def check_split_folder(path: Path, split: str | None) -> None:
+    """`path` is one split of a release: a split given must be that one."""
+    if split is not None and split != path.name:
+        raise BadInputError(
+            f"{path} is one split folder ({path.name}), not a release root: give the root to read split "
+            f"{split!r}, or give no split"
+        )
+
+
+def subfolders(path: Path) -> list[Path]:
+    """The folders directly in `path`, by name (os.scandir: no stat per entry, even beside many frames)."""
+    return sorted((Path(e.path) for e in os.scandir(path) if e.is_dir()), key=lambda p: p.name)
 
 
 def load_json(path: Path) -> Any:

@@ -27,9 +27,10 @@ Row = tuple[str, dict[str, Any]]  # ("row 3" / "line 3", the row's values)
 
 
 def read_manifest(path: str, *, frame_rate: float | None = None) -> Iterator[WorkItem]:
-    """The manifest's rows as WorkItems, read lazily (a Parquet file batch by batch). The file is checked now;
-    a bad row raises a BadInputError naming the file and its row (CSV, Parquet: data row from 1) or line
-    (JSONL) when it is reached. `frame_rate` is given to every item (used where a video is a frame folder)."""
+    """The manifest's rows as WorkItems, read lazily (a Parquet file batch by batch). The file is checked now
+    (it exists; a CSV's header and a Parquet file's schema name a video and a caption column); a bad row
+    raises a BadInputError naming the file and its row (CSV, Parquet: data row from 1) or line (JSONL) when it
+    is reached. `frame_rate` is given to every item (used where a video is a frame folder)."""
     import fsspec
 
     suffix = os.path.splitext(path)[1].lower()
@@ -65,9 +66,20 @@ def _csv_rows(path: str) -> Iterator[Row]:
 
     import fsspec
 
-    with fsspec.open(path, "rt", encoding="utf-8-sig", newline="") as file:  # -sig: Excel's byte-order mark
-        for number, row in enumerate(csv.DictReader(file), 1):
-            yield f"row {number}", row
+    # utf-8-sig: Excel's byte-order mark. The header is checked now; the rows are read when iterated.
+    with fsspec.open(path, "rt", encoding="utf-8-sig", newline="") as file:
+        try:
+            header = next(csv.reader(file), None)
+        except (UnicodeDecodeError, csv.Error) as exc:
+            raise BadInputError(f"{path} is not a readable CSV file: {one_line(exc)}") from exc
+    _check_columns(path, header or [])
+
+    def rows() -> Iterator[Row]:
+        with fsspec.open(path, "rt", encoding="utf-8-sig", newline="") as file:
+            for number, row in enumerate(csv.DictReader(file), 1):
+                yield f"row {number}", row
+
+    return rows()
 
 
 def _parquet_rows(path: str) -> Iterator[Row]:
@@ -80,16 +92,25 @@ def _parquet_rows(path: str) -> Iterator[Row]:
         parquet = pq.ParquetFile(local, filesystem=fs)
     except Exception as exc:  # pyarrow raises ArrowInvalid and friends, not one base class
         raise BadInputError(f"{path} is not a readable Parquet file: {one_line(exc)}") from exc
+    _check_columns(path, parquet.schema_arrow.names)
     # Only the columns used are read: manifests often carry wide extra columns (embeddings, scores).
     columns = [name for name in parquet.schema_arrow.names if name in _READ_COLUMNS]
-    if not columns:
-        names = ", ".join(parquet.schema_arrow.names) or "none"
-        raise BadInputError(f"{path} has no video or caption column (its columns: {names})")
-    number = 0
-    for batch in parquet.iter_batches(batch_size=4096, columns=columns):
-        for row in batch.to_pylist():
-            number += 1
-            yield f"row {number}", row
+
+    def rows() -> Iterator[Row]:
+        number = 0
+        for batch in parquet.iter_batches(batch_size=4096, columns=columns):
+            for row in batch.to_pylist():
+                number += 1
+                yield f"row {number}", row
+
+    return rows()
+
+
+def _check_columns(path: str, names: list[str]) -> None:
+    """A table manifest names a video column and a caption column (a JSONL row is checked on its own)."""
+    if not any(k in names for k in VIDEO_KEYS) or "caption" not in names:
+        columns = ", ".join(names) or "none"
+        raise BadInputError(f"{path} needs a video (or video_path, path) and a caption column; its columns: {columns}")
 
 
 def _item(at: str, row: dict[str, Any], base: str, frame_rate: float | None) -> WorkItem:

@@ -1,8 +1,10 @@
 """Ref-YouTube-VOS: one referring expression per object, object masks as palette PNGs.
 
-Layout: `<root>/meta_expressions.json` ({"videos": {vid: {"expressions": {eid: {"exp", "obj_id"}},
-"frames": [...]}}}), `<root>/Annotations/<vid>/<frame>.png` (pixel value = object id, 0 = background) and
-`<root>/JPEGImages/<vid>/<frame>.jpg`. Frames are every 5th of a 30 fps original, hence 6 fps.
+The release unpacks to `meta_expressions/<split>/meta_expressions.json` ({"videos": {vid: {"expressions":
+{eid: {"exp", "obj_id"}}, "frames": [...]}}}) beside `<split>/JPEGImages/<vid>/<frame>.jpg` and, for `train`
+only, `<split>/Annotations/<vid>/<frame>.png` (pixel value = object id, 0 = background) and `<split>/meta.json`.
+A copy with meta_expressions.json beside Annotations/ and JPEGImages/ reads too. Frames are every 5th of a
+30 fps original, hence 6 fps.
 """
 
 from __future__ import annotations
@@ -14,25 +16,66 @@ import numpy as np
 
 from engine import masks as rle_masks
 from engine.errors import BadInputError
-from engine.sources._layout import FrameFolder, frame_folder, load_videos, referred, video_meta
+from engine.sources._layout import (
+    FrameFolder,
+    check_split_folder,
+    choose_split,
+    frame_folder,
+    load_videos,
+    referred,
+    subfolders,
+    video_meta,
+)
 from schemas.records import Rle, SourceExpression, SourceObject, WorkItem
 
 REF_YOUTUBE_VOS_FPS = 6.0
 
 
-def read_ref_youtube_vos(root: str | Path, *, frame_rate: float = REF_YOUTUBE_VOS_FPS) -> Iterator[WorkItem]:
-    """One WorkItem per video: its JPEG folder, one object per id found in its PNGs (masks keyed by the frame's
-    position in the sorted JPEG list) and one expression per entry, referring to its obj_id.
+def ref_youtube_vos_split(path: Path, split: str | None = None) -> tuple[Path, Path] | None:
+    """(meta_expressions.json, split folder) to read when `path` is Ref-YouTube-VOS: the release root, one split
+    folder of it, or a copy with meta_expressions.json inside the split folder; None when it is none of them."""
+    if (path / "meta_expressions.json").is_file() and (path / "Annotations").is_dir():
+        check_split_folder(path, split)
+        return path / "meta_expressions.json", path
+    metas = path / "meta_expressions"
+    if metas.is_dir():
+        splits = [
+            p.name
+            for p in subfolders(metas)
+            if (p / "meta_expressions.json").is_file() and (path / p.name / "JPEGImages").is_dir()
+        ]
+        if splits:
+            usable = [name for name in splits if (path / name / "Annotations").is_dir()]
+            chosen = choose_split(path, "Ref-YouTube-VOS", splits, usable, split, "Annotations/")
+            return metas / chosen / "meta_expressions.json", path / chosen
+    folder = path.absolute()
+    beside = folder.parent / "meta_expressions" / folder.name / "meta_expressions.json"
+    if (path / "JPEGImages").is_dir() and beside.is_file():
+        check_split_folder(folder, split)
+        if not (path / "Annotations").is_dir():
+            raise BadInputError(f"{path} has no Annotations/: the release withholds the masks of this split")
+        return beside, path
+    return None
+
+
+def read_ref_youtube_vos(
+    root: str | Path, *, split: str | None = None, frame_rate: float = REF_YOUTUBE_VOS_FPS
+) -> Iterator[WorkItem]:
+    """One WorkItem per video of `root` (the release root and a `split`, or one split folder): its JPEG folder,
+    one object per id found in its PNGs (masks keyed by the frame's position in the sorted JPEG list) and one
+    expression per entry, referring to its obj_id.
 
     meta_expressions.json is read now; a video's PNGs are read when its item is reached, and errors name the
     file and video at fault.
     """
-    root = Path(root)
-    meta_path = root / "meta_expressions.json"
-    videos = load_videos(meta_path)
-    if not (root / "Annotations").is_dir():
-        raise BadInputError(f"{root} has no Annotations/ folder of palette PNG masks")
-    return _items(root, meta_path, videos, frame_rate)
+    given = Path(root)
+    found = ref_youtube_vos_split(given, split)
+    if found is None:
+        raise BadInputError(
+            f"{given} is not Ref-YouTube-VOS: give the release root (meta_expressions/, train/) or its train/ folder"
+        )
+    meta_path, folder = found
+    return _items(folder, meta_path, load_videos(meta_path), frame_rate)
 
 
 def _items(root: Path, meta_path: Path, videos: dict[str, Any], frame_rate: float) -> Iterator[WorkItem]:
