@@ -77,6 +77,7 @@ class ExportOptions:
     cut_clips: bool = False
     video_root: str | None = None
     time_format: str = "timestamp"
+    version: int | None = None  # the dataset version read (None: every committed item)
 
 
 def export(
@@ -89,7 +90,10 @@ def export(
     cut_clips: bool = False,
     video_root: str | None = None,
     time_format: str = "timestamp",
+    version: int | None = None,
 ) -> ExportSummary:
+    """Export a published version of the dataset (default: the latest; every committed item where none is
+    published yet), so an export never sees a run still writing."""
     if fmt not in FORMATS:
         raise BadInputError(f"unknown export format {fmt!r}; formats: {', '.join(FORMATS)}")
     if frames not in FRAME_CHOICES:
@@ -97,9 +101,11 @@ def export(
     if time_format not in TIME_FORMATS:
         raise BadInputError(f"unknown time format {time_format!r}; choose from {', '.join(TIME_FORMATS)}")
     dataset = Dataset(dataset_url)
-    if not dataset.exists():
-        raise BadInputError(f"{dataset_url} does not exist")
-    options = ExportOptions(include_dropped, frames, cut_clips, video_root, time_format)
+    dataset.require()
+    if version is None:
+        version = dataset.latest_version()
+    dataset.table_versions(version)  # an unknown version: one line, before anything is written
+    options = ExportOptions(include_dropped, frames, cut_clips, video_root, time_format, version)
     return export_videorefer(dataset, out, options)
 
 
@@ -129,10 +135,10 @@ def export_videorefer(dataset: Dataset, out: str, options: ExportOptions = Expor
     with tempfile.TemporaryDirectory(prefix="engine-export-") as scratch:
         index = _Index(os.path.join(scratch, "index.sqlite"))
         try:
-            index.fill(dataset, options.include_dropped)
+            index.fill(dataset, options.include_dropped, options.version)
             with _JsonArrays(fs, root.rstrip("/")) as files:
                 entries = _Entries(index, summary, options, root.rstrip("/"))
-                for sample in _samples(dataset):
+                for sample in _samples(dataset, options.version):
                     entry = entries.entry(sample)
                     if entry is not None:
                         files.write(sample["data_type"], entry)
@@ -142,8 +148,8 @@ def export_videorefer(dataset: Dataset, out: str, options: ExportOptions = Expor
     return summary
 
 
-def _samples(dataset: Dataset) -> Iterator[dict[str, Any]]:
-    for batch in dataset.scan("samples", _SAMPLE_COLUMNS, batch_rows=1024):
+def _samples(dataset: Dataset, version: int | None) -> Iterator[dict[str, Any]]:
+    for batch in dataset.scan("samples", _SAMPLE_COLUMNS, version=version, batch_rows=1024):
         for sample in batch.to_pylist():
             sample["labels"] = dict(sample["labels"] or [])  # an Arrow map reads back as pairs
             yield sample
@@ -162,15 +168,15 @@ class _Index:
             "CREATE TABLE clips (path TEXT PRIMARY KEY, clip TEXT);"
         )
 
-    def fill(self, dataset: Dataset, include_dropped: bool) -> None:
+    def fill(self, dataset: Dataset, include_dropped: bool, version: int | None) -> None:
         import pyarrow.compute as pc
 
-        for batch in dataset.scan("samples", ["masklet_ids", "kept"]):
+        for batch in dataset.scan("samples", ["masklet_ids", "kept"], version=version):
             ids = batch.column("masklet_ids")
             ids = pc.list_flatten(ids if include_dropped else ids.filter(batch.column("kept")))
             self.db.executemany("INSERT OR IGNORE INTO wanted VALUES (?)", ((i,) for i in ids.to_pylist()))
         # Masklet rows carry every frame's RLE: small batches, and only the wanted rows become Python objects.
-        for batch in dataset.scan("masklets", ["masklet_id", "track_fps", "frames"], batch_rows=256):
+        for batch in dataset.scan("masklets", ["masklet_id", "track_fps", "frames"], version=version, batch_rows=256):
             ids = batch.column("masklet_id").to_pylist()
             wanted = self._wanted(ids)
             keep = [k for k, i in enumerate(ids) if i in wanted]
@@ -178,7 +184,8 @@ class _Index:
                 frames = [[f["frame_index"], f["rle"]["size"], f["rle"]["counts"]] for f in row["frames"]]
                 values = (row["masklet_id"], row["track_fps"], json.dumps(frames))
                 self.db.execute("INSERT OR REPLACE INTO masklets VALUES (?, ?, ?)", values)
-        for batch in dataset.scan("videos", _VIDEO_COLUMNS):
+        # Not deduplicated by the scan (its set of seen ids would grow with the dataset): the table's key does it.
+        for batch in dataset.scan("videos", _VIDEO_COLUMNS, version=version, unique=False):
             rows = ((v["video_id"], json.dumps(v)) for v in batch.to_pylist())
             self.db.executemany("INSERT OR REPLACE INTO videos VALUES (?, ?)", rows)
         self.db.commit()

@@ -28,6 +28,11 @@ ConfigOpt = Annotated[
 ]
 
 
+VersionOpt = Annotated[
+    Optional[int], typer.Option("--version", "-V", help="A published version (default: every committed item, now).")
+]
+
+
 class Baseline(str, Enum):
     grounded_sam2 = "grounded-sam2"
 
@@ -371,18 +376,23 @@ def export(
         TimeFormat,
         typer.Option(help="Which form of the samples written in both to export; samples without a time are kept."),
     ] = TimeFormat.timestamp,
+    version: Annotated[
+        Optional[int], typer.Option("--version", "-V", help="The dataset version to export (default: the latest published).")
+    ] = None,
 ) -> None:
     """Write a dataset's samples in a training format (videorefer: VideoRefer-700K JSON, one file per data type)."""
-    _run_guarded(_export, path, out, fmt.value, include_dropped, frames.value, cut_clips, video_root, time_format.value)
+    _run_guarded(
+        _export, path, out, fmt.value, include_dropped, frames.value, cut_clips, video_root, time_format.value, version
+    )
 
 
-def _export(path, out, fmt, include_dropped, frames, cut_clips, video_root, time_format) -> None:
+def _export(path, out, fmt, include_dropped, frames, cut_clips, video_root, time_format, version) -> None:
     from engine.export import HINTS
     from engine.export import export as run_export
 
     summary = run_export(
         path, out, fmt=fmt, include_dropped=include_dropped, frames=frames, cut_clips=cut_clips,
-        video_root=video_root, time_format=time_format,
+        video_root=video_root, time_format=time_format, version=version,
     )
     for file, n in summary.files.items():
         console.print(f"{file}: {n} samples")
@@ -462,11 +472,6 @@ def _info(videos) -> None:
         console.print(table)
     if failed:
         raise typer.Exit(2)
-
-
-VersionOpt = Annotated[
-    Optional[int], typer.Option("--version", "-V", help="A published version (default: every committed item, now).")
-]
 
 
 @dataset_app.command("show")

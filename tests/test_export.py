@@ -23,10 +23,12 @@ from engine.export_media import resize_rle
 from engine.ids import stable_id
 from engine.probe import VideoInfo, probe_video
 from engine.storage import Dataset
+from engine.writer import TableWriter
 from flows.cli import app
 from schemas import (
     Assignment,
     FrameMask,
+    ItemRecord,
     MaskletRecord,
     Provenance,
     SampleRecord,
@@ -53,7 +55,9 @@ class FakeDataset:
             "samples": to_table(SampleRecord, samples),
         }
 
-    def scan(self, table: str, columns: Iterable[str] | None = None, *, batch_rows: int = 4096) -> Iterator[pa.RecordBatch]:
+    def scan(
+        self, table: str, columns: Iterable[str] | None = None, *, version: int | None = None, batch_rows: int = 4096, unique: bool = True
+    ) -> Iterator[pa.RecordBatch]:
         selected = self.tables[table].select(list(columns)) if columns else self.tables[table]
         yield from selected.to_batches(max_chunksize=batch_rows)
 
@@ -431,8 +435,10 @@ def test_engine_export_command_takes_the_new_options(colored, tmp_path):
         ],
     }
     dataset = Dataset(str(tmp_path / "ds"))
-    with dataset.writer("strefer") as writer:
-        writer.add("item", rows, {"status": "done", "video_id": video.video_id})
+    item = ItemRecord(item_id="item", pipeline="strefer", item_key="item", variant="v", source=video.source, status="done",
+                      video_id=video.video_id, run_hash="h", write_id="", run_id="", engine_version="", committed_at="")
+    with TableWriter(dataset, "run") as writer:
+        writer.add(item, rows)
     out = tmp_path / "json"
     result = CliRunner().invoke(app, [
         "export", dataset.url, "--out", str(out), "--cut-clips", "--video-root", str(out), "--time-format", "tokens",
