@@ -51,23 +51,28 @@ def _clip_and_track_params(tmp: Path) -> dict[str, Any]:
 
 
 def _check_clip_and_track(tmp: Path, params: dict[str, Any]) -> None:
-    import pyarrow.parquet as pq
+    from deltalake import DeltaTable
 
     out = Path(params["out"])
     manifest_path = out / "manifest.json"
     assert manifest_path.is_file(), f"no manifest.json in {out}: {sorted(p.name for p in out.iterdir())}"
     manifest = json.loads(manifest_path.read_text())
-    for table, info in manifest["tables"].items():
-        if info["shards"]:
-            # a directory read: pyarrow skips the hidden `_tmp-...` names, like the engine's readers
-            assert pq.read_table(out / table).num_rows == info["rows"], table
-    assert pq.read_table(out / "videos").num_rows == 1
+    for table, info in manifest["tables"].items():  # one clean run: the plain Delta snapshot is the dataset
+        assert DeltaTable(str(out / table)).to_pyarrow_table().num_rows == info["rows"], table
+    assert len(_read(out, "videos")) == 1
 
 
 def _read(out: Path, table: str) -> list[dict]:
     from engine.storage import Dataset
 
     return Dataset(str(out)).read_table(table).to_pylist()
+
+
+def _run_stats(out: Path) -> dict[str, int]:
+    """The counters of the dataset's latest published run."""
+    from engine.storage import Dataset
+
+    return json.loads(Dataset(str(out)).versions()[-1].record.stats)["counters"]
 
 
 def _videorefer_params(tmp: Path) -> dict[str, Any]:
@@ -87,7 +92,7 @@ def _check_videorefer(tmp: Path, params: dict[str, Any]) -> None:
     assert manifest["items"]["videorefer"].get("done", 0) == 3, manifest["items"]  # 1 caption + 2 MeViS videos
     masklets = _read(out, "masklets")
     assert sum(m["method"] == "source" for m in masklets) == 3  # MeViS anno ids 10, 11 and 20 (12 is empty)
-    stats = json.loads((out / "stats.json").read_text())["counters"]
+    stats = _run_stats(out)
     for agent in ("analyzer", "annotator", "refiner"):  # these chat agents asked the tiny model for real
         asked = sum(n for k, n in stats.items() if k.startswith(f"{agent}_") and k.endswith("_requests"))
         assert asked > 0, (agent, stats)
@@ -108,6 +113,35 @@ def _check_strefer(tmp: Path, params: dict[str, Any]) -> None:
     assert samples and all(s["pipeline"] == "strefer" and dict(s["labels"])["group"].startswith("G") for s in samples)
 
 
+def _refresh_params(tmp: Path) -> dict[str, Any]:
+    """A tiny clip-and-track dataset made here (no Prefect), and a source that adds a video to it."""
+    from engine.stats import Stats
+    from engine.storage import Dataset
+    from engine.writer import TableWriter
+    from flows.pipelines import finish_run, load, run_items, run_settings
+    from schemas import WorkItem
+
+    old, new = tmp / "old.mp4", tmp / "new.mp4"
+    synthetic.short_video(old, seconds=2.0, fps=4)
+    synthetic.short_video(new, seconds=1.5, fps=4)
+    out, config, stats = str(tmp / "dataset"), load("tiny"), Stats()
+    options = {"entities": ["dog:dog"], "baseline": False, "render": False}
+    with TableWriter(Dataset(out), "first") as writer:
+        run_items("clip-and-track", [WorkItem(source=str(old))], out, config=config, stats=stats, writer=writer, **options)
+    settings = run_settings("clip-and-track", config, options, sources=[str(old)])
+    finish_run(out, stats, config, run_id="first", kind="run", settings=[settings], counts={"done": 1})
+    return {"out": out, "source": [str(old), str(new)]}
+
+
+def _check_refresh(tmp: Path, params: dict[str, Any]) -> None:
+    from engine.storage import Dataset
+
+    dataset = Dataset(params["out"])
+    first, second = dataset.versions()
+    assert second.record.kind == "refresh" and second.record.counts == {"done": 1, "skipped": 1}  # only the new video
+    assert len(_read(Path(params["out"]), "videos")) == 2
+
+
 @dataclass(frozen=True)
 class DeploymentCase:
     name: str  # FLOW_NAME/DEPLOYMENT_NAME, as `prefect deployment run` takes it
@@ -119,6 +153,7 @@ DEPLOYMENTS = [
     DeploymentCase("clip-and-track/tiny-wiring-check", _clip_and_track_params, _check_clip_and_track),
     DeploymentCase("build-videorefer-700k/tiny", _videorefer_params, _check_videorefer),
     DeploymentCase("build-strefer/tiny", _strefer_params, _check_strefer),
+    DeploymentCase("refresh-dataset/nightly", _refresh_params, _check_refresh),
 ]
 
 
@@ -199,6 +234,7 @@ class PrefectStack:
             PREFECT_CLI_PROMPT="false",
             PREFECT_WORKER_QUERY_SECONDS="2",  # default 10 s: the worker would idle most of the test
             ENGINE_CHECKOUT=str(REPO),  # the pull step of prefect.yaml cds there
+            ENGINE_DATASET=str(home / "nightly-dataset"),  # the nightly refresh's default dataset (overridden per run)
             HF_HUB_OFFLINE="1",
             # torch's default of one thread per core thrashes when the CPUs are shared (tests in parallel): the
             # same tiny run took 3.4 min with the default and 1.3 min with 1 thread on 2 busy cores
@@ -290,7 +326,13 @@ def prefect_stack(tmp_path_factory) -> Iterator[PrefectStack]:
                 stack.request("GET", f"/deployments/name/{case.name}")
             except urllib.error.HTTPError as e:
                 pytest.fail(f"{case.name} not deployed by `prefect deploy --all`: HTTP {e.code}\n{stack.reports()}")
+        nightly = stack.request("GET", "/deployments/name/refresh-dataset/nightly")
+        (schedule,) = [s["schedule"] for s in nightly["schedules"]]
+        assert (schedule["cron"], schedule["timezone"]) == ("0 2 * * *", "UTC"), schedule  # 02:00 every night
+        shown = stack.cli("deployment", "inspect", "refresh-dataset/nightly")
+        assert "0 2 * * *" in shown, shown
         stack.start("worker", "worker", "start", "--pool", "cpu")
+        stack.start("gpu-worker", "worker", "start", "--pool", "gpu")  # the nightly refresh's pool
         yield stack
     finally:
         stack.stop()
