@@ -123,7 +123,7 @@ class Planner:
         self.pipeline, self.variant, self.run_hash, self.force = pipeline, variant, run_hash, force
         columns = [
             "item_key", "variant", "status", "reason", "detail", "run_hash", "fingerprint", "content_sha256", "source",
-            "start_s", "end_s", "video_id", "rows", "engine_version",
+            "start_s", "end_s", "video_id", "rows", "engine_version", "run_id",
         ]
         items = dataset.items(columns=columns, pipeline=pipeline)
         live = items.filter(pc.is_in(items["status"], value_set=_strings(LIVE)))

@@ -432,7 +432,7 @@ class Runner:
         if plan.beside:
             self.stats.count("items_beside_other_options", plan.beside)
         for row in plan.replace:  # --force with other options: their outputs give way to this run's
-            writer.keep(ItemRecord.model_validate({**item_row(row), "status": "replaced"}))
+            writer.keep(ItemRecord.model_validate({**item_row(row), "status": "replaced", "run_id": self.run_id}))
             self.stats.count("items_replaced")
         todo_ids = {id(i) for i in plan.todo}
         complete = [id(i) not in todo_ids or writer.pending(self.pipeline.item_id(i)) for i in items]
