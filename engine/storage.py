@@ -306,13 +306,14 @@ class Dataset:
     # -- versions ----------------------------------------------------------------------------------------
     def versions(self) -> list[Version]:
         """Every published version, oldest first; a version's number is the Delta version of the commit
-        that added its row to `versions`, plus one (unique and in order, whoever published it)."""
+        that added its row to `versions` (1, 2, ...: commit 0 created the table; unique and in order, whoever
+        published it)."""
         from schemas import from_table
 
         if not self._is_table(VERSIONS):
             return []
         table = self.delta(VERSIONS)
-        numbers = {c.get("run_id"): c["version"] + 1 for c in table.history() if c.get("run_id")}
+        numbers = {c.get("run_id"): c["version"] for c in table.history() if c.get("run_id")}
         records = from_table(VersionRecord, table.to_pyarrow_table())
         out = [Version(numbers[r.run_id], r) for r in records if r.run_id in numbers]
         return sorted(out, key=lambda v: v.number)

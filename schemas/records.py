@@ -281,7 +281,7 @@ class RunSettings(Record):
 
 class VersionRecord(Record):
     """One row of the `versions` table: a published dataset version (its number is the Delta version of the
-    `versions` table that added it, plus one)."""
+    `versions` table's commit that added it)."""
 
     run_id: str
     kind: Literal["run", "refresh", "compact"]
