@@ -125,7 +125,7 @@ def _refresh_params(tmp: Path) -> dict[str, Any]:
     synthetic.short_video(old, seconds=2.0, fps=4)
     synthetic.short_video(new, seconds=1.5, fps=4)
     out, config, stats = str(tmp / "dataset"), load("tiny"), Stats()
-    options = {"entities": ["dog:dog"], "baseline": False, "render": False}
+    options = {"entities": [{"expression": "dog", "noun": "dog"}], "baseline": False, "render": False}
     with TableWriter(Dataset(out), "first") as writer:
         run_items("clip-and-track", [WorkItem(source=str(old))], out, config=config, stats=stats, writer=writer, **options)
     settings = run_settings("clip-and-track", config, options, sources=[str(old)])
