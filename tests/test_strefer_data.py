@@ -199,7 +199,7 @@ def run(tmp_path_factory):
         "clips": from_table(ClipRecord, dataset.read_table("clips")),
         "masklets": {m.masklet_id: m for m in from_table(MaskletRecord, dataset.read_table("masklets"))},
         "samples": from_table(SampleRecord, dataset.read_table("samples")),
-        "counters": json.loads((out / "stats.json").read_text())["counters"],
+        "counters": json.loads(dataset.versions()[-1].record.stats)["counters"],
     }
 
 
