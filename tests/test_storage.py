@@ -261,3 +261,45 @@ def test_two_processes_write_one_dataset_at_once(tmp_path, videos):
     ds = Dataset(str(tmp_path / "ds"))
     assert ds.read_table("clips").num_rows == 7 and ds.read_table("videos").num_rows == 7
     assert len(ds.versions()) == 2 and ds.summary()["items"] == {"fake-storage": {"done": 7}}
+
+
+def _readme_snippet(name: str) -> str:
+    text = (ROOT / "README.md").read_text()
+    after = text.split(f"<!-- reader: {name} -->", 1)[1]
+    return after.split("```python\n", 1)[1].split("```", 1)[0]
+
+
+@pytest.mark.parametrize("reader", ["polars", "duckdb"])
+def test_the_readmes_readers_see_the_committed_view_of_a_version(tmp_path, reader):
+    """The README's Polars and DuckDB snippets, run as printed (but for the folder and version), give the
+    engine's committed view of a version: superseded, orphaned and later rows left out."""
+    import deltalake
+
+    ds = Dataset(str(tmp_path / "ds"))
+    from schemas import SampleRecord, Turn
+
+    def sample(sample_id: str) -> SampleRecord:
+        return SampleRecord(
+            sample_id=sample_id, video_id="v", source="a.mp4", pipeline="p", data_type="object_qa",
+            conversation=[Turn(role="human", value="<video>\nWhat is <region>?"), Turn(role="gpt", value="A dog.")],
+            masklet_ids=["m"], frames=[3], kept=True, provenance=PROV,
+        )
+
+    _commit(ds, "a", {"samples": [sample("a-old")]})
+    _commit(ds, "a", {"samples": [sample("a-new")]})  # supersedes a-old
+    _commit(ds, "b", {"samples": [sample("b")]})
+    real = deltalake.write_deltalake
+    try:  # an orphan: a flush whose items append never happened
+        deltalake.write_deltalake = lambda uri, data, **kw: None if str(uri).endswith("/items") else real(uri, data, **kw)
+        with TableWriter(ds, "run") as writer:
+            writer.add(_item("c"), {"samples": [sample("orphan")]})
+    finally:
+        deltalake.write_deltalake = real
+    version = _publish(ds, "r1")
+    _commit(ds, "d", {"samples": [sample("later")]})  # after the version
+    code = _readme_snippet(reader).replace('"runs/vr", 1', f'{str(tmp_path / "ds")!r}, {version}')
+    scope: dict = {}
+    exec(compile(code, f"README {reader} snippet", "exec"), scope)
+    got = scope["samples"]
+    ids = sorted(got["sample_id"].to_list() if reader == "polars" else got["sample_id"].to_pylist())
+    assert ids == ["a-new", "b"] == sorted(ds.read_table("samples", version=version)["sample_id"].to_pylist())
