@@ -172,6 +172,19 @@ class Dataset:
 
         return DeltaTable(self.uri(table), version=version, storage_options=self.storage_options)
 
+    def arrow_dataset(self, table: str, version: int | None = None):
+        """A pyarrow dataset of the table's files at a Delta version, read through pyarrow's own filesystem
+        where it has one for the URL: deltalake's default Python filesystem handler can make the interpreter
+        abort at exit ("terminate called without an active exception")."""
+        import pyarrow.fs as pafs
+
+        delta = self.delta(table, version)
+        try:
+            raw, root = pafs.FileSystem.from_uri(self.uri(table))
+        except (ValueError, OSError):  # pyarrow has no filesystem for this scheme (ArrowInvalid is a ValueError)
+            return delta.to_pyarrow_dataset()
+        return delta.to_pyarrow_dataset(filesystem=pafs.SubTreeFileSystem(root, raw))
+
     # -- small files beside the tables -------------------------------------------------------------------
     def write_text(self, name: str, text: str) -> None:
         """Write `name` under the root atomically (a hidden temporary name, then a rename)."""
@@ -217,7 +230,7 @@ class Dataset:
 
     def _arrow(self, table: str, delta_version: int | None, columns: list[str] | None = None):
         try:
-            return self.delta(table, delta_version).to_pyarrow_table(columns=columns)
+            return self.arrow_dataset(table, delta_version).to_table(columns=columns)
         except FileNotFoundError:
             raise BadInputError(
                 f"{self.url}: the files of that version of {table} were vacuumed by `engine dataset compact` "
@@ -271,7 +284,7 @@ class Dataset:
         if unknown:
             raise BadInputError(f"table {table} has no column {unknown[0]!r}; columns: {', '.join(schema.names)}")
         read = list(dict.fromkeys([*wanted, "item_id", "write_id", *(["video_id"] if table == "videos" else [])]))
-        dataset = self.delta(table, self.table_versions(version)[table]).to_pyarrow_dataset()
+        dataset = self.arrow_dataset(table, self.table_versions(version)[table])
         seen: set[str] = set()
         for batch in dataset.to_batches(columns=read, batch_size=batch_rows):
             if not batch.num_rows:
@@ -312,9 +325,8 @@ class Dataset:
 
         if not self._is_table(VERSIONS):
             return []
-        table = self.delta(VERSIONS)
-        numbers = {c.get("run_id"): c["version"] for c in table.history() if c.get("run_id")}
-        records = from_table(VersionRecord, table.to_pyarrow_table())
+        numbers = {c.get("run_id"): c["version"] for c in self.delta(VERSIONS).history() if c.get("run_id")}
+        records = from_table(VersionRecord, self.arrow_dataset(VERSIONS).to_table())
         out = [Version(numbers[r.run_id], r) for r in records if r.run_id in numbers]
         return sorted(out, key=lambda v: v.number)
 
@@ -401,14 +413,14 @@ class Dataset:
         items = self.items()  # read once: the rewrite of every table uses the same committed view
         keys = live_keys(items)
         for table in TABLES:
-            before = self.delta(table).to_pyarrow_dataset().count_rows()
+            before = self.arrow_dataset(table).count_rows()
             schema = table_schema(table)
             # The source opened here, not in the generator: delta-rs cannot open a table inside its own write.
-            rows = _committed_batches(table, self.delta(table).to_pyarrow_dataset(), keys, schema)
+            rows = _committed_batches(table, self.arrow_dataset(table), keys, schema)
             reader = _reader(schema, rows)
             write_deltalake(self.uri(table), reader, mode="overwrite", storage_options=self.storage_options)
-            counts[table] = (before, self.delta(table).to_pyarrow_dataset().count_rows())
-        before = self.delta(ITEMS).to_pyarrow_dataset().count_rows()
+            counts[table] = (before, self.arrow_dataset(table).count_rows())
+        before = self.arrow_dataset(ITEMS).count_rows()
         write_deltalake(self.uri(ITEMS), items.select(table_schema(ITEMS).names), mode="overwrite", storage_options=self.storage_options)
         counts[ITEMS] = (before, items.num_rows)
         for table in (*TABLES, ITEMS):

@@ -24,23 +24,25 @@ from schemas.records import Record
 
 
 @dataclass
-class _Pending:
-    record: ItemRecord
-    tables: dict[str, Any]  # table -> its rows as Arrow, storage columns but write_id added
-
-
-@dataclass
 class TableWriter:
     """Buffers items (their `items` row and their data rows) and flushes them when the buffer passes
-    `flush_mb` or its oldest item is `flush_minutes` old (checked as items arrive), and on `flush()`."""
+    `flush_mb` or its oldest item is `flush_minutes` old (checked as items arrive), and on `flush()`.
+
+    Rows wait as plain dicts until `combine_every` items have arrived, then become one contiguous Arrow table
+    per data table: the buffer's memory is its Arrow size, not thousands of tiny tables' overhead."""
 
     dataset: Dataset
     run_id: str
-    flush_mb: float = 192
+    flush_mb: float = 256
     flush_minutes: float = 10
+    combine_every: int = 256
     commits: int = 0  # flushes done
     items_committed: int = 0
-    _pending: dict[str, _Pending] = field(default_factory=dict)  # item_id -> its buffered rows (a retry replaces)
+    _records: list[ItemRecord] = field(default_factory=list)
+    _ids: set[str] = field(default_factory=set)
+    _rows: dict[str, list[dict[str, Any]]] = field(default_factory=lambda: defaultdict(list))  # not yet combined
+    _combined: dict[str, list[Any]] = field(default_factory=lambda: defaultdict(list))  # Arrow tables
+    _uncombined: int = 0
     _nbytes: int = 0
     _oldest: float | None = None
     _lock: Any = field(default_factory=threading.RLock, repr=False, compare=False)
@@ -51,29 +53,30 @@ class TableWriter:
         self.dataset.prepare()  # every table exists before the first flush (and a folder of the old layout is refused)
 
     def add(self, record: ItemRecord, tables: Mapping[str, Sequence[Record]] | None = None) -> None:
-        """Buffer one item: its `items` row (write_id, run_id, rows, time and engine version are filled at the
-        flush) and its rows per data table."""
-        import pyarrow as pa
-
-        tables = tables or {}
+        """Buffer one item: its `items` row (write_id, rows, run, time and engine version are filled at the
+        flush; a row given a write_id keeps it) and its rows per data table."""
+        tables = {name: rows for name, rows in (tables or {}).items() if rows}
         unknown = set(tables) - set(TABLES)
         if unknown:
             raise ValueError(f"unknown tables {sorted(unknown)}")
-        converted = {}
-        for name, rows in tables.items():  # converted outside the lock: the costly part
-            if not rows:
-                continue
-            arrow = to_table(TABLES[name], list(rows))
-            n = arrow.num_rows
-            if "pipeline" not in arrow.column_names:
-                arrow = arrow.append_column("pipeline", pa.array([record.pipeline] * n, pa.string()))
-            converted[name] = arrow.append_column("item_id", pa.array([record.item_id] * n, pa.string()))
+        dumped = {}  # outside the lock: the costly part
+        for name, rows in tables.items():
+            extra = {"item_id": record.item_id}
+            if "pipeline" not in TABLES[name].model_fields:
+                extra["pipeline"] = record.pipeline
+            dumped[name] = [{**row.model_dump(), **extra} for row in rows]
+        if record.write_id == "":
+            record = record.model_copy(update={"rows": {name: len(rows) for name, rows in dumped.items()}})
         with self._lock:
-            old = self._pending.pop(record.item_id, None)
-            if old is not None:
-                self._nbytes -= sum(t.nbytes for t in old.tables.values())
-            self._pending[record.item_id] = _Pending(record, converted)
-            self._nbytes += sum(t.nbytes for t in converted.values())
+            if record.item_id in self._ids:  # a retried item: its earlier rows go out under their own write id
+                self._flush()
+            self._ids.add(record.item_id)
+            self._records.append(record)
+            for name, rows in dumped.items():
+                self._rows[name] += rows
+            self._uncombined += 1
+            if self._uncombined >= self.combine_every:
+                self._combine()
             if self._oldest is None:
                 self._oldest = time.monotonic()
             if self._nbytes >= self.flush_mb * 2**20 or time.monotonic() - self._oldest >= self.flush_minutes * 60:
@@ -86,41 +89,50 @@ class TableWriter:
 
     def pending(self, item_id: str) -> bool:
         with self._lock:
-            return item_id in self._pending
+            return item_id in self._ids
 
     def flush(self) -> None:
         with self._lock:
             self._flush()
 
+    def _combine(self) -> None:
+        """The dict rows of the last items as one Arrow table per data table (explicit schemas)."""
+        import pyarrow as pa
+
+        for name, rows in self._rows.items():
+            if rows:
+                schema = table_schema(name)
+                arrow = pa.Table.from_pylist(rows, schema=schema.remove(schema.get_field_index("write_id")))
+                self._combined[name].append(arrow)
+                self._nbytes += arrow.nbytes
+        self._rows.clear()
+        self._uncombined = 0
+
     def _flush(self) -> None:
         import pyarrow as pa
         from deltalake import write_deltalake
 
-        if not self._pending:
+        if not self._records:
             return
+        self._combine()
         write_id = uuid.uuid4().hex[:16]
-        by_table: dict[str, list[Any]] = defaultdict(list)
-        for pending in self._pending.values():
-            for name, arrow in pending.tables.items():
-                by_table[name].append(arrow)
-        for name, parts in by_table.items():  # the data first...
+        for name, parts in self._combined.items():  # the data first...
             combined = pa.concat_tables(parts)
             combined = combined.append_column("write_id", pa.array([write_id] * combined.num_rows, pa.string()))
-            combined = combined.select(table_schema(name).names).cast(table_schema(name))
             write_deltalake(self.dataset.uri(name), combined, mode="append", storage_options=self.dataset.storage_options)
         stamp = now_iso()
-        rows = []
-        for pending in self._pending.values():
-            record = pending.record
-            update: dict[str, Any] = {"run_id": self.run_id, "committed_at": stamp, "engine_version": __version__}
-            if record.write_id == "":  # a new item: its rows are this flush's
-                update |= {"write_id": write_id, "rows": {n: t.num_rows for n, t in pending.tables.items()}}
-            rows.append(record.model_copy(update=update))
+        update: dict[str, Any] = {"committed_at": stamp, "engine_version": __version__}
+        rows = [
+            r.model_copy(update={**update, "run_id": self.run_id, "write_id": write_id} if r.write_id == "" else update)
+            for r in self._records
+        ]
         # ...then the items: from this commit on, they are part of the dataset.
         write_deltalake(self.dataset.uri(ITEMS), to_table(ItemRecord, rows), mode="append", storage_options=self.dataset.storage_options)
         self.commits += 1
         self.items_committed += len(rows)
-        self._pending.clear()
+        self._records.clear()
+        self._ids.clear()
+        self._combined.clear()
         self._nbytes = 0
         self._oldest = None
 

@@ -11,7 +11,7 @@ from typing import Sequence
 from engine.errors import BadInputError
 from engine.planning import chunked, item_id
 from engine.storage import Dataset
-from flows.pipelines import iter_items, pipeline_module
+from flows.pipelines import iter_items
 
 
 @dataclass
@@ -42,8 +42,7 @@ def audit(
     report = AuditReport()
     for s in settings:
         rate = frame_rate if frame_rate is not None else s.frame_rate
-        videos = getattr(pipeline_module(s.pipeline), "SOURCES_ARE_VIDEOS", False)
-        for batch in chunked(iter_items(sources, frame_rate=rate, split=split, videos=videos), chunk):
+        for batch in chunked(iter_items(sources, frame_rate=rate, split=split, videos=s.sources_are_videos), chunk):
             report.inputs += len(batch)
             ids = [item_id(s.pipeline, i, s.variant) for i in batch]
             found = items.filter(pc.is_in(items["item_id"], value_set=pa.array(ids, pa.string())))

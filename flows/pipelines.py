@@ -164,6 +164,7 @@ def run_settings(
         options=json.dumps({**options, **output_options(name, options)}, default=str),  # render kept too
         config=config.model_dump_json(),
         sources=list(sources),
+        sources_are_videos=getattr(pipeline_module(name), "SOURCES_ARE_VIDEOS", False),
         frame_rate=frame_rate,
     )
 

@@ -276,6 +276,7 @@ class RunSettings(Record):
     options: str = Field(description="run options as JSON (data types, entities, ...)")
     config: str = Field(description="the resolved profile and settings as JSON")
     sources: list[str]
+    sources_are_videos: bool = Field(default=False, description="each source is one video file, taken as it is")
     frame_rate: Optional[float] = None
 
 

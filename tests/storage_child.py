@@ -64,7 +64,7 @@ def main(out: str, folder: str, pause: bool) -> None:
     stats = Stats()
     run_id = uuid.uuid4().hex[:16]
     items = list(iter_items([folder]))
-    with TableWriter(dataset, run_id, flush_mb=1e-6) as writer:  # every item its own flush
+    with TableWriter(dataset, run_id, flush_mb=1e-6, combine_every=1) as writer:  # every item its own flush
         Runner(pipeline, dataset, stats=stats, writer=writer, videos_in_flight=1, prefetch=0).run(items)
     settings = RunSettings(
         pipeline=NAME, variant=pipeline.variant, run_hash=pipeline.run_hash, options="{}", config=config.model_dump_json(), sources=[folder]

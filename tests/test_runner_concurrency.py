@@ -444,7 +444,7 @@ def test_writer_takes_items_from_many_threads(tmp_path):
 
     dataset = Dataset(str(tmp_path / "ds"))
     provenance = Provenance(engine_version="test", profile="test", models={}, config_hash="c")
-    writer = TableWriter(dataset, "run", flush_mb=0.01)  # a few items per flush
+    writer = TableWriter(dataset, "run", flush_mb=0.01, combine_every=4)  # a few items per flush
 
     def add(k: int) -> None:
         for j in range(10):
@@ -483,7 +483,7 @@ def test_videos_records_are_whole(videos, tmp_path):
     from engine.writer import TableWriter
 
     dataset = Dataset(str(tmp_path / "ds"))
-    with TableWriter(dataset, "run", flush_mb=0.001) as writer:
+    with TableWriter(dataset, "run", flush_mb=0.001, combine_every=1) as writer:
         _runner(dataset, videos, Events(), videos_in_flight=3, prefetch=2, writer=writer).run(_items(videos))
     assert writer.commits > 1
     rows = {r.video_id: r for r in dataset.read_records("videos")}

@@ -79,7 +79,7 @@ def test_rerun_supersedes_and_never_duplicates(tmp_path):
     _commit(ds, "k", {"videos": [_video("k")], "masklets": [_masklet()]})  # a rerun
     assert ds.completion("p", "k")["status"] == "done"
     assert ds.read_table("masklets").num_rows == 1  # superseded, not duplicated
-    assert ds.delta("masklets").to_pyarrow_dataset().count_rows() == 2  # both on disk until compaction
+    assert ds.arrow_dataset("masklets").count_rows() == 2  # both on disk until compaction
     assert ds.read_table("rejections").schema.names == [*arrow_schema(RejectionRecord).names, "pipeline"]
     assert ds.summary()["tables"]["masklets"]["rows"] == 1 and ds.summary()["items"] == {"p": {"done": 1}}
 
@@ -110,7 +110,7 @@ def test_flushes_by_size_and_by_age(tmp_path, monkeypatch):
     import engine.writer as writer_module
 
     ds = Dataset(str(tmp_path / "ds"))
-    writer = TableWriter(ds, "run", flush_mb=1e-6)  # every item passes the size
+    writer = TableWriter(ds, "run", flush_mb=1e-6, combine_every=1)  # every item passes the size
     writer.add(_item("a"), {"masklets": [_masklet("a")]})
     assert writer.commits == 1 and ds.read_table("masklets").num_rows == 1
     clock = [1000.0]
@@ -143,7 +143,7 @@ def test_orphans_of_an_interrupted_flush_stay_invisible(tmp_path, monkeypatch):
         writer.flush()
     monkeypatch.undo()
     assert ds.completion("p", "b") is None  # no items row: a rerun redoes b
-    assert ds.delta("masklets").to_pyarrow_dataset().count_rows() == 1  # the orphan is on disk...
+    assert ds.arrow_dataset("masklets").count_rows() == 1  # the orphan is on disk...
     assert ds.read_table("masklets").num_rows == 0  # ...and never read
     assert ds.read_table("videos")["video_id"].to_pylist() == ["a"]
 
@@ -185,8 +185,6 @@ def test_versions_pin_every_table_and_diff_them(tmp_path):
 
 
 def test_compaction_keeps_the_committed_view_as_the_plain_snapshot(tmp_path):
-    from deltalake import DeltaTable
-
     ds = Dataset(str(tmp_path / "ds"))
     for key in ("a", "b", "a"):  # a rerun of a leaves superseded rows
         _commit(ds, key, {"videos": [_video(key)], "masklets": [_masklet(key)]})
@@ -198,7 +196,7 @@ def test_compaction_keeps_the_committed_view_as_the_plain_snapshot(tmp_path):
     assert counts["masklets"] == (3, 2) and counts["videos"][1] == 3
     for table in ("videos", "masklets"):
         assert sorted(map(str, ds.read_table(table).to_pylist())) == before[table]  # the same committed view
-        plain = DeltaTable(str(tmp_path / "ds" / table)).to_pyarrow_table().drop_columns(["item_id", "write_id"])
+        plain = ds.arrow_dataset(table).to_table().drop_columns(["item_id", "write_id"])
         assert sorted(map(str, plain.to_pylist())) == before[table]  # the plain snapshot is exactly it
 
 
@@ -239,7 +237,7 @@ def test_sigkill_during_a_flush_then_rerun_equals_an_uninterrupted_run(tmp_path,
     killed.send_signal(signal.SIGKILL)
     killed.wait(timeout=30)
     ds = Dataset(str(tmp_path / "ds"))
-    assert ds.delta("clips").to_pyarrow_dataset().count_rows() == 1 and ds.read_table("clips").num_rows == 0
+    assert ds.arrow_dataset("clips").count_rows() == 1 and ds.read_table("clips").num_rows == 0
     for run in (_child(tmp_path / "ds", videos), _child(tmp_path / "clean", videos)):
         out, errors = run.communicate(timeout=300)
         assert run.returncode == 0 and "DONE" in out, errors[-2000:]
