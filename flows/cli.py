@@ -244,11 +244,11 @@ def _run(pipeline, source, out, profile, config_file, batch_size, limit, data_ty
     from flows.pipelines import iter_items, load
 
     config = load(profile, str(config_file) if config_file else None)  # fail fast, before Prefect starts
-    _warn_tiny(config)
     if limit is not None and limit < 1:
         raise ValueError("--limit must be >= 1")
     iter_items(list(source), frame_rate=frame_rate, split=split)  # every source opened and checked: one line if bad
     Dataset(out).check_layout()
+    _warn_tiny(config)
     # Prefect's ephemeral API can take tens of seconds to come up on a busy machine (its default wait is 20 s).
     os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "180")
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")  # no telemetry calls from a data run
