@@ -6,8 +6,8 @@ DAM4SAM were written to fix). Re-detection alone cannot see it: after a switch b
 one of them twice. So at every re-detection frame each live track is checked against the signals a real system
 has:
 - motion: a constant-velocity Kalman filter on the track's box (centre and size), frame by frame, with the noise
-  weights SAMURAI uses as SAM 2's motion prior; a box far outside the filter's gate is a break, and the filter's
-  prediction from before the break says where the object should be now;
+  weights SAMURAI uses as SAM 2's motion prior; one box far outside the filter's prediction, or a run of boxes
+  somewhat outside it, is a break, and the prediction from before the break says where the object should be;
 - appearance: an embedding (the `embedder` role, SigLIP) of the track's masked region against its prompt-frame
   embedding and its recent history, and of the detections it does not hold against the same references;
 - the detector's boxes: which detection the track holds, and whether another track holds it too;
@@ -215,9 +215,9 @@ def judge(held: int | None, motion: int | None, appearance: int | None, doubt: b
     """Combine the signals at one frame. `held`: the detection the track's mask holds; `motion`: None while the
     box moved on smoothly, else the detection the prediction from before the break lands on (or ELSEWHERE);
     `appearance`: a detection that looks more like the track than its own region does, else None; `doubt`: the
-    detectors' boxes contradict the track (another track holds the same object while one is free, or the mask
-    sits on an object of another noun). Pass when nothing speaks against the track; cut when motion and
-    appearance both name the same other detection; otherwise ask the grounder."""
+    detector's boxes contradict the track (another track holds the same detection, or the mask sits on an
+    object of another noun). Pass when nothing speaks against the track; cut when motion and appearance both
+    name the same other detection; otherwise ask the grounder."""
     against = [x for x in (motion, appearance) if x is not None and x != held]
     if not against and not doubt:
         return "pass", None

@@ -39,7 +39,9 @@ import numpy as np
 SHARED_VIDEOS = Path(__file__).resolve().parents[2] / "shared" / "videos"
 JOINED = ("01_dog.mp4", "03_blocks.mp4", "04_coffee.mp4")  # 720p, joined with hard cuts
 ENTITIES = ("dog:dog", "person:person", "cup:cup")
-GPU_STAGES = ("masklets.detect", "masklets.track", "masklets.segment", "masklets.ground", "masklets.embed", "clip.embed")
+GPU_STAGES = (
+    "masklets.detect", "masklets.track", "masklets.segment", "masklets.ground", "masklets.embed", "clip.embed"
+)
 
 
 # -- measuring --------------------------------------------------------------------------------------------------
