@@ -6,8 +6,8 @@ DAM4SAM were written to fix). Re-detection alone cannot see it: after a switch b
 one of them twice. So at every re-detection frame each live track is checked against the signals a real system
 has:
 - motion: a constant-velocity Kalman filter on the track's box (centre and size), frame by frame, with the noise
-  weights SAMURAI uses as SAM 2's motion prior; a box far outside the filter's gate is a break, and the filter's
-  prediction from before the break says where the object should be now;
+  weights SAMURAI uses as SAM 2's motion prior; one box far outside the filter's prediction, or a run of boxes
+  somewhat outside it, is a break, and the prediction from before the break says where the object should be;
 - appearance: an embedding (the `embedder` role, SigLIP) of the track's masked region against its prompt-frame
   embedding and its recent history, and of the detections it does not hold against the same references;
 - the detector's boxes: which detection the track holds, and whether another track holds it too;
@@ -33,6 +33,7 @@ Box = Sequence[float]  # xyxy pixels
 FILL = 128  # outside a region's mask: SigLIP's mean gray (0 after its normalisation)
 CHI2_99_4DOF = 13.28  # squared Mahalanobis distance that 99% of a 4-d Gaussian's samples stay under
 DRIFT = 6.0  # taken off each frame's innovation in the CUSUM (a consistent filter's average 4, at 4 dof)
+EMBED_CHUNK = 256  # crops per embedder call: bounds the crops held at once (SigLIP so400m: 384 px each)
 
 
 class TrackLike(Protocol):
@@ -215,9 +216,9 @@ def judge(held: int | None, motion: int | None, appearance: int | None, doubt: b
     """Combine the signals at one frame. `held`: the detection the track's mask holds; `motion`: None while the
     box moved on smoothly, else the detection the prediction from before the break lands on (or ELSEWHERE);
     `appearance`: a detection that looks more like the track than its own region does, else None; `doubt`: the
-    detectors' boxes contradict the track (another track holds the same object while one is free, or the mask
-    sits on an object of another noun). Pass when nothing speaks against the track; cut when motion and
-    appearance both name the same other detection; otherwise ask the grounder."""
+    detector's boxes contradict the track (another track holds the same detection, or the mask sits on an
+    object of another noun). Pass when nothing speaks against the track; cut when motion and appearance both
+    name the same other detection; otherwise ask the grounder."""
     against = [x for x in (motion, appearance) if x is not None and x != held]
     if not against and not doubt:
         return "pass", None
@@ -257,8 +258,8 @@ class Lost:
 class IdentityChecker:
     """Checks tracks of one shot at its sampled (re-detection) frames and cuts those that switched identity.
 
-    Embeddings are computed in one batched embedder call per check (every region and detection crop it needs);
-    grounder answers are cached per frame and noun."""
+    The embeddings a check needs (every region and detection crop) are computed up front in batched embedder
+    calls; grounder answers are cached per frame and noun."""
 
     def __init__(
         self,
@@ -303,18 +304,29 @@ class IdentityChecker:
                 if (p > p0 if forward else p < p0) and p in track.frames]
 
     def _embed(self, tracks: Sequence[TrackLike]) -> dict[tuple[int, int], np.ndarray]:
-        """Region embeddings per (track, position): its prompt frame and every check frame; detection crops of
-        those frames not embedded yet. One batched call."""
+        """Region embeddings per (track, position): its prompt frame and every check frame; crops of the
+        detections of its noun on those frames, once. Batched, EMBED_CHUNK crops per embedder call."""
         size = self.embedder.input_size
         crops: list[np.ndarray] = []
         keys: list[tuple[str, int, int]] = []
         queued: set[tuple[int, int]] = set()
         images: dict[int, np.ndarray] = {}
+        regions: dict[tuple[int, int], np.ndarray] = {}
 
         def image(p: int) -> np.ndarray:
             if p not in images:
                 images[p] = self.image(p)
             return images[p]
+
+        def flush() -> None:
+            with self.stats.timer("masklets.embed"):
+                vectors = np.asarray(self.embedder.embed(crops), dtype=np.float32)
+            self.stats.count("identity_embedder_calls")
+            self.stats.count("identity_crops_embedded", len(crops))
+            for (kind, a, b), v in zip(keys, vectors):
+                (regions if kind == "track" else self._det_embeddings)[a, b] = v
+            crops.clear()
+            keys.clear()
 
         for track in tracks:
             for p in [track.position, *self._checks(track, True), *self._checks(track, False)]:
@@ -325,22 +337,14 @@ class IdentityChecker:
                     crops.append(box_crop(image(p), track.detection.box, size))
                 keys.append(("track", track.obj_id, p))
                 for j, det in enumerate(self.detections.get(p, [])):
-                    if (p, j) not in self._det_embeddings and (p, j) not in queued:
+                    if det.label == track.label and (p, j) not in self._det_embeddings and (p, j) not in queued:
                         crops.append(box_crop(image(p), det.box, size))
                         keys.append(("det", p, j))
                         queued.add((p, j))
-        if not crops:
-            return {}
-        with self.stats.timer("masklets.embed"):
-            vectors = np.asarray(self.embedder.embed(crops), dtype=np.float32)
-        self.stats.count("identity_embedder_calls")
-        self.stats.count("identity_crops_embedded", len(crops))
-        regions: dict[tuple[int, int], np.ndarray] = {}
-        for (kind, a, b), v in zip(keys, vectors):
-            if kind == "track":
-                regions[a, b] = v
-            else:
-                self._det_embeddings[a, b] = v
+                if len(crops) >= EMBED_CHUNK:
+                    flush()
+        if crops:
+            flush()
         return regions
 
     # -- one direction of one track --------------------------------------------------------------------

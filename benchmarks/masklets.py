@@ -11,12 +11,15 @@ random weights; speed does not depend on weight values), each figure beside its 
 - whole video: clip-and-track over several copies of a video with hard cuts (the shared 720p videos joined):
   before (Algorithm 1 as published, per-object tracking, float32 detection, one video at a time), the same
   algorithm with the configured speed settings (batched tracking, the detector's dtype and batch, decode
-  overlapping model work, several videos in flight), and the configured default with re-detection:
-  videos/hour, seconds per stage, frames/s of decode, detection and tracking, GPU memory peak and the share of
-  GPU-idle time (NVML's utilization where it can be read; otherwise the share of wall time in which no model
-  stage ran in any thread).
+  overlapping model work, several videos in flight), re-detection without identity checks, and the configured
+  default (re-detection with identity checks: their cuts, embedder and grounder calls): videos/hour, seconds
+  per stage, frames/s of decode, detection and tracking, GPU memory peak and the share of GPU-idle time
+  (NVML's utilization where it can be read; otherwise the share of wall time in which no model stage ran in
+  any thread).
 Completeness (CPU, oracle fakes on synthetic videos with exact ground truth; `tests/scenarios.py`): temporal
-coverage per entity for Strefer with re-detection, Strefer as published, and the Grounded-SAM-2 baseline.
+coverage per entity for Strefer with re-detection and identity checks, with re-detection only, as published,
+and the Grounded-SAM-2 baseline, with the oracle tracker's identity switches off and on; per video, the
+identity cuts made and what the checks cost (embedder and grounder calls, seconds).
 """
 
 from __future__ import annotations
@@ -36,7 +39,9 @@ import numpy as np
 SHARED_VIDEOS = Path(__file__).resolve().parents[2] / "shared" / "videos"
 JOINED = ("01_dog.mp4", "03_blocks.mp4", "04_coffee.mp4")  # 720p, joined with hard cuts
 ENTITIES = ("dog:dog", "person:person", "cup:cup")
-GPU_STAGES = ("masklets.detect", "masklets.track", "masklets.segment", "masklets.ground", "clip.embed")
+GPU_STAGES = (
+    "masklets.detect", "masklets.track", "masklets.segment", "masklets.ground", "masklets.embed", "clip.embed"
+)
 
 
 # -- measuring --------------------------------------------------------------------------------------------------
@@ -278,7 +283,8 @@ def detection(config, device: str, frames: list[np.ndarray], phrases: list[str],
 def whole_videos(config, device: str, video: Path, copies: int, tmp: Path) -> list[dict]:
     """clip-and-track over `copies` copies of `video`: before (Algorithm 1 as published, sam2's per-object
     predictor, float32 detection 4 frames a call, one video at a time), the same algorithm with today's speed
-    settings, and as configured (with re-detection: more detection and tracking for more complete masklets)."""
+    settings, re-detection without identity checks (more detection and tracking for more complete masklets),
+    and as configured (re-detection with identity checks: embedder and grounder calls on top)."""
     from engine.models import factory
     from engine.runner import Runner
     from engine.storage import Dataset
@@ -297,7 +303,8 @@ def whole_videos(config, device: str, video: Path, copies: int, tmp: Path) -> li
     before = _with_settings(before, "runner", videos_in_flight=1, prefetch=0)
     before = _with_settings(before, "masklets", redetect=False)
     runs = (("before", before), ("after, as published", _with_settings(config, "masklets", redetect=False)),
-            ("after, re-detection", config))
+            ("after, re-detection", _with_settings(config, "masklets", identity_checks=False)),
+            ("after, re-detection + identity checks", config))
     rows = []
     for name, cfg in runs:
         backends = factory.build(cfg, clip_and_track.roles(cfg, entities=entities), pipeline=clip_and_track.NAME)
@@ -318,6 +325,10 @@ def whole_videos(config, device: str, video: Path, copies: int, tmp: Path) -> li
             "detect_frames_per_s": round(c["frames_detected"] / max(s["masklets.detect"], 1e-9), 2),
             "track_frames_per_s": round(c["frames_tracked"] / max(s["masklets.track"], 1e-9), 2),
             "masklets": c.get("masklets_strefer", 0), "tracker_sessions": c.get("tracker_sessions", 0),
+            "identity_cuts": c.get("identity_cuts", 0), "identity_embedder_calls": c.get("identity_embedder_calls", 0),
+            "identity_crops_embedded": c.get("identity_crops_embedded", 0),
+            "identity_grounder_calls": c.get("identity_grounder_calls", 0),
+            "identity_s": round(s.get("masklets.identity", 0.0), 2),
             "seconds": {k: round(v, 2) for k, v in sorted(s.items())},
             "gpu_peak_mib": peak["peak_mib"], "gpu_idle_share": idle.idle_share, "gpu_idle_method": idle.method,
         })
@@ -327,18 +338,46 @@ def whole_videos(config, device: str, video: Path, copies: int, tmp: Path) -> li
 # -- completeness -----------------------------------------------------------------------------------------------
 
 
-def completeness(tmp: Path) -> list[list]:
-    from tests.scenarios import SCENARIOS, run_scenario
+COVERAGE_MODES = ("strefer", "strefer-no-identity", "strefer-paper", "grounded-sam2")
 
-    rows = []
+
+def completeness(tmp: Path) -> tuple[list[list], list[list]]:
+    """Per scenario, with the oracle tracker's identity switches off and on: coverage per entity for
+    re-detection with identity checks, re-detection without them, Algorithm 1 as published and the
+    Grounded-SAM-2 baseline (and, with switches, the share of the entity's visible frames where no other object
+    covers enough of it to take its track: what a method can hold without a prompt on the frame itself); then
+    per video what the checks did and cost: identity cuts, sessions, embedder and grounder calls, seconds of
+    the checks and of the whole masklet stage with and without them."""
+    from tests.scenarios import SCENARIOS, SWITCH_SHARE, run_scenario, uncovered_share
+
+    run_scenario(SCENARIOS[0], tmp / "warm-up", redetect=True, baseline=False)  # imports and first calls
+    cover_rows, cost_rows = [], []
     for scenario in SCENARIOS:
-        with_redetect = run_scenario(scenario, tmp, redetect=True)
-        paper = run_scenario(scenario, tmp, redetect=False, baseline=False)
-        cover = {**with_redetect.coverage, **paper.coverage}
-        for e in scenario.entities:
-            rows.append([scenario.name, e.expression, *(f"{cover[m][e.expression]:.2f}" for m in
-                                                        ("strefer", "strefer-paper", "grounded-sam2"))])
-    return rows
+        for share in (None, SWITCH_SHARE):
+            runs = {
+                "strefer": run_scenario(scenario, tmp, redetect=True, switch_share=share),
+                "strefer-no-identity": run_scenario(scenario, tmp, redetect=True, identity=False, baseline=False,
+                                                    switch_share=share),
+                "strefer-paper": run_scenario(scenario, tmp, redetect=False, baseline=False, switch_share=share),
+            }
+            cover = {mode: r.coverage[mode] for mode, r in runs.items()}
+            cover["grounded-sam2"] = runs["strefer"].coverage["grounded-sam2"]
+            switches = "off" if share is None else f"at {share:.2f}"
+            for e in scenario.entities:
+                uncovered = "" if share is None else f"{uncovered_share(runs['strefer'].truth, e.shape, share):.2f}"
+                cover_rows.append([scenario.name, e.expression, switches,
+                                   *(f"{cover[m][e.expression]:.2f}" for m in COVERAGE_MODES), uncovered])
+            on, off = runs["strefer"], runs["strefer-no-identity"]
+            c = on.counters
+            stage = "stage.masklets.strefer"
+            cost_rows.append([
+                scenario.name, switches, c.get("identity_cuts", 0),
+                c.get("identity_sessions", 0), c.get("identity_checks", 0), c.get("identity_embedder_calls", 0),
+                c.get("identity_crops_embedded", 0), c.get("identity_grounder_calls", 0),
+                f"{on.seconds.get('masklets.identity', 0.0):.2f}",
+                f"{on.seconds.get(stage, 0.0):.2f} / {off.seconds.get(stage, 0.0):.2f}",
+            ])
+    return cover_rows, cost_rows
 
 
 def _table(rows: list[list], header: list[str]) -> str:
@@ -403,19 +442,27 @@ def main() -> None:
             md += ["## Whole videos (clip-and-track, entities " + ", ".join(ENTITIES) + ")", "", _dict_table(
                 report["videos"], ["run", "videos", "done", "wall_s", "videos_per_hour", "decode_frames_per_s",
                                    "detect_frames_per_s", "track_frames_per_s", "gpu_peak_mib", "gpu_idle_share",
-                                   "gpu_idle_method"]), ""]
+                                   "gpu_idle_method", "identity_cuts", "identity_embedder_calls",
+                                   "identity_crops_embedded", "identity_grounder_calls", "identity_s"]), ""]
             before, *after = report["videos"]
             md += [", ".join(f"videos/hour {a['run']} / before: {a['videos_per_hour'] / max(before['videos_per_hour'], 1e-9):.2f}x"
                              for a in after), ""]
             print("\n".join(md[-4:]))
         if "coverage" not in args.skip:
-            rows = completeness(tmp)
-            report["coverage"] = rows
+            rows, costs = completeness(tmp)
+            report["coverage"], report["identity_cost"] = rows, costs
             md += ["## Completeness (temporal coverage, oracle fakes)", "",
-                   _table(rows, ["scenario", "entity", "strefer", "strefer as published", "grounded-sam2"]), "",
+                   _table(rows, ["scenario", "entity", "identity switches", "re-detection + identity checks",
+                                 "re-detection only", "as published", "grounded-sam2", "uncovered"]), "",
                    "The oracle tracker follows a flat color across a hard cut, which SAM 2 does not do reliably: "
-                   "the baseline's hard-cut figure is an upper bound.", ""]
-            print("\n".join(md[-4:]))
+                   "the baseline's hard-cut figure is an upper bound. With switches, the tracker follows whatever "
+                   "covers a third of its object's box; 'uncovered' is the share of the entity's visible frames "
+                   "where nothing does, i.e. where a track can hold it without a prompt on that very frame.", "",
+                   "## Identity checks per video (re-detection + identity checks)", "",
+                   _table(costs, ["scenario", "identity switches", "identity cuts",
+                                  "identity sessions", "checks", "embedder calls", "crops embedded",
+                                  "grounder calls", "identity s", "masklet stage s (with / without checks)"]), ""]
+            print("\n".join(md[-8:]))
     (out / "masklets.json").write_text(json.dumps(report, indent=2, default=str))
     (out / "masklets.md").write_text("\n".join(md))
     print(f"written to {out / 'masklets.md'} and masklets.json")

@@ -1,5 +1,6 @@
 """Fake model backends for tests of the code around the models. Each reads flat colors off the frames, so
-its output is exact ground truth on the synthetic scenes the tests draw; none of them is a real model."""
+its output is exact ground truth on the synthetic scenes the tests draw; none of them is a real model. The
+oracles at the end read a scene's ground truth instead, for look-alikes that share a color."""
 
 from __future__ import annotations
 
@@ -235,8 +236,9 @@ class SceneTruth:
         self.names = [s.name for s in truth.shapes]
         self.visible = {(n, i): truth.mask(n, i) for n in self.names for i in range(truth.num_frames)}
         self.footprints = {(n, i): truth.footprint(n, i) for n in self.names for i in range(truth.num_frames)}
-        renders = [cv2.resize(truth.render(i), self.MATCH_SIZE, interpolation=cv2.INTER_AREA) for i in range(truth.num_frames)]
-        self._renders = np.stack(renders).astype(np.float32)
+        renders = [truth.render(i) for i in range(truth.num_frames)]
+        small = [cv2.resize(r, self.MATCH_SIZE, interpolation=cv2.INTER_AREA) for r in renders]
+        self._renders = np.stack(small).astype(np.float32)
 
     def frame_of(self, image: np.ndarray) -> int:
         import cv2
@@ -412,7 +414,8 @@ class FakeRegionEmbedder:
         fill: tuple[int, int, int] = (128, 128, 128), input_size: int = 32,
     ) -> None:
         self.backgrounds = np.array(backgrounds, dtype=np.int16)
-        self.view_jitter, self.bandwidth, self.fill, self.input_size = view_jitter, bandwidth, np.array(fill), input_size
+        self.view_jitter, self.bandwidth, self.input_size = view_jitter, bandwidth, input_size
+        self.fill = np.array(fill)
         self.calls: list[int] = []
 
     def embed(self, images) -> np.ndarray:

@@ -168,6 +168,17 @@ def coverage(truth: GroundTruth, shape: str, masklet) -> float:
     return good / len(visible)
 
 
+def uncovered_share(truth: GroundTruth, shape: str, share: float) -> float:
+    """Share of the shape's visible frames in which no other shape covers `share` of its box: where a tracker
+    that switches at `share` can hold it, short of a prompt on that very frame."""
+    from tests.fakes import SceneTruth
+
+    scene = SceneTruth(truth)
+    visible = [i for i in range(truth.num_frames) if truth.visible(shape, i)]
+    covered = [i for i in visible if any(scene.covered_share(shape, o, i) >= share for o in scene.names if o != shape)]
+    return 1 - len(covered) / len(visible) if visible else 0.0
+
+
 def strefer_mode(*, redetect: bool, identity: bool) -> str:
     if not redetect:
         return "strefer-paper"

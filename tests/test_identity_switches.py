@@ -38,7 +38,9 @@ def switched(tmp_path_factory) -> dict[tuple[str, str], ScenarioRun]:
         out[name, "strefer-no-identity"] = run_scenario(
             scenario, tmp, redetect=True, identity=False, baseline=False, switch_share=SWITCH_SHARE
         )
-        out[name, "strefer-paper"] = run_scenario(scenario, tmp, redetect=False, baseline=False, switch_share=SWITCH_SHARE)
+        out[name, "strefer-paper"] = run_scenario(
+            scenario, tmp, redetect=False, baseline=False, switch_share=SWITCH_SHARE
+        )
     return out
 
 
@@ -98,7 +100,9 @@ def test_the_checks_use_motion_and_the_grounder_not_only_appearance(switched):
     rng = np.random.default_rng(0)
 
     def views(color):
-        return embedder.embed([np.clip(np.array(color) + rng.normal(0, 3, (24, 24, 3)), 0, 255).astype(np.uint8) for _ in range(40)])
+        """40 crops of one flat color with a little pixel noise, as a codec leaves it."""
+        crops = [np.clip(np.array(color) + rng.normal(0, 3, (24, 24, 3)), 0, 255) for _ in range(40)]
+        return embedder.embed([c.astype(np.uint8) for c in crops])
 
     brick, rust, clay = views(BRICK), views(RUST), views(CLAY)
     confused = np.mean([max(brick[0] @ rust[i], brick[0] @ clay[i]) > brick[0] @ brick[i] for i in range(1, 40)])
@@ -134,7 +138,9 @@ def test_no_cut_without_evidence(tmp_path):
 
 
 def _moving(start: float, velocity: float, frames: range, y: float = 50.0, size: float = 24.0):
-    return [(i, [start + velocity * (i - frames[0]), y, start + velocity * (i - frames[0]) + size, y + size]) for i in frames]
+    """(frame, box) of a box moving right at `velocity` pixels a frame."""
+    return [(i, [start + velocity * (i - frames[0]), y, start + velocity * (i - frames[0]) + size, y + size])
+            for i in frames]
 
 
 def test_motion_breaks_at_a_jump_and_predicts_the_old_motion():
@@ -206,4 +212,6 @@ def test_identity_settings_validate_and_need_an_embedder():
         ReferringMaskletGenerator(detector=None, tracker=FakeColorTracker(), grounder=FakeColorGrounder({}))
     # off, or with re-detection off (Algorithm 1 as published), no embedder is needed
     for config in (MaskletConfig(identity_checks=False), MaskletConfig(redetect=False)):
-        ReferringMaskletGenerator(detector=None, tracker=FakeColorTracker(), grounder=FakeColorGrounder({}), config=config)
+        ReferringMaskletGenerator(
+            detector=None, tracker=FakeColorTracker(), grounder=FakeColorGrounder({}), config=config
+        )

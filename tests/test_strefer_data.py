@@ -210,14 +210,14 @@ def clip_of(sample: SampleRecord) -> int:
     return max(i for i, (first, _) in enumerate(CLIPS) if first / FPS <= seconds + 1e-3)
 
 
+def shot_of_frame(index: int) -> int:
+    return next(i for i, (first, end) in enumerate(CLIPS) if first <= index < end)
+
+
 def test_the_run_finds_the_three_shots_and_tracks_each_entity(run):
     assert [(c.start_frame, c.end_frame, c.method) for c in run["clips"]] == [(*c, "content") for c in CLIPS]
     shots = {m.expression: {shot_of_frame(f.frame_index) for f in m.frames} for m in run["masklets"].values()}
     assert shots == {PERSON: {0, 1, 2}, BALL: {0, 1}, DOG: {2}}
-
-
-def shot_of_frame(index: int) -> int:
-    return next(i for i, (first, end) in enumerate(CLIPS) if first <= index < end)
 
 
 def test_each_clip_is_described_on_frames_of_its_own(run):
