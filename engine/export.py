@@ -155,6 +155,23 @@ def _samples(dataset: Dataset, version: int | None) -> Iterator[dict[str, Any]]:
             yield sample
 
 
+def _masklet_rows(batch: Any) -> Iterator[tuple[str, float | None, str]]:
+    """(id, track_fps, frames as JSON [[index, size, counts], ...]) per masklet, read column-wise: the
+    nested frames never become Python dicts, the costly part of an export over many masklets."""
+    import pyarrow.compute as pc
+
+    frames = batch.column("frames").combine_chunks() if hasattr(batch.column("frames"), "combine_chunks") else batch.column("frames")
+    first, offsets = frames.offsets[0].as_py(), frames.offsets.to_pylist()
+    offsets = [o - first for o in offsets]
+    flat = frames.flatten()  # the frames of every masklet, in order (slicing applied)
+    index = pc.struct_field(flat, "frame_index").to_pylist()
+    counts = pc.struct_field(flat, ["rle", "counts"]).to_pylist()
+    sizes = pc.list_flatten(pc.struct_field(flat, ["rle", "size"])).to_pylist()  # [h, w] per frame, flattened
+    for k, (masklet_id, fps) in enumerate(zip(batch.column("masklet_id").to_pylist(), batch.column("track_fps").to_pylist())):
+        rows = [[index[j], sizes[2 * j : 2 * j + 2], counts[j]] for j in range(offsets[k], offsets[k + 1])]
+        yield masklet_id, fps, json.dumps(rows)
+
+
 class _Index:
     """Videos, and the masklets the exported samples name, in a SQLite file: looked up one sample at a time."""
 
@@ -176,14 +193,12 @@ class _Index:
             ids = pc.list_flatten(ids if include_dropped else ids.filter(batch.column("kept")))
             self.db.executemany("INSERT OR IGNORE INTO wanted VALUES (?)", ((i,) for i in ids.to_pylist()))
         # Masklet rows carry every frame's RLE: small batches, and only the wanted rows become Python objects.
-        for batch in dataset.scan("masklets", ["masklet_id", "track_fps", "frames"], version=version, batch_rows=256):
+        for batch in dataset.scan("masklets", ["masklet_id", "track_fps", "frames"], version=version, batch_rows=1024):
             ids = batch.column("masklet_id").to_pylist()
             wanted = self._wanted(ids)
             keep = [k for k, i in enumerate(ids) if i in wanted]
-            for row in batch.take(keep).to_pylist() if keep else []:
-                frames = [[f["frame_index"], f["rle"]["size"], f["rle"]["counts"]] for f in row["frames"]]
-                values = (row["masklet_id"], row["track_fps"], json.dumps(frames))
-                self.db.execute("INSERT OR REPLACE INTO masklets VALUES (?, ?, ?)", values)
+            if keep:
+                self.db.executemany("INSERT OR REPLACE INTO masklets VALUES (?, ?, ?)", _masklet_rows(batch.take(keep)))
         # Not deduplicated by the scan (its set of seen ids would grow with the dataset): the table's key does it.
         for batch in dataset.scan("videos", _VIDEO_COLUMNS, version=version, unique=False):
             rows = ((v["video_id"], json.dumps(v)) for v in batch.to_pylist())
