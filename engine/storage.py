@@ -147,16 +147,20 @@ class Dataset:
         if not self._is_table(ITEMS):
             raise BadInputError(f"{self.url} is not a dataset (no items table); write one with engine run")
 
-    def prepare(self) -> None:
-        """Create the folder and every table (empty, with its explicit schema), or say why it cannot be,
-        before any video is processed. Safe when several processes prepare one dataset at once."""
-        from deltalake import DeltaTable
-
+    def check_writable(self) -> None:
+        """Create the folder, or say in one line why it cannot be, and refuse the old layout: before any work."""
         try:
             self.fs.makedirs(self.root, exist_ok=True)
         except OSError as exc:
             raise BadInputError(f"cannot write a dataset at {self.url}: {exc.strerror or exc}") from None
         self.check_layout()
+
+    def prepare(self) -> None:
+        """`check_writable`, then create every table (empty, with its explicit schema). Safe when several
+        processes prepare one dataset at once."""
+        from deltalake import DeltaTable
+
+        self.check_writable()
         for table in ALL_TABLES:
             if self._is_table(table):
                 continue

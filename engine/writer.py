@@ -45,12 +45,13 @@ class TableWriter:
     _uncombined: int = 0
     _nbytes: int = 0
     _oldest: float | None = None
+    _prepared: bool = False
     _lock: Any = field(default_factory=threading.RLock, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         if self.flush_mb <= 0 or self.flush_minutes <= 0:
             raise ValueError(f"flush_mb and flush_minutes must be positive, got {self.flush_mb}, {self.flush_minutes}")
-        self.dataset.prepare()  # every table exists before the first flush (and a folder of the old layout is refused)
+        self.dataset.check_writable()  # a folder of the old layout is refused before any work; tables come at the flush
 
     def add(self, record: ItemRecord, tables: Mapping[str, Sequence[Record]] | None = None) -> None:
         """Buffer one item: its `items` row (write_id, rows, run, time and engine version are filled at the
@@ -114,6 +115,9 @@ class TableWriter:
 
         if not self._records:
             return
+        if not self._prepared:
+            self.dataset.prepare()
+            self._prepared = True
         self._combine()
         write_id = uuid.uuid4().hex[:16]
         for name, parts in self._combined.items():  # the data first...

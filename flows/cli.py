@@ -110,7 +110,7 @@ def _clip_and_track(videos, entity, out, profile, config_file, render, baseline,
     _warn_tiny(config)
     if not entities:
         err.print("no --entity: the Entity Recognizer and Referring Parser find each video's entities")
-    Dataset(out).prepare()
+    Dataset(out).check_writable()
 
     with _progress_bars() as bars:
         tasks: dict[str, int] = {}
