@@ -51,14 +51,14 @@ class MaskletConfig:
     max_candidates_per_noun: int = 8  # boxes of one noun prompted per session, best scores first
     redetect: bool = True  # False: Algorithm 1 as published (one start frame, detection stops at it)
     redetect_iou: float = 0.3  # a detection overlapping no live track of its noun this much starts a new one
-    merge_iou: float = 0.5  # tracks whose masks overlap this much (mean over shared frames) are one object
+    merge_iou: float = 0.5  # tracks holding each other's prompt box whose masks overlap this much are one object
     max_sessions_per_shot: int = 8  # tracking sessions per shot: the start frame's, then re-detections
     # Identity checks (with re-detection; agents.identity): every live track is checked at every re-detection
     # frame for the tracker's identity switch; a failing track is cut and its lost object prompted anew.
     identity_checks: bool = True
     identity_history: int = 4  # recent region embeddings a track is compared with, beside its prompt frame's
     appearance_margin: float = 0.03  # cosine by which another detection must look more like a track to count
-    motion_gate: float = CHI2_99_4DOF  # Kalman innovation (squared Mahalanobis, 4 dof) beyond which motion breaks
+    motion_gate: float = CHI2_99_4DOF  # CUSUM of Kalman innovations (squared Mahalanobis) at which motion breaks
 
     def __post_init__(self) -> None:
         if self.num_sample_frames < 1:

@@ -131,7 +131,8 @@ class QARegion(NamedTuple):
 
 @dataclass(frozen=True)
 class QAJob:
-    """The regions of one video to write questions about; plain (index, name, description) tuples work too."""
+    """The regions of one video to write questions about; plain (index, name, description[, count]) tuples work
+    too."""
 
     regions: tuple[QARegion, ...]
 

@@ -65,7 +65,7 @@ def instance_name(noun: str, index: int, count: int) -> str:
 class NounMasklet:
     noun: str
     masklet: MaskletRecord | None
-    reason: str | None = None  # why there is none: no_frames, no_detection, missing_instances
+    reason: str | None = None  # why there is none: no_frames, no_detection, missing_instances, empty_masklet
     detail: str = ""
     instance: int | None = None  # the instance's number (0-based, left to right) of a counted plural noun
     count: int = 1  # instances the caption counts
@@ -151,7 +151,12 @@ class Segmentor:
                 _, chosen, found = best[noun]
                 instance = None if counts[noun] == 1 else k
                 result = NounMasklet(noun, None, instance=instance, count=counts[noun])
-                result.masklet = self._record(frames, result, chosen[k], found, start, tracks[obj_id], video_id, provenance)
+                if tracks[obj_id]:
+                    result.masklet = self._record(frames, result, chosen[k], found, start, tracks[obj_id], video_id,
+                                                  provenance)
+                else:  # nothing to show a region captioner or a trainer
+                    result.reason = "empty_masklet"
+                    result.detail = f"the tracker found no mask of '{result.name}' on any frame"
                 out[noun, k] = result
         results: list[NounMasklet] = []
         for noun in nouns:

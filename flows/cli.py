@@ -22,7 +22,7 @@ app.add_typer(dataset_app, name="dataset")
 console = Console()
 err = Console(stderr=True)
 
-ProfileOpt = Annotated[str, typer.Option("--profile", "-p", help="Model profile: default, paper, tiny (or one from --config).")]
+ProfileOpt = Annotated[str, typer.Option("--profile", "-p", help="Model profile: default, paper-videorefer, paper-strefer, tiny (or one from --config).")]
 ConfigOpt = Annotated[
     Optional[Path], typer.Option("--config", "-c", help="YAML merged over the bundled profiles.yaml.", dir_okay=False)
 ]

@@ -338,7 +338,7 @@ class SegmentorStage:
                 funnel(self.stats, self.name, len(results), len(results) - sum(dropped.values()), dropped)
                 for r in results:
                     if r.masklet is None:
-                        out.rejections.append(ctx.rejection(self.name, r.reason or "no_masklet", r.detail, expression=r.noun))
+                        out.rejections.append(ctx.rejection(self.name, r.reason or "no_masklet", r.detail, expression=r.name))
                         continue
                     work.masklets[r.name] = r.masklet
                     out.masklets.append(r.masklet)

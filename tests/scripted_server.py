@@ -7,6 +7,7 @@ import json
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 from typing import Any, Callable
 
 Reply = tuple[int, Any, dict[str, str], float]  # status, JSON body (or text), headers, delay before answering
@@ -71,3 +72,25 @@ class ScriptedServer:
         self.httpd.server_close()
 
 
+
+
+def scripted_config(path: Path, base_url: str, *, chat_roles: tuple[str, ...], settings: dict | None = None) -> Path:
+    """A config file with a `scripted` profile: the bundled tiny profile's vision models (SAM 2 at 128 px) and
+    its pipeline settings (merged with `settings`), and every role of `chat_roles` on the server at
+    `base_url`."""
+    from engine.config import raw_config
+
+    bundled = raw_config()
+    tiny = bundled["profiles"]["tiny"]
+    profile = {role: spec for role, spec in tiny.items() if isinstance(spec, dict) and spec["backend"] != "transformers"}
+    # SAM 2 at 128 px, the box segmenter in float32 (its bfloat16 default is several times slower on a CPU):
+    # tracking is most of a tiny run's time
+    profile["tracker"] = {**tiny["tracker"], "options": {"image_size": 128}}
+    profile["box_segmenter"] = {**tiny["box_segmenter"], "options": {"dtype": "float32", "image_size": 128}}
+    chat = {"backend": "openai", "model": "scripted", "options": {"base_url": base_url, "max_retries": 0}}
+    profile.update({role: chat for role in chat_roles})
+    merged = dict(bundled["profile_pipeline"]["tiny"])
+    for section, values in (settings or {}).items():
+        merged[section] = {**merged.get(section, {}), **values}
+    path.write_text(json.dumps({"profiles": {"scripted": profile}, "profile_pipeline": {"scripted": merged}}))
+    return path

@@ -100,11 +100,25 @@ def test_frame_store_rejects_bad_input() -> None:
 
 
 @pytest.mark.integration
-def test_tracker_is_a_tracker(tracker) -> None:
+def test_mask_prompts_come_back_on_their_frame(tracker, store8) -> None:
+    """Each object's mask prompt is its output on the prompted frame, under its own id (sam2.1 takes a mask
+    input as the output there, `use_mask_input_as_output_without_sam`), whichever predictor class runs: a
+    tracker that dropped, swapped or resized a prompt wrongly would not give it back."""
     assert isinstance(tracker, Tracker)
     assert tracker.model_id == "tiny-random/sam2.1-hiera-t" and tracker.image_size == SIZE
     predictor_module = type(tracker.predictor).__module__
     assert predictor_module == ("sam2.sam2_video_predictor_legacy" if tracker.batched else "sam2.sam2_video_predictor")
+    square, tall = np.zeros((H, W), bool), np.zeros((H, W), bool)
+    square[70:110, 100:140] = True
+    tall[10:70, 20:44] = True
+    with tracker.start(store8, height=H, width=W) as session:
+        session.add_mask(2, 3, square)
+        session.add_mask(2, 5, tall)
+        position, masks = next(iter(session.propagate(2)))
+    assert position == 2 and set(masks) == {3, 5}
+    for obj, prompt in ((3, square), (5, tall)):
+        # the prompt went to the model's image size (128 px) and back: only its edge may move
+        assert (masks[obj] ^ prompt).sum() <= 0.1 * prompt.sum(), obj
 
 
 @pytest.mark.integration

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import numpy as np
 import pytest
@@ -10,7 +11,9 @@ import pytest
 from agents.analyzer import Analyzer, AnalyzerConfig, Noun, NounsAnswer
 from agents.annotator import Annotator, AnnotatorConfig, InstanceJob
 from agents.common import Failure
-from agents.refiner import QAJob, QAPair, QARegion, Refiner, RefinerConfig, check_merged, qa_schema, to_region_tokens
+from agents.refiner import (
+    QAJob, QAPair, QARegion, Refiner, RefinerConfig, check_merged, check_qa, qa_schema, to_region_tokens,
+)
 from agents.reviewer import INVALID_JUDGE, ReviewJob, Reviewer, ReviewerConfig
 from engine.draw import draw_region
 from engine.chat import ask_text
@@ -269,6 +272,33 @@ def test_annotator_invalid_dynamic_answer_and_empty_static_are_failures():
     assert fox.failure.reason == "empty_static_answer" and fox.dynamic == "It runs."
 
 
+def test_annotator_describes_an_instance_shown_by_its_contour():
+    """"dog 1 of 2": every frame where the instance has a mask carries its contour; the prompt says which
+    color marks it and not to describe the mark."""
+    frames = tuple(np.full((40, 60, 3), 90, np.uint8) for _ in range(3))
+    shown = [np.zeros((40, 60), bool) for _ in range(3)]
+    shown[0][10:20, 5:15] = True
+    shown[2][12:22, 30:40] = True  # not seen on frame 1
+    vlm = FakeChat(fn=_annotator_fn({"dog": True}))
+    (dog,) = Annotator(vlm).annotate_instances([InstanceJob("dog", True, frames, tuple(shown), fps=2.0)])
+    assert dog.ok and dog.noun == "dog" and dog.dynamic == "The dog runs around."
+    assert vlm.batch_sizes == [1, 1]
+    (video,) = [p for p in vlm.requests[0].messages[0].content if isinstance(p, ChatVideo)]
+    assert video.fps == 2.0 and len(video.frames) == 3
+    outline = [(f == np.array(RED, np.uint8)).all(axis=2) for f in video.frames]
+    assert outline[0].any() and outline[2].any() and not outline[1].any()
+    assert np.array_equal(video.frames[1], frames[1])
+    for mark, mask in zip(outline, shown):  # on the mask's edge only, the inside left as it was (no fill)
+        assert not (mark & ~_near(mask, 1)).any()
+    assert (video.frames[0][14, 9] == 90).all()
+    prompt = first_prompt(vlm.requests[0])
+    assert prompt.startswith("Watch the dog outlined in red in this video.") and "never the contour" in prompt
+    with pytest.raises(ValueError, match="all empty"):
+        InstanceJob("dog", True, frames[:1], (np.zeros((40, 60), bool),), fps=1.0)
+    with pytest.raises(ValueError, match="one mask per frame"):
+        InstanceJob("dog", True, frames, tuple(shown[:2]), fps=1.0)
+
+
 def test_annotator_repairs_dynamic_answer_and_batches_many_nouns():
     names = [f"object{i}" for i in range(7)]
     seen: set[str] = set()
@@ -506,6 +536,54 @@ def test_refiner_write_qa_repairs_json_and_semantic_errors():
     assert "'dog' beside <region0>" in all_text(llm.batches[2][0])
 
 
+GROUP = (QARegion(0, "both shapes", "Two squares slide apart.", 2), QARegion(1, "the ball", "A ball rolls."))
+
+
+@pytest.mark.parametrize(
+    "question, answer, error",
+    [
+        ("What are <region0> doing?", "<region0> slide apart.", None),
+        ("What is <region0> doing?", "They slide.", "<region0> stands for 2 objects: use a plural verb, not 'is'"),
+        ("What's <region0> doing?", "They slide.", "not \"What's\""),
+        ("Where are <region1> rolling?", "Away.", "<region1> is one object ('the ball'): use a singular verb"),
+        ("Is <region1> and <region0> moving?", "Yes.", "stands for 3 objects (objects per region: <region0> 2)"),
+        ("Are <region1> and <region0> moving?", "Yes.", None),
+        ("Which of <region1> and <region0> is faster?", "The ball.", None),  # not the subject
+        ("What will <region1> do next?", "<region1> is going to stop.", None),  # "do" after a modal
+        ("What are <region0> doing?", "<region0> is sliding.", "pairs.0.answer: <region0> stands for 2 objects"),
+    ],
+)
+def test_check_qa_asks_for_verbs_of_the_regions_number(question, answer, error):
+    """A region of several objects (a MeViS expression naming two) is plural in questions and answers."""
+    pair = QAPair(kind="basic", question=question, answer=answer, regions=list(dict.fromkeys(
+        int(i) for i in re.findall(r"<region(\d+)>", question))))
+    got = check_qa(QAJob(GROUP), [pair])
+    assert (got is None) if error is None else (error in got), got
+
+
+def test_refiner_tells_the_model_how_many_objects_a_region_holds():
+    singular = _pairs(p0_question="What is <region0> doing?", p0_regions=[0], p1_question="Why do <region0> move?",
+                      p1_regions=[0], p2_question="Where will <region0> go?", p2_regions=[0])
+    plural = [dict(p, question=p["question"].replace("What is", "What are")) for p in singular]
+    llm = FakeChat([json.dumps({"pairs": singular}), json.dumps({"pairs": plural})])
+    (result,) = Refiner(llm).write_qa([QAJob(GROUP)])
+    assert [p.question for p in result][0] == "What are <region0> doing?"
+    prompt = first_prompt(llm.requests[0])
+    assert "<region0> (2 objects, plural): both shapes." in prompt and "<region1>: the ball." in prompt
+    assert '"What are <region0> doing?", "they", "their"' in prompt
+    assert "use a plural verb, not 'is'" in all_text(llm.requests[1])
+    with pytest.raises(ValueError, match="counts"):
+        QAJob(((0, "dog", "d", 0),))
+
+
+def test_named_answers_take_the_expression_with_its_own_determiner():
+    from flows.videorefer import _named
+
+    regions = [QARegion(0, "both shapes", "", 2), QARegion(1, "two boxes", "", 2), QARegion(2, "the dog", "", 1)]
+    assert _named("<region0> slide apart.", regions) == "Both shapes slide apart."
+    assert _named("It is near <region1>. <region2> waits.", regions) == "It is near the two boxes. The dog waits."
+
+
 @pytest.mark.parametrize(
     "override, message",
     [
@@ -569,9 +647,49 @@ def test_refiner_question_counts_follow_config():
     assert "2 basic, 0 reasoning and 1 future" in first_prompt(llm.requests[0])
 
 
-def test_every_agent_names_its_prompt_templates():
-    from prompts import template_hash
+def test_every_agent_names_the_prompt_templates_it_renders(monkeypatch, tmp_path):
+    """Provenance records the hash of each template an agent names: the names must be exactly the templates
+    each agent renders on its paths, and the VideoRefer flow records all of them."""
+    import prompts
+    from engine.config import load_config
+    from engine.storage import Dataset
+    from flows import videorefer
 
-    names = [n for agent in (Analyzer, Annotator, Reviewer, Refiner) for n in agent.prompts]
-    assert len(names) == 8
-    assert all(len(template_hash(n)) == 12 for n in names)
+    rendered: dict[str, set[str]] = {}
+    for module in ("analyzer", "annotator", "reviewer", "refiner"):
+        def recording(name: str, _module: str = module, **variables) -> str:
+            rendered.setdefault(_module, set()).add(name)
+            return prompts.render(name, **variables)
+
+        monkeypatch.setattr(f"agents.{module}.render", recording)
+
+    def chat(request: ChatRequest) -> str:
+        prompt = first_prompt(request)
+        if "List the objects" in prompt:
+            return json.dumps({"nouns": [{"noun": "dog", "is_subject": True, "count": 1}]})
+        if "main subject" in prompt:
+            return '{"subject": "dog", "plural": false}'
+        if "moves_or_acts" in prompt:
+            return '{"moves_or_acts": true, "description": "It runs."}'
+        if "same object" in prompt:
+            return '{"reason": "Both a dog.", "same_object": true}'
+        if "questions and answers" in prompt:
+            return json.dumps({"pairs": _pairs()})
+        return "A brown dog."
+
+    Analyzer(FakeChat(fn=chat)).analyze(["A dog runs."])
+    Analyzer(FakeChat(fn=chat)).analyze(["A dog runs."], short=True)
+    Annotator(FakeChat(fn=chat)).annotate(VIDEO, [Noun("dog", True)])
+    Annotator(FakeChat(fn=chat)).annotate_expressions(VIDEO, ["the dog"])
+    Reviewer(FakeChat(fn=chat), FakeChat(fn=chat)).review(_jobs(1))
+    Refiner(FakeChat(fn=chat)).merge([("dog", "It runs.", "It is brown.")])
+    Refiner(FakeChat(fn=chat)).write_qa([QAJob(REGIONS)])
+    agents = {"analyzer": Analyzer, "annotator": Annotator, "reviewer": Reviewer, "refiner": Refiner}
+    assert {module: set(agent.prompts) for module, agent in agents.items()} == rendered
+
+    names = [n for agent in agents.values() for n in agent.prompts]
+    hashes = {n: prompts.template_hash(n) for n in names}
+    assert len(set(hashes.values())) == len(names) == 8  # a hash per template's content
+    pipeline = videorefer.build(load_config("tiny"), {r: FakeChat([]) for r in videorefer.roles(load_config("tiny"))},
+                                stats=Stats(), dataset=Dataset(str(tmp_path / "ds")))
+    assert pipeline.prompt_hashes == hashes

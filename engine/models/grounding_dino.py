@@ -2,7 +2,10 @@
 
 The prompt is the phrases, lowercased, joined with ". " and ending with "." (how Grounding DINO was trained).
 The text labels transformers returns are spans of prompt tokens that passed `text_threshold`, which can be
-part of a phrase or run across several; `map_label` maps each back to exactly one asked phrase.
+part of a phrase or run across several; `map_label` maps each back to exactly one asked phrase. A span across
+several phrases goes to the first of them; with `remove_combined` (GroundingDINO's own option of that name in
+`get_phrases_from_posmap`'s caller) a box keeps only the tokens of the phrase holding its strongest token, so
+it goes to the phrase it matches best.
 
 Speed options (dtype, resolution) are described on `GroundingDinoDetector`; `random/...` model ids
 build full-size architectures with random weights (`GroundingDinoDetector.random_fullsize`) for timing.
@@ -262,6 +265,8 @@ class GroundingDinoDetector:
     - `resolution`: the shortest edge images are resized to (the checkpoint's own, 800 for Grounding DINO,
       when None); the longest edge cap scales with it (1333 at 800, 1066 at 640).
     - `nms_iou`: the IoU above which a box suppresses a lower-scored box of the same label.
+    - `remove_combined`: label each box with the phrase of its strongest token (see the module docstring);
+      off by default, as in GroundingDINO.
 
     Images are resized and normalized on the model's device; the prompt is tokenized once per call and
     shared by every image of the batch; post-processing moves the model's outputs to the CPU once per call.
@@ -277,6 +282,7 @@ class GroundingDinoDetector:
         nms_iou: float = 0.7,
         dtype: str = "auto",
         resolution: int | None = None,
+        remove_combined: bool = False,
     ) -> None:
         import torch
 
@@ -286,6 +292,7 @@ class GroundingDinoDetector:
         self.model_id = model_id
         self.device = device
         self.nms_iou = nms_iou
+        self.remove_combined = remove_combined
         self.dtype = resolve_detector_dtype(dtype, device)
         self.torch_dtype = getattr(torch, self.dtype)
         self.model = model.to(device=device, dtype=self.torch_dtype).eval()
@@ -305,6 +312,7 @@ class GroundingDinoDetector:
         nms_iou: float = 0.7,
         dtype: str = "auto",
         resolution: int | None = None,
+        remove_combined: bool = False,
     ) -> "GroundingDinoDetector":
         """Weights from a Hugging Face id (e.g. IDEA-Research/grounding-dino-tiny) or a local folder."""
         from transformers import AutoProcessor, GroundingDinoForObjectDetection
@@ -319,7 +327,7 @@ class GroundingDinoDetector:
             processor = AutoProcessor.from_pretrained(model_id_or_path)
             model = GroundingDinoForObjectDetection.from_pretrained(model_id_or_path)
         return cls(model=model, processor=processor, model_id=model_id_or_path, device=device, nms_iou=nms_iou,
-                   dtype=dtype, resolution=resolution)
+                   dtype=dtype, resolution=resolution, remove_combined=remove_combined)
 
     @classmethod
     def tiny(
@@ -330,6 +338,7 @@ class GroundingDinoDetector:
         nms_iou: float = 0.7,
         dtype: str = "auto",
         resolution: int | None = None,
+        remove_combined: bool = False,
     ) -> "GroundingDinoDetector":
         """A randomly initialised miniature Grounding DINO (about 0.4M parameters) for tests and wiring
         checks: its detections are meaningless."""
@@ -379,7 +388,7 @@ class GroundingDinoDetector:
             torch.manual_seed(seed)
             model = GroundingDinoForObjectDetection(config)
         return cls(model=model, processor=processor, model_id=TINY_MODEL_ID, device=device, nms_iou=nms_iou,
-                   dtype=dtype, resolution=resolution)
+                   dtype=dtype, resolution=resolution, remove_combined=remove_combined)
 
     @classmethod
     def random_fullsize(
@@ -391,6 +400,7 @@ class GroundingDinoDetector:
         nms_iou: float = 0.7,
         dtype: str = "auto",
         resolution: int | None = None,
+        remove_combined: bool = False,
     ) -> "GroundingDinoDetector":
         """A published Grounding DINO architecture at full size (`random/grounding-dino-tiny`: Swin-T and
         BERT-base, 172M parameters; `random/grounding-dino-base`: Swin-B) with random weights, its processor
@@ -424,7 +434,7 @@ class GroundingDinoDetector:
             model = GroundingDinoForObjectDetection(config)
         log.warning("detector %s has random weights: its detections are meaningless", name)
         return cls(model=model, processor=processor, model_id=name, device=device, nms_iou=nms_iou, dtype=dtype,
-                   resolution=resolution)
+                   resolution=resolution, remove_combined=remove_combined)
 
     def detect(
         self,
@@ -500,6 +510,19 @@ class GroundingDinoDetector:
         self._text_cache[prompt] = cached
         return cached
 
+    def _strongest_phrase(self, probs: "torch.Tensor", input_ids: "torch.Tensor") -> "torch.Tensor":
+        """(N, queries, L) bool: the tokens of the phrase that holds each box's strongest token (phrases are the
+        runs between [CLS], [SEP], "." and "?", the tokens Grounding DINO's text attention splits at)."""
+        import torch
+
+        tokenizer = self.processor.tokenizer
+        ids = {tokenizer.cls_token_id, tokenizer.sep_token_id}
+        ids |= {i for i in tokenizer.convert_tokens_to_ids([".", "?"]) if i != tokenizer.unk_token_id}
+        separator = torch.isin(input_ids, torch.tensor(sorted(ids), device=input_ids.device))
+        phrase = torch.cumsum(separator.long(), dim=0)  # phrase number of each position
+        strongest = probs.masked_fill(separator, -1.0).argmax(dim=-1)  # (N, queries)
+        return (phrase[strongest][..., None] == phrase) & ~separator
+
     def _post_process(
         self,
         logits: "torch.Tensor",
@@ -526,6 +549,8 @@ class GroundingDinoDetector:
         token_mask[..., 0] = False
         token_mask[..., -1] = False
         token_mask = token_mask[..., : input_ids.shape[0]]
+        if self.remove_combined:
+            token_mask &= self._strongest_phrase(probs[..., : input_ids.shape[0]], input_ids)
         cx, cy, w, h = pred_boxes.float().unbind(-1)
         boxes = torch.stack([cx - w / 2, cy - h / 2, cx + w / 2, cy + h / 2], dim=-1)
         heights_widths = torch.tensor(sizes, dtype=torch.float32, device=boxes.device)
