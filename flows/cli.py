@@ -176,116 +176,109 @@ def _print_summary(outcomes, render_root: str | None = None) -> None:
             console.print(f"render: {render_root.rstrip('/')}/renders/{o.video_id}.mp4")
 
 
-class Pipeline(str, Enum):
-    videorefer = "videorefer"
-    strefer = "strefer"
+run_app = typer.Typer(
+    help="Run a pipeline's Prefect flow here, on Prefect's ephemeral API (nothing to start by hand). Items already "
+    "complete with the same settings are skipped; a finished run publishes a dataset version.",
+    no_args_is_help=True,
+)
+app.add_typer(run_app, name="run")
 
 
-class DataType(str, Enum):
-    detailed_caption = "detailed_caption"
-    short_caption = "short_caption"
-    object_qa = "object_qa"
+def _run_command(spec) -> Any:
+    """`engine run <pipeline>`: the common options, then the pipeline's own, from its registry entry."""
+    import inspect
+    from inspect import Parameter
+
+    def option(name: str, annotation: Any, default: Any, *flags: str, help: str) -> Parameter:
+        return Parameter(name, Parameter.KEYWORD_ONLY, default=default, annotation=Annotated[annotation, typer.Option(*flags, help=help)])
+
+    params = [
+        option("source", list[str], ..., "--source", "-s", help=(
+            "Repeatable. Video files, each taken as it is." if spec.sources_are_videos else
+            "Repeatable. A caption manifest (.jsonl/.csv/.parquet: video, caption, optional start/end), a MeViS or "
+            "Ref-YouTube-VOS release, a video file, a folder of videos or a folder of frames.")),
+        option("out", str, ..., "--out", "-o", help="Dataset folder (local path or object-store URL)."),
+        option("profile", str, "default", "--profile", "-p", help="Model profile (engine models lists them)."),
+        option("config", Optional[Path], None, "--config", "-c", help="YAML merged over the bundled profiles.yaml."),
+        option("batch_size", int, 8, "--batch-size", help="Items per Prefect task."),
+    ]
+    if spec.batched_sources:
+        params += [
+            option("limit", Optional[int], None, "--limit", help="Process at most this many items."),
+            option("frame_rate", Optional[float], None, "--frame-rate", help="Frames per second of frame folders (MeViS and Ref-YouTube-VOS: 6)."),
+            option("split", Optional[str], None, "--split", help="Split of a dataset release with several (MeViS: train, valid_u, valid)."),
+        ]
+    params.append(option("force", bool, False, "--force", help=(
+        "Redo items already complete with these settings; where an input holds outputs made with other options, "
+        "replace them instead of adding beside them.")))
+    for o in spec.options:
+        kind = Optional[list[o.kind]] if o.repeatable else o.kind
+        flags = (o.cli_flag, o.short) if o.short else (o.cli_flag,)
+        if o.kind is bool:
+            flags = (f"{o.cli_flag}/--no-{o.cli_flag[2:]}",)
+        choices = f" Choices: {', '.join(o.choices)}." if o.choices else ""
+        params.append(option(o.name, kind, None if o.repeatable else o.default, *flags, help=o.help + choices))
+
+    def command(**values: Any) -> None:
+        _run_guarded(_run, spec, values)
+
+    command.__signature__ = inspect.Signature(params)  # type: ignore[attr-defined]
+    command.__annotations__ = {p.name: p.annotation for p in params}
+    command.__name__ = spec.name.replace("-", "_")
+    command.__doc__ = spec.summary
+    return command
 
 
-@app.command("run")
-def run(
-    pipeline: Annotated[Pipeline, typer.Argument(help="Which engine to run.")],
-    source: Annotated[
-        list[str],
-        typer.Option(
-            "--source",
-            "-s",
-            help="Repeatable. A caption manifest (.jsonl/.csv/.parquet: video, caption, optional start/end), "
-            "a MeViS or Ref-YouTube-VOS folder, a video file, or a folder of frames.",
-        ),
-    ],
-    out: Annotated[str, typer.Option("--out", "-o", help="Dataset folder (local path or fsspec URL).")],
-    profile: ProfileOpt = "default",
-    config: ConfigOpt = None,
-    batch_size: Annotated[int, typer.Option(help="Items per Prefect task.")] = 8,
-    limit: Annotated[Optional[int], typer.Option(help="Process at most this many items.")] = None,
-    data_type: Annotated[
-        Optional[list[DataType]], typer.Option("--data-type", "-t", help="Repeatable; default: all three.")
-    ] = None,
-    frame_rate: Annotated[
-        Optional[float], typer.Option(help="Frames per second of frame folders (MeViS 6, Ref-YouTube-VOS 6).")
-    ] = None,
-    entity: Annotated[
-        Optional[list[str]],
-        typer.Option("--entity", "-e", help="strefer: EXPRESSION[:NOUN], repeatable; default: found per video."),
-    ] = None,
-    split: Annotated[
-        Optional[str], typer.Option(help="Split of a dataset release with several (MeViS: train, valid_u, valid).")
-    ] = None,
-    force: Annotated[
-        bool,
-        typer.Option(
-            help="Redo items already complete with this config; where an input holds outputs made with other "
-            "options (another --data-type, other entities), replace them instead of adding beside them."
-        ),
-    ] = False,
-) -> None:
-    """Run a pipeline's Prefect flow here, on Prefect's ephemeral API (nothing to start by hand).
+def _register_run_commands() -> None:
+    from flows.registry import specs
 
-    videorefer: build-videorefer-700k (detailed captions, short captions, object-level QA).
-    strefer: build-strefer (entities, clips, masklets, transcripts, the 11 task types of Table 7).
-
-    Items already complete with the same settings are skipped; a finished run publishes a dataset version."""
-    _run_guarded(
-        _run, pipeline.value, source, out, profile, config, batch_size, limit, data_type, frame_rate, entity, split, force
-    )
+    for spec in specs():
+        run_app.command(spec.name)(_run_command(spec))
 
 
-def _run(pipeline, source, out, profile, config_file, batch_size, limit, data_types, frame_rate, entities, split, force) -> None:
+def _run(spec, values: dict[str, Any]) -> None:
     import logging
     import os
 
     from engine.storage import Dataset
     from flows.pipelines import iter_items, load
 
-    config = load(profile, str(config_file) if config_file else None)  # fail fast, before Prefect starts
-    if limit is not None and limit < 1:
+    config_file = str(values["config"]) if values["config"] else None
+    config = load(values["profile"], config_file)  # fail fast, before Prefect starts
+    if values.get("limit") is not None and values["limit"] < 1:
         raise ValueError("--limit must be >= 1")
-    iter_items(list(source), frame_rate=frame_rate, split=split)  # every source opened and checked: one line if bad
-    Dataset(out).check_layout()
+    sources = list(values["source"])
+    # every source opened and checked: one line if bad
+    iter_items(sources, frame_rate=values.get("frame_rate"), split=values.get("split"), videos=spec.sources_are_videos)
+    Dataset(values["out"]).check_layout()
+    options = {o.name: (values[o.name] or list(o.default)) if o.repeatable else values[o.name] for o in spec.options}
+    for o in spec.options:
+        wrong = [v for v in (options[o.name] if o.repeatable else [options[o.name]]) if o.choices and v not in o.choices]
+        if wrong:
+            raise ValueError(f"{o.cli_flag} must be among {', '.join(o.choices)}; got {', '.join(map(str, wrong))}")
     _warn_tiny(config)
     # Prefect's ephemeral API can take tens of seconds to come up on a busy machine (its default wait is 20 s).
     os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "180")
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")  # no telemetry calls from a data run
-    if data_types and pipeline != "videorefer":
-        raise ValueError("--data-type is for the videorefer pipeline")
-    if entities and pipeline != "strefer":
-        raise ValueError("--entity is for the strefer pipeline (and engine clip-and-track)")
     with err.status("starting Prefect (ephemeral API) and the flow"):
-        from flows.prefect_flows import build_strefer_flow, build_videorefer_flow
+        import flows.prefect_flows as prefect_flows
     logging.getLogger("prefect.events").setLevel(logging.CRITICAL)  # shutdown noise of the ephemeral server
-    common = dict(
-        source=list(source),
-        out=out,
-        profile=profile,
-        config_file=str(config_file) if config_file else None,
-        batch_size=batch_size,
-        limit=limit,
-        frame_rate=frame_rate,
-        split=split,
-        force=force,
-    )
+    batching = {k: values[k] for k in ("limit", "frame_rate", "split") if spec.batched_sources}
     try:
-        if pipeline == "videorefer":
-            types = [d.value for d in data_types] if data_types else ["detailed_caption", "short_caption", "object_qa"]
-            result = build_videorefer_flow(**common, data_types=types)
-        else:
-            result = build_strefer_flow(**common, entities=list(entities or []))
+        result = getattr(prefect_flows, spec.entrypoint)(
+            **{spec.source_param: sources}, out=values["out"], profile=values["profile"], config_file=config_file,
+            batch_size=values["batch_size"], force=values["force"], **batching, **options,
+        )
     except RuntimeError as exc:  # a failed batch or an API that did not start: one line, not a traceback
         _fail(f"the flow failed: {str(exc).splitlines()[0]}", code=1)
-    _print_funnel(result["stats"]["counters"])
+    _print_funnel(result["stats"]["counters"], spec.funnel)
     statuses = result["items"]
     beside = result["stats"]["counters"].get("items_beside_other_options")
     if beside:
-        how = "replaced them (--force)" if force else "added this run's beside them (--force replaces them)"
+        how = "replaced them (--force)" if values["force"] else "added this run's beside them (--force replaces them)"
         console.print(f"{beside} inputs already held outputs made with other options: {how}")
     console.print(
-        f"dataset {out} (version {result['version'] or 'unchanged: nothing new'}): items "
+        f"dataset {values['out']} (version {result['version'] or 'unchanged: nothing new'}): items "
         + (", ".join(f"{s} {n}" for s, n in sorted(statuses.items())) or "none")
         + "; " + ", ".join(f"{t} {i['rows']} rows" for t, i in result["tables"].items())
     )
@@ -293,8 +286,9 @@ def _run(pipeline, source, out, profile, config_file, batch_size, limit, data_ty
         raise typer.Exit(1)
 
 
-def _print_funnel(counters: dict[str, int]) -> None:
-    """Per agent: items in, out, and why the others left; then samples per data type."""
+def _print_funnel(counters: dict[str, int], funnel: tuple[str, ...] = ()) -> None:
+    """Per agent of the pipeline's funnel: items in, out, and why the others left; then samples per data type,
+    and per group and task type where the pipeline counts them so (Strefer's Table 1)."""
     from rich.table import Table
 
     agents: dict[str, dict[str, Any]] = {}
@@ -308,7 +302,7 @@ def _print_funnel(counters: dict[str, int]) -> None:
         else:
             row[parts[2]] = n
     table = Table("agent", "in", "out", "kept", "why items left")
-    for agent in ["analyzer", "annotator", "segmentor", "reviewer", "refiner"]:
+    for agent in funnel:
         row = agents.get(agent)
         if row:
             share = f"{row['out'] / row['in']:.0%}" if row["in"] else "-"
@@ -322,17 +316,22 @@ def _print_funnel(counters: dict[str, int]) -> None:
         samples.add_row(data_type, str(counters.get(f"samples.{data_type}.kept", 0)), str(counters.get(f"samples.{data_type}.dropped", 0)))
     if samples.row_count:
         console.print(samples)
-    groups = Table("group (Strefer Table 1)", "task type", "instructions")
+    groups = Table("data type", "group", "task type", "samples")
     for name, n in sorted(counters.items()):
-        if name.startswith("samples.strefer."):
-            _, _, group, task = name.split(".")
-            groups.add_row(group, task, str(n))
+        if name.startswith("samples.") and name.count(".") == 3:
+            _, data_type, group, task = name.split(".")
+            groups.add_row(data_type, group, task, str(n))
     if groups.row_count:
         console.print(groups)
 
 
-class ExportFormat(str, Enum):
-    videorefer = "videorefer"
+def _export_formats() -> type[Enum]:
+    from flows.registry import export_formats
+
+    return Enum("ExportFormat", {f: f for f in export_formats()}, type=str)
+
+
+ExportFormat = _export_formats()
 
 
 class FrameChoice(str, Enum):
@@ -676,6 +675,8 @@ def _short(value, limit: int = 48) -> str:
     text = str(value)
     return text if len(text) <= limit else text[: limit - 1] + "…"
 
+
+_register_run_commands()
 
 if __name__ == "__main__":  # pragma: no cover - `python -m flows.cli`
     app(prog_name="engine")

@@ -18,9 +18,36 @@ from engine.models.interfaces import Grounder
 from engine.runner import FunctionPass, Outputs, Pipeline, VideoContext
 from engine.stats import Stats
 from engine.storage import Dataset
+from flows.registry import Deployment, Option, PipelineSpec
 from schemas import ClipRecord, EntityRef
 
 NAME = "clip-and-track"
+ENTITIES = Option(
+    "entities", str, (), "EXPRESSION[:GENERALIZED_NOUN], repeatable, e.g. 'girl in a blue dress:person'; without "
+    "a noun the expression itself prompts the detector; none: each video's entities are found (Strefer's Entity "
+    "Recognizer and Referring Parser)", repeatable=True, flag="--entity", short="-e",
+)
+SPEC = PipelineSpec(
+    name=NAME,
+    flow="clip-and-track",
+    entrypoint="clip_and_track_flow",
+    summary="Video Clipper + Referring Masklet Generator (Strefer §2.1.3-2.1.4) over video files: clips and one "
+    "masklet per referring expression.",
+    roles={"detector": "detector", "tracker": "tracker", "grounder": "chat", "embedder": "embedder",
+           "box_segmenter": "box_segmenter", "vlm": "chat", "llm": "chat"},
+    options=(
+        ENTITIES,
+        Option("baseline", bool, False, "Also run the Grounded-SAM-2 baseline on the same decode (masklets.method)."),
+        Option("render", bool, False, "Also write renders/<video_id>.mp4 with the masklets drawn.", shapes_output=False),
+    ),
+    deployments=(
+        Deployment("gpu", "default", "gpu", 8, "Video Clipper + Referring Masklet Generator (Strefer) on GPU workers.", 4),
+        Deployment("tiny-wiring-check", "tiny", "cpu", 4, "The same flow with random tiny models on CPU; outputs are meaningless."),
+    ),
+    source_param="videos",
+    sources_are_videos=True,
+    batched_sources=False,
+)
 
 
 @dataclass(frozen=True)
@@ -60,10 +87,6 @@ def prompt_names(config: EngineConfig, *, entities: Sequence[Any] = (), **_: Any
     if not entities:
         names += [*EntityRecognizer.prompts, *ReferringParser.prompts]
     return names
-
-
-SOURCES_ARE_VIDEOS = True  # its sources are video files as given: one that cannot be read is a rejection
-RUN_ONLY_OPTIONS = ("render",)  # options that add files, not rows: not part of an item's identity
 
 
 class EntityStage:
@@ -235,6 +258,6 @@ def build(
         config=config,
         models={role: getattr(b, "model_id", "?") for role, b in backends.items()},
         prompt_hashes={p: template_hash(p) for p in prompt_names(config, entities=entities)},
-        entities=[EntityRef.model_validate(e) for e in entities],
+        entities=[EntityRef.parse(e) if isinstance(e, str) else EntityRef.model_validate(e) for e in entities],
         options={"baseline": baseline},  # rendering adds a file, not rows: a rerun need not redo for it
     )

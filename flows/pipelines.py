@@ -1,8 +1,8 @@
 """Every pipeline the engine runs, and the one way to run any of them over work items into a dataset.
 
-The CLI and the Prefect tasks both call `run_items`; a pipeline module declares its name, its settings
-sections, the roles it needs, the prompts it renders, and a `build(config, backends, stats=..., **options)
--> Pipeline`. `run_identity` hashes what shapes a pipeline's rows (its own roles, prompts, settings and run
+The CLI and the Prefect tasks both call `run_items`; a pipeline module (flows.registry) declares its `SPEC`,
+its settings sections, the roles it needs, the prompts it renders, and a `build(config, backends, stats=...,
+**options) -> Pipeline`. `run_identity` hashes what shapes a pipeline's rows (its own roles, prompts, settings and run
 options, nothing of the other pipelines'), so changing the Refiner's prompt redoes VideoRefer items and no
 clip-and-track item.
 """
@@ -19,32 +19,24 @@ from engine.runner import DecodeProgress, ItemOutcome, Runner, RunnerConfig
 from engine.stats import Stats
 from engine.storage import Dataset
 from engine.writer import TableWriter
+from flows import registry
 from schemas import RunSettings, VersionRecord, WorkItem
 
 
-def _modules() -> dict[str, ModuleType]:
-    from flows import clip_and_track, strefer, videorefer
-
-    return {m.NAME: m for m in (clip_and_track, videorefer, strefer)}
-
-
 def pipeline_names() -> list[str]:
-    return list(_modules())
+    return [spec.name for spec in registry.specs()]
 
 
 def pipeline_module(name: str) -> ModuleType:
-    modules = _modules()
-    if name not in modules:
-        raise ValueError(f"unknown pipeline {name!r}; pipelines: {', '.join(modules)}")
-    return modules[name]
+    return registry.module(name)
 
 
 def settings_sections() -> dict[str, type]:
     """Every settings section any pipeline reads, so a config file is validated whole, once; `runner` (how
     many items run at once) is the runner's, and so every pipeline's."""
     sections: dict[str, type] = {"runner": RunnerConfig}
-    for module in _modules().values():
-        sections.update(module.SETTINGS)
+    for name in pipeline_names():
+        sections.update(pipeline_module(name).SETTINGS)
     return sections
 
 
@@ -61,7 +53,7 @@ def output_options(name: str, options: dict[str, Any]) -> dict[str, Any]:
     sorted), without those that only add files (a render)."""
     from schemas import EntityRef
 
-    skip = set(getattr(pipeline_module(name), "RUN_ONLY_OPTIONS", ()))
+    skip = {o.name for o in registry.spec(name).options if not o.shapes_output}
     out: dict[str, Any] = {}
     for key, value in sorted(options.items()):
         if key in skip:
@@ -164,7 +156,7 @@ def run_settings(
         options=json.dumps({**options, **output_options(name, options)}, default=str),  # render kept too
         config=config.model_dump_json(),
         sources=list(sources),
-        sources_are_videos=getattr(pipeline_module(name), "SOURCES_ARE_VIDEOS", False),
+        sources_are_videos=registry.spec(name).sources_are_videos,
         frame_rate=frame_rate,
     )
 

@@ -19,7 +19,8 @@ from prefect.cache_policies import NONE
 from engine.config import EngineConfig
 from engine.errors import BadInputError, transient_faults
 from engine.stats import Stats
-from flows.pipelines import finish_run, iter_items, load, pipeline_module, run_identity, run_items, run_settings
+from flows import registry
+from flows.pipelines import finish_run, iter_items, load, output_options, run_identity, run_items, run_settings
 from schemas import RunSettings, WorkItem
 
 PLAN_CHUNK = 8192  # items checked against the dataset per bulk skip check
@@ -105,7 +106,7 @@ def run_pipeline(
     run_hash, variant = run_identity(pipeline, config, options)
     planner = Planner(dataset, pipeline=pipeline, variant=variant, run_hash=run_hash, force=force)
     writer = shared_writer(dataset, run_id)
-    videos = getattr(pipeline_module(pipeline), "SOURCES_ARE_VIDEOS", False)
+    videos = registry.spec(pipeline).sources_are_videos
     items = iter_items(sources, limit=limit, frame_rate=frame_rate, split=split, videos=videos)
     in_flight: deque = deque()
     seen: list[Any] = []  # item ids of the sources, as Arrow chunks (for removals)
@@ -201,101 +202,60 @@ def _publish(out: str, stats: Stats, config: EngineConfig, counts: Counter, run_
     return {"version": version, "items": {k: n for k, n in counts.items() if n}, "tables": tables, "stats": stats.as_dict()}
 
 
-@flow(name="clip-and-track", log_prints=True)
-def clip_and_track_flow(
-    videos: Sources,
-    entities: list[str],
-    out: str,
-    profile: str = "default",
-    config_file: Optional[str] = None,
-    batch_size: int = 8,
-    force: bool = False,
-    baseline: bool = False,
-    render: bool = False,
-) -> dict:
-    """Video Clipper + Referring Masklet Generator over many videos; entities as `EXPRESSION[:NOUN]`."""
-    from schemas import EntityRef
-
-    parsed = [EntityRef.parse(e).model_dump() for e in entities]
-    return run_and_publish(
-        "clip-and-track",
-        videos,
-        out,
-        config=load(profile, config_file),
-        batch_size=batch_size,
-        force=force,
-        options={"entities": parsed, "baseline": baseline, "render": render},
-    )
+def _check_options(spec: registry.PipelineSpec, options: dict[str, Any]) -> None:
+    for option in spec.options:
+        values = options[option.name] if option.repeatable else [options[option.name]]
+        wrong = [v for v in values if option.choices and v not in option.choices]
+        if wrong or (option.choices and option.repeatable and not values):
+            raise BadInputError(f"{option.name} must be among {', '.join(option.choices)}; got {list(values)}")
 
 
-@flow(name="build-videorefer-700k", log_prints=True)
-def build_videorefer_flow(
-    source: Sources,
-    out: str,
-    profile: str = "default",
-    config_file: Optional[str] = None,
-    batch_size: int = 8,
-    limit: Optional[int] = None,
-    data_types: list[str] = ["detailed_caption", "short_caption", "object_qa"],
-    frame_rate: Optional[float] = None,
-    split: Optional[str] = None,
-    force: bool = False,
-    max_batches_in_flight: int = 4,
-) -> dict:
-    """VideoRefer's multi-agent engine (Analyzer, Annotator, Segmentor, Reviewer, Refiner) over caption
-    manifests (detailed and short captions) and mask datasets in the MeViS or Ref-YouTube-VOS layout
-    (object-level QA). `source` is one manifest, dataset folder or video, or a list; `limit` caps the items."""
-    from flows.videorefer import check_data_types
+def make_flow(spec: registry.PipelineSpec) -> Any:
+    """The Prefect flow of a pipeline, its parameters derived from the spec: the sources (one or a list), the
+    dataset, the profile and config file, batching, and the pipeline's own options."""
+    import inspect
+    from inspect import Parameter
 
-    check_data_types(data_types)
-    return run_and_publish(
-        "videorefer",
-        source,
-        out,
-        config=load(profile, config_file),
-        batch_size=batch_size,
-        limit=limit,
-        frame_rate=frame_rate,
-        split=split,
-        force=force,
-        max_batches_in_flight=max_batches_in_flight,
-        options={"data_types": sorted(data_types)},
-    )
+    def param(name: str, annotation: Any, default: Any = Parameter.empty) -> Parameter:
+        return Parameter(name, Parameter.KEYWORD_ONLY, default=default, annotation=annotation)
+
+    params = [
+        param(spec.source_param, Sources),
+        param("out", str),
+        param("profile", str, "default"),
+        param("config_file", Optional[str], None),
+        param("batch_size", int, 8),
+    ]
+    if spec.batched_sources:
+        params += [param("limit", Optional[int], None), param("frame_rate", Optional[float], None), param("split", Optional[str], None)]
+    params += [param("force", bool, False), param("max_batches_in_flight", int, 4)]
+    for option in spec.options:
+        kind = list[option.kind] if option.repeatable else option.kind
+        params.append(param(option.name, kind, list(option.default) if option.repeatable else option.default))
+
+    def pipeline_flow(**values: Any) -> dict:
+        options = {o.name: values.pop(o.name) for o in spec.options}
+        _check_options(spec, options)
+        options = {**options, **output_options(spec.name, options)}  # entities parsed, data types sorted
+        return run_and_publish(
+            spec.name,
+            values.pop(spec.source_param),
+            values.pop("out"),
+            config=load(values.pop("profile"), values.pop("config_file")),
+            options=options,
+            **values,
+        )
+
+    pipeline_flow.__signature__ = inspect.Signature(params, return_annotation=dict)  # type: ignore[attr-defined]
+    pipeline_flow.__annotations__ = {p.name: p.annotation for p in params} | {"return": dict}
+    pipeline_flow.__name__ = pipeline_flow.__qualname__ = spec.entrypoint
+    pipeline_flow.__doc__ = spec.summary
+    return flow(name=spec.flow, log_prints=True)(pipeline_flow)
 
 
-@flow(name="build-strefer", log_prints=True)
-def build_strefer_flow(
-    source: Sources,
-    out: str,
-    profile: str = "default",
-    config_file: Optional[str] = None,
-    batch_size: int = 8,
-    limit: Optional[int] = None,
-    entities: list[str] = [],
-    frame_rate: Optional[float] = None,
-    split: Optional[str] = None,
-    force: bool = False,
-    max_batches_in_flight: int = 4,
-) -> dict:
-    """Strefer's instruction engine: entities (found by the Entity Recognizer and Referring Parser unless
-    given as `EXPRESSION[:NOUN]`), clips, masklets, transcripts and instructions of the 11 task types over
-    videos, folders of videos, manifests or frame folders."""
-    from schemas import EntityRef
-
-    parsed = [EntityRef.parse(e).model_dump() for e in entities]
-    return run_and_publish(
-        "strefer",
-        source,
-        out,
-        config=load(profile, config_file),
-        batch_size=batch_size,
-        limit=limit,
-        frame_rate=frame_rate,
-        split=split,
-        force=force,
-        max_batches_in_flight=max_batches_in_flight,
-        options={"entities": parsed},
-    )
+# One flow per registered pipeline, at the names prefect.yaml's entrypoints give (`build_videorefer_flow`, ...).
+for _spec in registry.specs():
+    globals()[_spec.entrypoint] = make_flow(_spec)
 
 
 @flow(name="refresh-dataset", log_prints=True)

@@ -43,10 +43,31 @@ from engine.models.interfaces import ChatVideo
 from engine.runner import FunctionPass, Outputs, Pipeline, VideoContext
 from engine.stats import Stats
 from engine.storage import Dataset
+from flows.registry import Deployment, Option, PipelineSpec
 from schemas import Assignment, FrameMask, MaskletRecord, Review, SampleRecord, Turn, Window, WorkItem
 
 NAME = "videorefer"
 DATA_TYPES = ("detailed_caption", "short_caption", "object_qa")
+SPEC = PipelineSpec(
+    name=NAME,
+    flow="build-videorefer-700k",
+    entrypoint="build_videorefer_flow",
+    summary="VideoRefer's multi-agent engine (§3.1: Analyzer, Annotator, Segmentor, Reviewer, Refiner) over caption "
+    "manifests (detailed and short captions) and mask datasets in the MeViS or Ref-YouTube-VOS layout (object-level QA).",
+    roles={"llm": "chat", "vlm": "chat", "region_captioner": "chat", "refiner": "chat", "detector": "detector",
+           "box_segmenter": "box_segmenter", "tracker": "tracker"},
+    options=(
+        Option("data_types", str, DATA_TYPES, "Data types to make, repeatable; default: all three.", repeatable=True,
+               choices=DATA_TYPES, flag="--data-type", short="-t"),
+    ),
+    data_types=DATA_TYPES,
+    deployments=(
+        Deployment("default", "default", "gpu", 8, "VideoRefer's multi-agent engine (Analyzer, Annotator, Segmentor, "
+                   "Reviewer, Refiner) on GPU workers.", 4),
+        Deployment("tiny", "tiny", "cpu", 4, "The VideoRefer flow with random tiny models on CPU; outputs are meaningless."),
+    ),
+    funnel=("analyzer", "annotator", "segmentor", "reviewer", "refiner"),
+)
 # Faults of the model server, not of an item: never retried item by item (the orchestrator retries the batch).
 REVIEWER_DROP_CODES = (INVALID_JUDGE, "empty_mask", "empty_region_caption")  # see agents/reviewer.py
 

@@ -189,7 +189,7 @@ def test_run_strefer_through_prefect_and_export(tmp_path):
         capture_output=True, text=True, timeout=600, env=env,
     )
     assert done.returncode == 0, done.stdout + done.stderr
-    assert "group (Strefer Table 1)" in done.stdout  # the Table 1 style summary
+    assert "task type" in done.stdout and "G1" in done.stdout  # the Table 1 style summary: group and task type
     from engine.storage import Dataset
 
     samples = Dataset(str(out)).read_table("samples").to_pylist()
