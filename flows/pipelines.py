@@ -14,6 +14,7 @@ from types import ModuleType
 from typing import Any, Iterator, Sequence
 
 from engine.config import EngineConfig, load_config
+from engine.models.chat_queue import ChatQueueConfig
 from engine.planning import Plan, variant_id
 from engine.runner import DecodeProgress, ItemOutcome, Runner, RunnerConfig
 from engine.stats import Stats
@@ -34,7 +35,7 @@ def pipeline_module(name: str) -> ModuleType:
 def settings_sections() -> dict[str, type]:
     """Every settings section any pipeline reads, so a config file is validated whole, once; `runner` (how
     many items run at once) is the runner's, and so every pipeline's."""
-    sections: dict[str, type] = {"runner": RunnerConfig}
+    sections: dict[str, type] = {"runner": RunnerConfig, "chat_queue": ChatQueueConfig}
     for name in pipeline_names():
         sections.update(pipeline_module(name).SETTINGS)
     return sections

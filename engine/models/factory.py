@@ -3,6 +3,10 @@
 Roles are open: a pipeline asks for the roles it needs and the kind of interface each must provide
 (`{"detector": "detector", "refiner": "chat"}`); a profile names, per role, a backend from `BACKENDS`. Roles
 whose specs are equal share one loaded model (one VLM can serve llm, vlm and grounder).
+
+Every chat role gets its model behind a `ChatQueue` (settings section `chat_queue`), one queue per loaded
+model, so the requests of the videos in flight are coalesced into batched backend calls whichever roles send
+them.
 """
 
 from __future__ import annotations
@@ -13,6 +17,7 @@ from typing import Any, Mapping
 
 from engine.config import EngineConfig, RoleSpec, require_roles
 from engine.errors import ConfigError
+from engine.models.chat_queue import ChatQueue, ChatQueueConfig
 
 
 @dataclass(frozen=True)
@@ -21,6 +26,9 @@ class Backend:
     module: str
     name: str
     needs_weights: bool = True  # False for a client of a model served elsewhere
+    # Backend calls a chat queue lets run at once; None: no limit. An in-process engine runs one call at a time,
+    # so what arrives meanwhile waits in the queue and goes as one call; a server's client runs calls side by side.
+    calls_at_once: int | None = 1
 
 
 BACKENDS: dict[str, Backend] = {
@@ -30,7 +38,7 @@ BACKENDS: dict[str, Backend] = {
     "sam2-image": Backend("box_segmenter", "engine.models.sam2_image", "Sam2BoxSegmenter"),
     "transformers": Backend("chat", "engine.models.chat_transformers", "TransformersChat"),
     "vllm": Backend("chat", "engine.models.chat_vllm", "VllmChat"),
-    "openai": Backend("chat", "engine.models.chat_http", "HttpChat", needs_weights=False),
+    "openai": Backend("chat", "engine.models.chat_http", "HttpChat", needs_weights=False, calls_at_once=None),
 }
 
 
@@ -53,6 +61,7 @@ def resolve_dtype(dtype: str, device: str) -> str:
 
 
 _LOADED: dict[tuple[str, str, str], Any] = {}
+_QUEUES: dict[tuple[str, str, str], ChatQueue] = {}  # one per loaded chat model, keyed as _LOADED
 _LOCK = threading.Lock()  # Prefect's thread task runner may build from several threads: load once
 
 
@@ -91,6 +100,7 @@ def build(config: EngineConfig, roles: Mapping[str, str], *, pipeline: str = "th
     from engine.models import weights
 
     require_roles(config, list(roles), pipeline=pipeline)
+    queue_config = ChatQueueConfig.parse(config.section("chat_queue"))
     for role, kind in roles.items():
         backend_of(role, config.roles[role], kind)
         check_random_fullsize(role, config.roles[role])
@@ -104,5 +114,15 @@ def build(config: EngineConfig, roles: Mapping[str, str], *, pipeline: str = "th
             key = (spec.model_dump_json(), device, dtype if kind == "tracker" else "")
             if key not in _LOADED:
                 _LOADED[key] = _load(spec, device, dtype, kind)
-            out[role] = _LOADED[key]
+            out[role] = _LOADED[key] if kind != "chat" else _queue(key, _LOADED[key], spec, queue_config)
     return out
+
+
+def _queue(key: tuple[str, str, str], model: Any, spec: RoleSpec, config: ChatQueueConfig) -> ChatQueue:
+    """The loaded chat model's queue (the lock held); a later build's settings replace an earlier one's."""
+    queue = _QUEUES.get(key)
+    if queue is None or queue.backend is not model:
+        queue = _QUEUES[key] = ChatQueue(model, config, calls_at_once=BACKENDS[spec.backend].calls_at_once)
+    else:
+        queue.configure(config)
+    return queue
