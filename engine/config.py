@@ -46,9 +46,9 @@ class EngineConfig(BaseModel):
 
     @property
     def hash(self) -> str:
-        """Content hash of everything that shapes the output (not the device, how many items run at once, or how
-        chat requests are batched)."""
-        settings = {k: v for k, v in self.pipeline.items() if k not in ("device", "runner", "chat_queue")}
+        """Content hash of everything that shapes the output (not the device, how many items run at once, how
+        chat requests are batched, or where batches run)."""
+        settings = {k: v for k, v in self.pipeline.items() if k not in ("device", "runner", "chat_queue", "orchestration")}
         return stable_id(self.profile, {r: s.model_dump() for r, s in self.roles.items()}, settings, length=12)
 
     def section(self, name: str) -> dict[str, Any]:

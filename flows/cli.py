@@ -208,6 +208,9 @@ def _run_command(spec) -> Any:
             option("frame_rate", Optional[float], None, "--frame-rate", help="Frames per second of frame folders (MeViS and Ref-YouTube-VOS: 6)."),
             option("split", Optional[str], None, "--split", help="Split of a dataset release with several (MeViS: train, valid_u, valid)."),
         ]
+    params.append(option("runner", Optional[str], None, "--runner", help=(
+        "Where batches run: local (threads here; the default), ray (a Ray cluster: pipeline.orchestration.ray_address) "
+        "or deployment (shards as child flow runs of pipeline-shard/gpu on the GPU pool's workers).")))
     params.append(option("force", bool, False, "--force", help=(
         "Redo items already complete with these settings; where an input holds outputs made with other options, "
         "replace them instead of adding beside them.")))
@@ -251,6 +254,9 @@ def _run(spec, values: dict[str, Any]) -> None:
     # every source opened and checked: one line if bad
     iter_items(sources, frame_rate=values.get("frame_rate"), split=values.get("split"), videos=spec.sources_are_videos)
     Dataset(values["out"]).check_layout()
+    from flows.runners import settings as runner_settings
+
+    runner_settings(config.section("orchestration"), values["runner"])  # a bad runner: one line, now
     options = {o.name: (values[o.name] or list(o.default)) if o.repeatable else values[o.name] for o in spec.options}
     for o in spec.options:
         wrong = [v for v in (options[o.name] if o.repeatable else [options[o.name]]) if o.choices and v not in o.choices]
@@ -267,7 +273,7 @@ def _run(spec, values: dict[str, Any]) -> None:
     try:
         result = getattr(prefect_flows, spec.entrypoint)(
             **{spec.source_param: sources}, out=values["out"], profile=values["profile"], config_file=config_file,
-            batch_size=values["batch_size"], force=values["force"], **batching, **options,
+            batch_size=values["batch_size"], force=values["force"], runner=values["runner"], **batching, **options,
         )
     except RuntimeError as exc:  # a failed batch or an API that did not start: one line, not a traceback
         _fail(f"the flow failed: {str(exc).splitlines()[0]}", code=1)

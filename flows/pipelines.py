@@ -35,7 +35,10 @@ def pipeline_module(name: str) -> ModuleType:
 def settings_sections() -> dict[str, type]:
     """Every settings section any pipeline reads, so a config file is validated whole, once; `runner` (how
     many items run at once) is the runner's, and so every pipeline's."""
-    sections: dict[str, type] = {"runner": RunnerConfig, "chat_queue": ChatQueueConfig}
+    from flows.runners import RunnerSettings
+
+    # how many items run at once, how chat requests are batched, where batches run: every pipeline's
+    sections: dict[str, type] = {"runner": RunnerConfig, "chat_queue": ChatQueueConfig, "orchestration": RunnerSettings}
     for name in pipeline_names():
         sections.update(pipeline_module(name).SETTINGS)
     return sections

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 import uuid
-from collections import Counter, deque
+from collections import Counter
 from typing import Any, Optional, Union
 
 from prefect import flow, get_run_logger, task
@@ -19,7 +19,7 @@ from prefect.cache_policies import NONE
 from engine.config import EngineConfig
 from engine.errors import BadInputError, transient_faults
 from engine.stats import Stats
-from flows import registry
+from flows import registry, runners
 from flows.pipelines import finish_run, iter_items, load, output_options, run_identity, run_items, run_settings
 from schemas import RunSettings, WorkItem
 
@@ -38,12 +38,14 @@ def run_batch(
     force: bool,
     options: dict[str, Any],
     previous: dict[str, dict],
+    commit: bool = False,
 ) -> dict:
     """One batch of items (already planned: none is complete) through a pipeline, into the process's writer
-    of this run; returns counts per status and this task's stats. Models load once per worker process."""
+    of this run; returns counts per status and this task's stats. Models load once per worker process. With
+    `commit`, the batch's rows are committed before it returns (on a Ray worker, which no flow flushes)."""
     from engine.planning import Plan
     from engine.storage import Dataset
-    from engine.writer import shared_writer
+    from engine.writer import flush_writers, shared_writer
 
     stats = Stats()
     todo = [WorkItem.model_validate(i) for i in items]
@@ -59,6 +61,8 @@ def run_batch(
         plan=Plan(todo=todo, previous=previous),
         **options,
     )
+    if commit:
+        flush_writers(out, run_id)
     return {"counts": dict(Counter(o.status for o in outcomes)), "stats": stats.as_dict()}
 
 
@@ -86,11 +90,12 @@ def run_pipeline(
     run_id: str,
     stats: Stats,
     counts: Counter,
+    orchestration: runners.RunnerSettings = runners.RunnerSettings(),
     mark_removed: bool = False,
 ) -> None:
-    """Stream the sources through one pipeline: plan each chunk in bulk, run the rest in batches with at most
-    `max_batches_in_flight` submitted at once, and with `mark_removed` record as removed the live items of
-    this pipeline and options that the sources no longer hold. Adds to `stats` and `counts`."""
+    """Stream the sources through one pipeline: plan each chunk in bulk, run the rest in batches on the
+    configured runner with a bounded number in flight, and with `mark_removed` record as removed the live items
+    of this pipeline and options that the sources no longer hold. Adds to `stats` and `counts`."""
     import pyarrow as pa
     import pyarrow.compute as pc
 
@@ -108,20 +113,8 @@ def run_pipeline(
     writer = shared_writer(dataset, run_id)
     videos = registry.spec(pipeline).sources_are_videos
     items = iter_items(sources, limit=limit, frame_rate=frame_rate, split=split, videos=videos)
-    in_flight: deque = deque()
     seen: list[Any] = []  # item ids of the sources, as Arrow chunks (for removals)
-    config_dump = config.model_dump()
-
-    def collect(keep: int) -> None:
-        while len(in_flight) > keep:
-            batch, future = in_flight.popleft()
-            result = future.result(raise_on_failure=False)
-            if isinstance(result, BaseException) or not isinstance(result, dict):
-                counts["failed"] += len(batch)
-                logger.error("a batch of %d items failed: %s", len(batch), result)
-                continue
-            counts.update(result["counts"])
-            stats.merge(Stats.from_dict(result["stats"]))
+    dispatcher = _dispatcher(pipeline, out, config, options, run_id, force, batch_size, max_batches_in_flight, orchestration)
 
     for chunk in chunked(items, PLAN_CHUNK):
         plan = planner.split(chunk)
@@ -136,11 +129,10 @@ def run_pipeline(
             stats.count("items_replaced")
         for batch in chunked(plan.todo, batch_size):
             previous = {i: plan.previous[i] for i in (item_id(pipeline, w, variant) for w in batch) if i in plan.previous}
-            payload = [w.model_dump() for w in batch]
-            future = run_batch.submit(pipeline, payload, out, config_dump, run_id, force, options, previous)
-            in_flight.append((batch, future))
-            collect(max_batches_in_flight)
-    collect(0)
+            dispatcher.add([w.model_dump() for w in batch], previous)
+    dispatcher.finish()
+    counts.update(dispatcher.counts)
+    stats.merge(dispatcher.stats)
     if plan_beside := stats.counters.get("items_beside_other_options"):
         how = "replaced them (--force)" if force else "kept them and added this run's beside them (--force replaces)"
         logger.info("%s: %d inputs hold outputs made with other options; %s", pipeline, plan_beside, how)
@@ -152,6 +144,30 @@ def run_pipeline(
             writer.keep(ItemRecord.model_validate({**item_row(row), "status": "removed", "run_id": run_id}))
         stats.count("items_removed", gone.num_rows)
         counts["removed"] += gone.num_rows
+
+
+def _dispatcher(
+    pipeline: str, out: str, config: EngineConfig, options: dict[str, Any], run_id: str, force: bool, batch_size: int,
+    max_batches_in_flight: int, orchestration: runners.RunnerSettings,
+) -> Any:
+    """Where this run's batches go: tasks here (local), tasks on Ray, or shards on the GPU pool's workers."""
+    from contextlib import nullcontext
+
+    from engine.storage import Dataset
+
+    logger = get_run_logger()
+    dump = config.model_dump()
+    if orchestration.runner == "deployment":
+        parameters = {"pipeline": pipeline, "out": out, "config": dump, "run_id": run_id, "force": force, "options": options,
+                      "batch_size": batch_size}
+        return runners.ShardDispatcher(Dataset(out), parameters=parameters, settings=orchestration, log=logger)
+    on_ray = orchestration.runner == "ray"
+
+    def submit(payload: list[dict], previous: dict[str, dict], commit: bool) -> Any:
+        with runners.ray_options(orchestration) if on_ray else nullcontext():
+            return run_batch.submit(pipeline, payload, out, dump, run_id, force, options, previous, commit)
+
+    return runners.BatchDispatcher(submit, in_flight=max_batches_in_flight, commit_each=on_ray, log=logger)
 
 
 def run_and_publish(
@@ -167,12 +183,14 @@ def run_and_publish(
     frame_rate: Optional[float] = None,
     split: Optional[str] = None,
     max_batches_in_flight: int = 4,
+    runner: Optional[str] = None,
 ) -> dict:
     """The body every pipeline flow shares: run, commit, publish a version unless a batch failed."""
     from engine.storage import Dataset
     from engine.writer import flush_writers
 
     sources = _as_list(source)
+    orchestration = runners.settings(config.section("orchestration"), runner)
     Dataset(out).prepare()
     run_id = uuid.uuid4().hex[:16]
     stats, counts = Stats(), Counter()
@@ -180,10 +198,11 @@ def run_and_publish(
         run_pipeline(
             pipeline, sources, out, config=config, options=options, batch_size=batch_size, force=force, limit=limit,
             frame_rate=frame_rate, split=split, max_batches_in_flight=max_batches_in_flight, run_id=run_id,
-            stats=stats, counts=counts,
+            stats=stats, counts=counts, orchestration=orchestration,
         )
     finally:
         flush_writers(out, run_id)  # what finished is committed, even when a batch failed
+        runners.forget_shard_results(Dataset(out), run_id)
     return _publish(out, stats, config, counts, run_id, "run", [run_settings(pipeline, config, options, sources=sources, frame_rate=frame_rate)])
 
 
@@ -228,7 +247,7 @@ def make_flow(spec: registry.PipelineSpec) -> Any:
     ]
     if spec.batched_sources:
         params += [param("limit", Optional[int], None), param("frame_rate", Optional[float], None), param("split", Optional[str], None)]
-    params += [param("force", bool, False), param("max_batches_in_flight", int, 4)]
+    params += [param("force", bool, False), param("max_batches_in_flight", int, 4), param("runner", Optional[str], None)]
     for option in spec.options:
         kind = list[option.kind] if option.repeatable else option.kind
         params.append(param(option.name, kind, list(option.default) if option.repeatable else option.default))
@@ -237,20 +256,59 @@ def make_flow(spec: registry.PipelineSpec) -> Any:
         options = {o.name: values.pop(o.name) for o in spec.options}
         _check_options(spec, options)
         options = {**options, **output_options(spec.name, options)}  # entities parsed, data types sorted
-        return run_and_publish(
-            spec.name,
-            values.pop(spec.source_param),
-            values.pop("out"),
-            config=load(values.pop("profile"), values.pop("config_file")),
-            options=options,
-            **values,
-        )
+        config = load(values.pop("profile"), values.pop("config_file"))
+        body = run_and_publish
+        if runners.settings(config.section("orchestration"), values["runner"]).runner == "ray":
+            # The batches' tasks go to Ray: this run's body as a subflow whose task runner is prefect-ray's.
+            orchestration = runners.settings(config.section("orchestration"), values["runner"])
+            body = on_ray.with_options(task_runner=runners.ray_task_runner(orchestration))
+        return body(spec.name, values.pop(spec.source_param), values.pop("out"), config=config, options=options, **values)
 
     pipeline_flow.__signature__ = inspect.Signature(params, return_annotation=dict)  # type: ignore[attr-defined]
     pipeline_flow.__annotations__ = {p.name: p.annotation for p in params} | {"return": dict}
     pipeline_flow.__name__ = pipeline_flow.__qualname__ = spec.entrypoint
     pipeline_flow.__doc__ = spec.summary
     return flow(name=spec.flow, log_prints=True)(pipeline_flow)
+
+
+@flow(name="run-on-ray", log_prints=True)
+def on_ray(pipeline: str, source: Sources, out: str, **kwargs: Any) -> dict:
+    """A pipeline run whose batches run as Ray tasks (given its task runner by the pipeline's flow)."""
+    return run_and_publish(pipeline, source, out, **kwargs)
+
+
+@flow(name="pipeline-shard", log_prints=True)
+def pipeline_shard_flow(
+    pipeline: str,
+    items: list[dict],
+    out: str,
+    config: dict,
+    run_id: str,
+    force: bool,
+    options: dict[str, Any],
+    previous: dict[str, dict],
+    shard: str,
+    batch_size: int = 8,
+) -> dict:
+    """One shard of a run with `runner: deployment`: many batches, one after another on this worker (its models
+    load once), committed before it ends; its counts and stats go beside the dataset for the parent run."""
+    from engine.planning import chunked, item_id
+    from engine.storage import Dataset
+    from engine.writer import flush_writers
+
+    stats, counts = Stats(), Counter()
+    _, variant = run_identity(pipeline, EngineConfig.model_validate(config), options)
+    try:
+        for batch in chunked(items, batch_size):
+            ids = [item_id(pipeline, WorkItem.model_validate(i), variant) for i in batch]
+            result = run_batch(pipeline, batch, out, config, run_id, force, options, {i: previous[i] for i in ids if i in previous})
+            counts.update(result["counts"])
+            stats.merge(Stats.from_dict(result["stats"]))
+    finally:
+        flush_writers(out, run_id)
+    result = {"counts": dict(counts), "stats": stats.as_dict()}
+    runners.write_shard_result(Dataset(out), run_id, shard, result)
+    return result
 
 
 # One flow per registered pipeline, at the names prefect.yaml's entrypoints give (`build_videorefer_flow`, ...).
@@ -264,6 +322,7 @@ def refresh_dataset_flow(
     source: Optional[Sources] = None,
     batch_size: int = 8,
     max_batches_in_flight: int = 4,
+    runner: Optional[str] = None,
 ) -> dict:
     """Bring a dataset up to date with its sources: run every pipeline (with the options and settings it was
     published with) over only the inputs that are new or changed, retry rejections whose reason was
@@ -285,14 +344,18 @@ def refresh_dataset_flow(
             sources = _as_list(source) if source is not None else s.sources
             options = json.loads(s.options)
             config = EngineConfig.model_validate_json(s.config)
+            orchestration = runners.settings(config.section("orchestration"), runner)
+            if orchestration.runner == "ray":
+                raise BadInputError("the refresh runs with runner local or deployment (ray: run the pipeline's flow)")
             run_pipeline(
                 s.pipeline, sources, out, config=config, options=options, batch_size=batch_size,
                 frame_rate=s.frame_rate, max_batches_in_flight=max_batches_in_flight, run_id=run_id, stats=stats,
-                counts=counts, mark_removed=True,
+                counts=counts, orchestration=orchestration, mark_removed=True,
             )
             used.append(s.model_copy(update={"sources": sources}))
     finally:
         flush_writers(out, run_id)
+        runners.forget_shard_results(dataset, run_id)
     return _publish(out, stats, EngineConfig.model_validate_json(settings[-1].config), counts, run_id, "refresh", used)
 
 

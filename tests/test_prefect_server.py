@@ -36,7 +36,7 @@ PREFECT = Path(sys.executable).parent / "prefect"
 
 SERVER_START_TIMEOUT_S = 60  # about 20 s here
 CLI_TIMEOUT_S = 60  # one `prefect ...` command (imports take a few seconds)
-FLOW_RUN_TIMEOUT_S = 180  # scheduled -> picked up by the worker -> a final state
+FLOW_RUN_TIMEOUT_S = 480  # scheduled -> picked up by the worker -> a final state (tiny models on a busy machine)
 FINAL_STATES = {"COMPLETED", "FAILED", "CANCELLED", "CRASHED"}
 LOG_TAIL_CHARS = 6000
 
@@ -142,11 +142,60 @@ def _check_refresh(tmp: Path, params: dict[str, Any]) -> None:
     assert len(_read(Path(params["out"]), "videos")) == 2
 
 
+def _videorefer_shards_params(tmp: Path) -> dict[str, Any]:
+    """Four captions, one shard each (`orchestration.shard_size: 1`), run as child flow runs of
+    pipeline-shard/gpu on the GPU pool's two workers."""
+    videos = [tmp / f"clip{i}.mp4" for i in range(2)]
+    for i, video in enumerate(videos):
+        synthetic.short_video(video, seconds=1.5 + 0.5 * i, fps=4)
+    manifest = tmp / "captions.jsonl"
+    rows = [{"video": v.name, "caption": f"A dog runs, take {k}."} for v in videos for k in range(2)]
+    manifest.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    config = tmp / "shards.yaml"
+    config.write_text("pipeline:\n  orchestration:\n    shard_size: 1\n")
+    return {"source": str(manifest), "out": str(tmp / "dataset"), "runner": "deployment", "config_file": str(config),
+            "data_types": ["short_caption"]}
+
+
+def _check_videorefer_shards(tmp: Path, params: dict[str, Any], stack: "PrefectStack") -> None:
+    from engine.storage import Dataset
+
+    shard = stack.request("GET", "/deployments/name/pipeline-shard/gpu")
+    runs = stack.request("POST", "/flow_runs/filter", {"flow_runs": {"deployment_id": {"any_": [shard["id"]]}}})
+    done = [r["id"] for r in runs if r["state_type"] == "COMPLETED"]
+    assert len(done) >= 4, [(r["id"], r["state_type"]) for r in runs]
+    logs = {name: _tail_all(stack.home / f"{name}.log") for name in ("gpu-worker", "gpu-worker-2")}
+    for name, text in logs.items():  # both workers ran shards of the one `prefect deployment run`
+        assert any(run_id in text for run_id in done), f"{name} ran no shard\n{text[-3000:]}"
+    sharded = Dataset(params["out"])
+    assert sharded.summary()["items"] == {"videorefer": {"done": 4}}
+    # the same run with runner local: the same dataset
+    local = stack.cli("deployment", "run", "build-videorefer-700k/tiny", *_params({**params, "runner": "local", "out": str(tmp / "local")}))
+    run = stack.wait_final(_UUID.search(local).group(1))
+    assert run["state_type"] == "COMPLETED", stack.reports()
+    for table in ("videos", "masklets", "samples", "rejections"):
+        key = {"videos": "video_id", "masklets": "masklet_id", "samples": "sample_id", "rejections": "rejection_id"}[table]
+        assert sorted(Dataset(str(tmp / "local")).read_table(table)[key].to_pylist()) == sorted(
+            sharded.read_table(table)[key].to_pylist()), table
+
+
+def _tail_all(path: Path) -> str:
+    return path.read_text(errors="replace") if path.exists() else ""
+
+
+def _params(params: dict[str, Any]) -> list[str]:
+    args = []
+    for key, value in params.items():
+        args += ["--param", f"{key}={json.dumps(value)}"]
+    return args
+
+
 @dataclass(frozen=True)
 class DeploymentCase:
     name: str  # FLOW_NAME/DEPLOYMENT_NAME, as `prefect deployment run` takes it
     params: Callable[[Path], dict[str, Any]]  # builds its inputs in a temporary folder
-    check: Callable[[Path, dict[str, Any]], None]  # checks the outputs of a COMPLETED run
+    check: Callable[..., None]  # checks the outputs of a COMPLETED run: (tmp, params[, stack])
+    needs_stack: bool = False  # the check also takes the PrefectStack
 
 
 DEPLOYMENTS = [
@@ -154,6 +203,7 @@ DEPLOYMENTS = [
     DeploymentCase("build-videorefer-700k/tiny", _videorefer_params, _check_videorefer),
     DeploymentCase("build-strefer/tiny", _strefer_params, _check_strefer),
     DeploymentCase("refresh-dataset/nightly", _refresh_params, _check_refresh),
+    DeploymentCase("build-videorefer-700k/tiny", _videorefer_shards_params, _check_videorefer_shards, needs_stack=True),
 ]
 
 
@@ -332,7 +382,8 @@ def prefect_stack(tmp_path_factory) -> Iterator[PrefectStack]:
         shown = stack.cli("deployment", "inspect", "refresh-dataset/nightly")
         assert "0 2 * * *" in shown, shown
         stack.start("worker", "worker", "start", "--pool", "cpu")
-        stack.start("gpu-worker", "worker", "start", "--pool", "gpu")  # the nightly refresh's pool
+        stack.start("gpu-worker", "worker", "start", "--pool", "gpu")  # the nightly refresh's and the shards' pool
+        stack.start("gpu-worker-2", "worker", "start", "--pool", "gpu")
         yield stack
     finally:
         stack.stop()
@@ -341,13 +392,10 @@ def prefect_stack(tmp_path_factory) -> Iterator[PrefectStack]:
 _UUID = re.compile(r"UUID:\s*([0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12})")
 
 
-@pytest.mark.parametrize("case", DEPLOYMENTS, ids=[c.name for c in DEPLOYMENTS])
+@pytest.mark.parametrize("case", DEPLOYMENTS, ids=[c.name + (" runner=deployment" if c.needs_stack else "") for c in DEPLOYMENTS])
 def test_deployment_run_completes(prefect_stack: PrefectStack, case: DeploymentCase, tmp_path: Path) -> None:
     params = case.params(tmp_path)
-    args = ["deployment", "run", case.name]
-    for key, value in params.items():
-        args += ["--param", f"{key}={json.dumps(value)}"]
-    out = prefect_stack.cli(*args)
+    out = prefect_stack.cli("deployment", "run", case.name, *_params(params))
     match = _UUID.search(out)
     assert match, f"no flow run id in the output of `prefect deployment run`:\n{out}"
     run = prefect_stack.wait_final(match.group(1))
@@ -355,4 +403,7 @@ def test_deployment_run_completes(prefect_stack: PrefectStack, case: DeploymentC
         f"{case.name}: flow run ended {run['state_type']} ({run['state_name']}): "
         f"{(run.get('state') or {}).get('message')}\n{prefect_stack.reports()}"
     )
-    case.check(tmp_path, params)
+    if case.needs_stack:
+        case.check(tmp_path, params, prefect_stack)
+    else:
+        case.check(tmp_path, params)

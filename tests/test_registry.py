@@ -12,7 +12,7 @@ from engine.config import load_config
 from flows import registry
 
 ROOT = Path(__file__).resolve().parents[1]
-NOT_PIPELINES = {("refresh-dataset", "nightly")}  # deployments of flows that are not a pipeline's
+NOT_PIPELINES = {("refresh-dataset", "nightly"), ("pipeline-shard", "gpu")}  # flows that are not a pipeline's
 
 
 def _yaml_deployments() -> dict[tuple[str, str], dict]:
