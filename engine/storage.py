@@ -290,7 +290,8 @@ class Dataset:
         read = list(dict.fromkeys([*wanted, "item_id", "write_id", *(["video_id"] if table == "videos" else [])]))
         dataset = self.arrow_dataset(table, self.table_versions(version)[table])
         seen: set[str] = set()
-        for batch in dataset.to_batches(columns=read, batch_size=batch_rows):
+        # One file and a couple of batches read ahead: memory bounded by a row group, whatever the table's size.
+        for batch in dataset.to_batches(columns=read, batch_size=batch_rows, batch_readahead=2, fragment_readahead=1):
             if not batch.num_rows:
                 continue
             joined = pc.binary_join_element_wise(batch["item_id"], batch["write_id"], ":")
@@ -412,6 +413,8 @@ class Dataset:
         flush committed during the rewrite would be dropped by it."""
         from deltalake import write_deltalake
 
+        from engine.writer import writer_properties
+
         self.require()
         counts: dict[str, tuple[int, int]] = {}
         items = self.items()  # read once: the rewrite of every table uses the same committed view
@@ -422,7 +425,10 @@ class Dataset:
             # The source opened here, not in the generator: delta-rs cannot open a table inside its own write.
             rows = _committed_batches(table, self.arrow_dataset(table), keys, schema)
             reader = _reader(schema, rows)
-            write_deltalake(self.uri(table), reader, mode="overwrite", storage_options=self.storage_options)
+            write_deltalake(
+                self.uri(table), reader, mode="overwrite", storage_options=self.storage_options,
+                writer_properties=writer_properties(),
+            )
             counts[table] = (before, self.arrow_dataset(table).count_rows())
         before = self.arrow_dataset(ITEMS).count_rows()
         write_deltalake(self.uri(ITEMS), items.select(table_schema(ITEMS).names), mode="overwrite", storage_options=self.storage_options)
@@ -439,7 +445,7 @@ def _committed_batches(table: str, source: Any, keys: Any, schema: Any) -> Itera
     import pyarrow.compute as pc
 
     seen: set[str] = set()
-    for batch in source.to_batches(columns=schema.names):
+    for batch in source.to_batches(columns=schema.names, batch_readahead=2, fragment_readahead=1):
         joined = pc.binary_join_element_wise(batch["item_id"], batch["write_id"], ":")
         batch = batch.filter(pc.is_in(joined, value_set=keys))
         if table == "videos" and batch.num_rows:

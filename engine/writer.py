@@ -123,7 +123,10 @@ class TableWriter:
         for name, parts in self._combined.items():  # the data first...
             combined = pa.concat_tables(parts)
             combined = combined.append_column("write_id", pa.array([write_id] * combined.num_rows, pa.string()))
-            write_deltalake(self.dataset.uri(name), combined, mode="append", storage_options=self.dataset.storage_options)
+            write_deltalake(
+                self.dataset.uri(name), combined, mode="append", storage_options=self.dataset.storage_options,
+                writer_properties=writer_properties(),
+            )
         stamp = now_iso()
         update: dict[str, Any] = {"committed_at": stamp, "engine_version": __version__}
         rows = [
@@ -149,6 +152,14 @@ class TableWriter:
     def __exit__(self, *exc: object) -> None:
         # Items finished before an error are kept: their rows are complete.
         self.flush()
+
+
+def writer_properties() -> Any:
+    """zstd, and row groups of at most 8192 rows: a reader streams a table one row group at a time, so a row group
+    (a masklet carries every frame's mask) bounds its memory."""
+    from deltalake import WriterProperties
+
+    return WriterProperties(compression="ZSTD", max_row_group_size=8192)
 
 
 _WRITERS: dict[tuple[str, str], TableWriter] = {}
