@@ -189,6 +189,26 @@ class Dataset:
             return delta.to_pyarrow_dataset()
         return delta.to_pyarrow_dataset(filesystem=pafs.SubTreeFileSystem(root, raw))
 
+    def batches(self, table: str, version: int | None, columns: list[str], batch_rows: int) -> Iterator[Any]:
+        """Every row of the table's files at a Delta version (committed or not), one file and one row group at a
+        time: a reader of any size holds about a row group (pyarrow's dataset scanner held several hundred MB
+        more on masklet tables). The file list is read now: delta-rs cannot open a table inside its own write."""
+        import pyarrow.fs as pafs
+        import pyarrow.parquet as pq
+
+        uris = self.delta(table, version).file_uris()
+        try:
+            located = [pafs.FileSystem.from_uri(uri) for uri in uris]
+        except (ValueError, OSError):  # no pyarrow filesystem for this scheme: its dataset scanner then
+            return self.arrow_dataset(table, version).to_batches(columns=columns, batch_size=batch_rows)
+
+        def read() -> Iterator[Any]:
+            for fs, path in located:
+                with fs.open_input_file(path) as handle:
+                    yield from pq.ParquetFile(handle).iter_batches(batch_size=batch_rows, columns=columns, use_threads=False)
+
+        return read()
+
     # -- small files beside the tables -------------------------------------------------------------------
     def write_text(self, name: str, text: str) -> None:
         """Write `name` under the root atomically (a hidden temporary name, then a rename)."""
@@ -288,10 +308,8 @@ class Dataset:
         if unknown:
             raise BadInputError(f"table {table} has no column {unknown[0]!r}; columns: {', '.join(schema.names)}")
         read = list(dict.fromkeys([*wanted, "item_id", "write_id", *(["video_id"] if table == "videos" else [])]))
-        dataset = self.arrow_dataset(table, self.table_versions(version)[table])
         seen: set[str] = set()
-        # One file and a couple of batches read ahead: memory bounded by a row group, whatever the table's size.
-        for batch in dataset.to_batches(columns=read, batch_size=batch_rows, batch_readahead=2, fragment_readahead=1):
+        for batch in self.batches(table, self.table_versions(version)[table], read, batch_rows):
             if not batch.num_rows:
                 continue
             joined = pc.binary_join_element_wise(batch["item_id"], batch["write_id"], ":")
@@ -422,8 +440,7 @@ class Dataset:
         for table in TABLES:
             before = self.arrow_dataset(table).count_rows()
             schema = table_schema(table)
-            # The source opened here, not in the generator: delta-rs cannot open a table inside its own write.
-            rows = _committed_batches(table, self.arrow_dataset(table), keys, schema)
+            rows = _committed_batches(table, self.batches(table, None, schema.names, 8192), keys)
             reader = _reader(schema, rows)
             write_deltalake(
                 self.uri(table), reader, mode="overwrite", storage_options=self.storage_options,
@@ -440,12 +457,12 @@ class Dataset:
         return counts
 
 
-def _committed_batches(table: str, source: Any, keys: Any, schema: Any) -> Iterator[Any]:
-    """Every committed row of `table` (a pyarrow dataset) with all its columns, storage ones too; videos unique."""
+def _committed_batches(table: str, source: Iterator[Any], keys: Any) -> Iterator[Any]:
+    """The committed rows of `table`'s batches (all columns, storage ones too); videos unique."""
     import pyarrow.compute as pc
 
     seen: set[str] = set()
-    for batch in source.to_batches(columns=schema.names, batch_readahead=2, fragment_readahead=1):
+    for batch in source:
         joined = pc.binary_join_element_wise(batch["item_id"], batch["write_id"], ":")
         batch = batch.filter(pc.is_in(joined, value_set=keys))
         if table == "videos" and batch.num_rows:
