@@ -195,7 +195,7 @@ def test_max_wait_bounds_the_wait_of_a_request_without_partners() -> None:
     backend = FakeChat(fn=echo)
     queue = ChatQueue(backend, ChatQueueConfig(max_batch=64, max_wait_ms=50))
     assert run_callers(1, lambda i: queue.chat([ask("alone")])) == [["answer to alone"]]
-    waited = queue.counts().longest_wait_s
+    waited = queue.counts().longest_queued_s  # the backend was idle: all of it was waiting for partners
     assert 0.05 <= waited < 0.05 + 5.0  # waited for partners, then went: never far past max_wait_ms
     assert backend.batch_sizes == [1]
 
@@ -364,7 +364,8 @@ def test_http_client_behind_the_queue_fails_only_the_refused_request() -> None:
         queue = ChatQueue(chat, ChatQueueConfig(max_batch=3, max_wait_ms=LONG_MS), calls_at_once=None)
         questions = ["item 0", "item 1 is too long", "item 2"]
         results = run_callers(3, lambda i: queue.chat([ask(questions[i])]))
-        settled = chat.chat_settled([ask("alone"), ChatRequest((ChatMessage.user(object()),))])  # type: ignore[arg-type]
+        unencodable = ChatRequest((ChatMessage.user(object()),))  # type: ignore[arg-type]
+        settled = chat.chat_settled([ask("alone"), unencodable])
     assert results[0] == ["answer to item 0"] and results[2] == ["answer to item 2"]
     assert isinstance(results[1], ChatBackendError) and "400 prompt is too long" in str(results[1])
     assert len(server.requests) == 3 + 1  # a 400 is not retried; nothing sent again caller by caller
