@@ -518,3 +518,12 @@ def test_http_client_goes_through_a_proxy_the_environment_names(monkeypatch) -> 
         monkeypatch.setenv("NO_PROXY", "model-host.invalid")
         assert proxy_for(url) is None
     assert len(proxy.requests) == 1
+
+
+def test_http_client_refuses_an_api_key_that_would_break_its_header(monkeypatch) -> None:
+    from engine.models.chat_http import HttpChat
+
+    monkeypatch.setenv("ENGINE_TEST_KEY", "sk-secret\r\nX-Injected: 1")
+    with pytest.raises(ConfigError, match=r"\$ENGINE_TEST_KEY holds a line break") as raised:
+        HttpChat(model="served", base_url="http://127.0.0.1:1/v1", api_key_env="ENGINE_TEST_KEY")
+    assert "sk-secret" not in str(raised.value)

@@ -230,7 +230,7 @@ class _Connection:
     async def post(self, body: bytes) -> _Response:
         try:
             return await self._exchange(body)
-        except (OSError, EOFError, asyncio.IncompleteReadError, asyncio.LimitOverrunError, _BadAnswer) as exc:
+        except (OSError, asyncio.IncompleteReadError, asyncio.LimitOverrunError, _BadAnswer) as exc:
             self.close()
             raise _Retry(f"connection failed ({type(exc).__name__}: {exc})") from None
         except BaseException:  # a timeout or cancel mid-answer: the rest of it would be read as the next one
@@ -387,6 +387,8 @@ class HttpChat:
         self.api_key_env = api_key_env
         # Read once; kept out of repr, logs and messages (see _redact).
         self._api_key = os.environ.get(api_key_env) if api_key_env else None
+        if self._api_key and ("\r" in self._api_key or "\n" in self._api_key):  # it goes into a header line
+            raise ConfigError(f"the API key in ${api_key_env} holds a line break: set it without one")
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
         self._connections: list[_Connection | _ProxiedConnection] = []  # one per request slot
