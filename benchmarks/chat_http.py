@@ -5,9 +5,11 @@
 A loopback OpenAI-style server (its own process, so its CPU time is not the client's) answers every request
 after a fixed delay. For each N, N requests go through `HttpChat` one at a time (max_in_flight=1) and then all
 in flight at once (max_in_flight=N); the figure is the concurrent rate over the sequential one, with a target
-of at least 0.8 * N (the client adds little to the server's latency). Beside it, the baseline: the same N
-requests written by a bare asyncio client on N open connections, which shows what the machine itself allows.
-Best of `repeats` runs each, as the machine may be shared. Writes benchmarks/out/chat_http.json.
+of at least 0.8 * N (the client adds little to the server's latency). Beside it, two baselines: the same N
+requests written by a bare asyncio client on N open connections, which shows what the machine itself allows,
+and `HttpChat` through httpx, the path it takes where the environment names a proxy (here the server itself
+stands in as the proxy). Best of `repeats` runs each, as the machine may be shared. Writes
+benchmarks/out/chat_http.json.
 """
 
 from __future__ import annotations
@@ -19,7 +21,9 @@ import os
 import subprocess
 import sys
 import time
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Iterator
 
 ANSWER = json.dumps(
     {"choices": [{"index": 0, "message": {"role": "assistant", "content": "ok"}, "finish_reason": "stop"}]}
@@ -86,9 +90,28 @@ async def _bare(port: int, n: int, repeats: int) -> float:
     return best
 
 
-def run(delay_ms: float, sizes: list[int], repeats: int) -> dict:
+@contextmanager
+def _through_proxy(proxy: str) -> Iterator[None]:
+    """HTTP_PROXY set to `proxy` (and no NO_PROXY) for the clients built in the block."""
+    names = ("HTTP_PROXY", "http_proxy", "NO_PROXY", "no_proxy")
+    saved = {name: os.environ.pop(name, None) for name in names}
+    os.environ["HTTP_PROXY"] = proxy
+    try:
+        yield
+    finally:
+        os.environ.pop("HTTP_PROXY")
+        os.environ.update({name: value for name, value in saved.items() if value is not None})
+
+
+def _best(base_url: str, in_flight: int, n: int, repeats: int) -> float:
     from engine.models.chat_http import HttpChat
 
+    with HttpChat(model="bench", base_url=base_url, api_key_env=None, max_in_flight=in_flight) as chat:
+        _timed(chat, in_flight)  # warm-up: connections opened
+        return min(_timed(chat, n) for _ in range(repeats))
+
+
+def run(delay_ms: float, sizes: list[int], repeats: int) -> dict:
     server = subprocess.Popen(
         [sys.executable, "-m", "benchmarks.chat_http", "--serve", "--delay-ms", str(delay_ms)],
         stdout=subprocess.PIPE, text=True, cwd=Path(__file__).resolve().parents[1],
@@ -99,13 +122,12 @@ def run(delay_ms: float, sizes: list[int], repeats: int) -> dict:
         base_url = f"http://127.0.0.1:{port}/v1"
         rows = []
         for n in sizes:
-            best = {}
-            for label, in_flight in (("sequential", 1), ("concurrent", n)):
-                with HttpChat(model="bench", base_url=base_url, api_key_env=None, max_in_flight=in_flight) as chat:
-                    _timed(chat, in_flight)  # warm-up: connections opened
-                    best[label] = min(_timed(chat, n) for _ in range(repeats))
+            best = {label: _best(base_url, in_flight, n, repeats) for label, in_flight in (("sequential", 1),
+                                                                                          ("concurrent", n))}
             ratio = best["sequential"] / best["concurrent"]  # = concurrent rate / sequential rate
             bare_s = asyncio.run(_bare(port, n, repeats))
+            with _through_proxy(f"http://127.0.0.1:{port}"):  # a host only the proxy can reach
+                httpx_s = _best("http://chat-server.invalid/v1", n, n, repeats)
             rows.append({
                 "n": n,
                 "sequential_s": round(best["sequential"], 4),
@@ -117,10 +139,13 @@ def run(delay_ms: float, sizes: list[int], repeats: int) -> dict:
                 "meets_target": ratio >= 0.8 * n,
                 "baseline_bare_asyncio_s": round(bare_s, 4),
                 "baseline_ratio": round(best["sequential"] / bare_s, 2),
+                "httpx_via_proxy_s": round(httpx_s, 4),
+                "httpx_via_proxy_ratio": round(best["sequential"] / httpx_s, 2),
             })
             print(f"N={n:3d}  sequential {best['sequential']:.3f} s  in flight {best['concurrent']:.3f} s  "
                   f"ratio {ratio:6.2f}  (target >= {0.8 * n:.1f}; bare asyncio client {bare_s:.3f} s, "
-                  f"ratio {best['sequential'] / bare_s:.2f})", flush=True)
+                  f"ratio {best['sequential'] / bare_s:.2f}; through httpx (proxied) {httpx_s:.3f} s, "
+                  f"ratio {best['sequential'] / httpx_s:.2f})", flush=True)
     finally:
         server.terminate()
         server.wait(timeout=10)

@@ -376,9 +376,9 @@ def test_http_batch_answers_in_order_and_builds_openai_bodies() -> None:
             for i in range(5)
         ])
         assert answers == [f"question {i}" for i in range(5)]
-        clients = list(chat._clients)
+        connections = list(chat._connections)
         chat.chat([user(ChatImage(scene(0)), "again")])
-        assert len(clients) == 9 and all(a is b for a, b in zip(chat._clients, clients))  # pools persist
+        assert len(connections) == 9 and all(a is b for a, b in zip(chat._connections, connections))  # they persist
     body = next(b for _, b in server.requests if b["messages"][0]["content"][-1]["text"] == "question 0")
     assert body["model"] == "served-model" and body["max_tokens"] == 7 and body["temperature"] == 0.0
     sent = body["response_format"]["json_schema"]
@@ -437,7 +437,7 @@ def test_strict_schema_closes_every_object_and_requires_every_property() -> None
 def test_http_refused_connection_is_retried_then_fails() -> None:
     chat = http_chat(f"http://127.0.0.1:{free_port()}/v1", max_retries=2)
     start = time.perf_counter()
-    with pytest.raises(ChatBackendError, match=r"after 3 attempts: connection failed \(ConnectError"):
+    with pytest.raises(ChatBackendError, match=r"after 3 attempts: connection failed \(ConnectionRefusedError"):
         chat.chat([user("hello")])
     assert time.perf_counter() - start < 5
     chat.close()

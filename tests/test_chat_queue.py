@@ -195,7 +195,7 @@ def test_max_wait_bounds_the_wait_of_a_request_without_partners() -> None:
     backend = FakeChat(fn=echo)
     queue = ChatQueue(backend, ChatQueueConfig(max_batch=64, max_wait_ms=50))
     assert run_callers(1, lambda i: queue.chat([ask("alone")])) == [["answer to alone"]]
-    waited = queue.counts().longest_wait_s
+    waited = queue.counts().longest_queued_s  # the backend was idle: all of it was waiting for partners
     assert 0.05 <= waited < 0.05 + 5.0  # waited for partners, then went: never far past max_wait_ms
     assert backend.batch_sizes == [1]
 
@@ -338,3 +338,192 @@ def test_two_videos_in_flight_share_backend_calls_through_the_runner(tmp_path: P
     assert backend.batch_sizes == [2]  # the two videos' requests in one backend call
     assert {re.search(r'Caption: """(.*?)"""', prompt(r)).group(1) for r in backend.batches[0]} == set(NOUNS)
     assert stats.counters["analyzer_requests"] == 2
+
+
+# -- the HTTP client behind a queue: each request's own failure, and its own HTTP/1.1 connections ---------------
+
+
+def http_chat(base_url: str, **options) -> "HttpChat":
+    from engine.models.chat_http import HttpChat
+
+    return HttpChat(model="served", base_url=base_url, api_key_env=None, **{"backoff_s": 0.01, "timeout_s": 5.0,
+                                                                            **options})
+
+
+def test_http_client_behind_the_queue_fails_only_the_refused_request() -> None:
+    from tests.scripted_server import ScriptedServer, completion
+
+    def reply(n: int, body: dict):
+        text = body["messages"][0]["content"]
+        if "too long" in text:
+            return 400, {"error": {"message": "prompt is too long"}}, {}, 0.0
+        return 200, completion(f"answer to {text}"), {}, 0.0
+
+    with ScriptedServer(reply) as server, http_chat(server.base_url, max_retries=3) as chat:
+        assert isinstance(chat, SettledChat)
+        queue = ChatQueue(chat, ChatQueueConfig(max_batch=3, max_wait_ms=LONG_MS), calls_at_once=None)
+        questions = ["item 0", "item 1 is too long", "item 2"]
+        results = run_callers(3, lambda i: queue.chat([ask(questions[i])]))
+        unencodable = ChatRequest((ChatMessage.user(object()),))  # type: ignore[arg-type]
+        settled = chat.chat_settled([ask("alone"), unencodable])
+    assert results[0] == ["answer to item 0"] and results[2] == ["answer to item 2"]
+    assert isinstance(results[1], ChatBackendError) and "400 prompt is too long" in str(results[1])
+    assert len(server.requests) == 3 + 1  # a 400 is not retried; nothing sent again caller by caller
+    assert queue.counts().backend_calls == 1
+    assert settled[0] == "answer to alone" and isinstance(settled[1], ValueError)  # unencodable: never sent
+
+
+class FakeRawServer:
+    """A loopback HTTP/1.1 server that answers each request with the next scripted raw bytes, then closes the
+    connection where the script says so; it counts the connections it accepted."""
+
+    def __init__(self, script: list[tuple[bytes, bool]]) -> None:
+        import socketserver
+
+        self.script = list(script)
+        self.connections = 0
+        self.closed = threading.Semaphore(0)  # released each time the server closes a connection
+        fake = self
+
+        class Handler(socketserver.StreamRequestHandler):
+            def handle(self) -> None:
+                fake.connections += 1
+                while True:
+                    head = b""
+                    while not head.endswith(b"\r\n\r\n"):
+                        line = self.rfile.readline()
+                        if not line:
+                            return
+                        head += line
+                    length = int(re.search(rb"(?i)content-length: *(\d+)", head).group(1))
+                    self.rfile.read(length)
+                    answer, close = fake.script.pop(0)
+                    self.wfile.write(answer)
+                    self.wfile.flush()
+                    if close:
+                        self.connection.close()
+                        fake.closed.release()
+                        return
+
+        self.server = socketserver.ThreadingTCPServer(("127.0.0.1", 0), Handler)
+        self.server.daemon_threads = True
+        self.base_url = f"http://127.0.0.1:{self.server.server_address[1]}/v1"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+def _completion_bytes(text: str) -> bytes:
+    return json.dumps({"choices": [{"message": {"role": "assistant", "content": text}}]}).encode()
+
+
+def test_http_transport_reads_every_framing_and_reopens_closed_connections() -> None:
+    """Content-Length, chunks (with an extension and a trailer), an informational 100 first, an answer ended by
+    the connection's close, and a kept-alive connection the server closed while idle: all answered with no
+    retry (max_retries 0), on one request slot."""
+    body = _completion_bytes("chunked")
+    script = [
+        (b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n%s" % (len(_completion_bytes("sized")),
+                                                               _completion_bytes("sized")), False),
+        (b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n%x;ext=1\r\n%s\r\n%x\r\n%s\r\n0\r\nX-Trailer: 1\r\n\r\n"
+         % (10, body[:10], len(body) - 10, body[10:]), False),
+        (b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n%s"
+         % (len(_completion_bytes("after 100")), _completion_bytes("after 100")), True),  # then closed while idle
+        (b"HTTP/1.0 200 OK\r\nContent-Type: application/json\r\n\r\n" + _completion_bytes("to the end"), True),
+        (b"HTTP/1.1 200 OK\r\nConnection: close\r\nContent-Length: %d\r\n\r\n%s"
+         % (len(_completion_bytes("last")), _completion_bytes("last")), True),
+    ]
+    server = FakeRawServer(script)
+    try:
+        with http_chat(server.base_url, max_in_flight=1, max_retries=0) as chat:
+            answers = [chat.chat([ask(f"q{i}")])[0] for i in range(3)]
+            assert server.closed.acquire(timeout=WAIT_S)
+            (connection,) = chat._connections
+            deadline = time.monotonic() + WAIT_S
+            while not connection._reader.at_eof() and time.monotonic() < deadline:  # the client saw the close
+                time.sleep(0.01)
+            answers += [chat.chat([ask(f"q{i}")])[0] for i in range(3, 5)]
+    finally:
+        server.close()
+    assert answers == ["sized", "chunked", "after 100", "to the end", "last"]
+    assert server.connections == 3  # three answers on one kept-alive connection, then one per closing answer
+
+
+def _self_signed(folder: Path) -> tuple[Path, Path]:
+    """A certificate for 127.0.0.1 and its key, made here (no network)."""
+    import datetime
+    import ipaddress
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "127.0.0.1")])
+    now = datetime.datetime.now(datetime.timezone.utc)
+    cert = (
+        x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
+        .serial_number(x509.random_serial_number()).not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + datetime.timedelta(hours=1))
+        .add_extension(x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]), False)
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), True)
+        .sign(key, hashes.SHA256())
+    )
+    cert_path, key_path = folder / "cert.pem", folder / "key.pem"
+    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    key_path.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                           serialization.NoEncryption()))
+    return cert_path, key_path
+
+
+def test_http_transport_speaks_tls_and_checks_the_certificate(tmp_path: Path, monkeypatch) -> None:
+    import ssl
+
+    from tests.scripted_server import ScriptedServer, completion
+
+    cert, key = _self_signed(tmp_path)
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.load_cert_chain(cert, key)
+    server = ScriptedServer(lambda n, body: (200, completion("over tls"), {}, 0.0))
+    server.httpd.socket = context.wrap_socket(server.httpd.socket, server_side=True)
+    base_url = server.base_url.replace("http://", "https://")
+    with server:
+        with http_chat(base_url, max_retries=0) as chat:  # the system's CAs do not know this certificate
+            with pytest.raises(ChatBackendError, match="CERTIFICATE_VERIFY_FAILED"):
+                chat.chat([ask("hello")])
+        monkeypatch.setenv("SSL_CERT_FILE", str(cert))  # trusted as httpx would trust it
+        with http_chat(base_url, max_retries=0) as chat:
+            assert chat.chat([ask("hello"), ask("again")]) == ["over tls", "over tls"]
+    assert len(server.requests) == 2
+
+
+def test_http_client_goes_through_a_proxy_the_environment_names(monkeypatch) -> None:
+    from engine.models.chat_http import proxy_for
+    from tests.scripted_server import ScriptedServer, completion
+
+    for name in ("http_proxy", "https_proxy", "all_proxy", "no_proxy"):
+        monkeypatch.delenv(name, raising=False)
+        monkeypatch.delenv(name.upper(), raising=False)
+    url = "http://model-host.invalid:8000/v1/chat/completions"
+    assert proxy_for(url) is None
+    with ScriptedServer(lambda n, body: (200, completion("via the proxy"), {}, 0.0)) as proxy:
+        root = proxy.base_url.rsplit("/v1", 1)[0]
+        monkeypatch.setenv("HTTP_PROXY", root)
+        assert proxy_for(url) == root and proxy_for(url.replace("http:", "https:")) is None
+        with http_chat("http://model-host.invalid:8000/v1", max_retries=0) as chat:
+            assert chat.chat([ask("hello")]) == ["via the proxy"]  # the host does not resolve: only a proxy helps
+        monkeypatch.setenv("NO_PROXY", "model-host.invalid")
+        assert proxy_for(url) is None
+    assert len(proxy.requests) == 1
+
+
+def test_http_client_refuses_an_api_key_that_would_break_its_header(monkeypatch) -> None:
+    from engine.models.chat_http import HttpChat
+
+    monkeypatch.setenv("ENGINE_TEST_KEY", "sk-secret\r\nX-Injected: 1")
+    with pytest.raises(ConfigError, match=r"\$ENGINE_TEST_KEY holds a line break") as raised:
+        HttpChat(model="served", base_url="http://127.0.0.1:1/v1", api_key_env="ENGINE_TEST_KEY")
+    assert "sk-secret" not in str(raised.value)

@@ -24,7 +24,7 @@ from __future__ import annotations
 import threading
 import time
 from collections import deque
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Protocol, Sequence, TypeVar, runtime_checkable
 
 from engine.errors import ChatBackendError, ConfigError
@@ -61,7 +61,8 @@ class ChatQueueConfig:
         allowed = sorted(f.name for f in fields(cls))
         unknown = sorted(set(section) - set(allowed))
         if unknown:
-            raise ConfigError(f"unknown setting pipeline.chat_queue.{unknown[0]}; chat_queue takes: {', '.join(allowed)}")
+            takes = ", ".join(allowed)
+            raise ConfigError(f"unknown setting pipeline.chat_queue.{unknown[0]}; chat_queue takes: {takes}")
         try:
             return TypeAdapter(cls).validate_python(section)
         except ValidationError as exc:
@@ -80,7 +81,7 @@ class SettledChat(Protocol):
         ...
 
 
-@dataclass(frozen=True)
+@dataclass
 class QueueCounts:
     """What a queue did since it was built: callers' calls and requests in, backend calls out."""
 
@@ -88,7 +89,8 @@ class QueueCounts:
     requests: int = 0
     backend_calls: int = 0  # including the re-sends that isolate a failing caller
     isolated: int = 0  # backend calls sent again caller by caller after a call-wide exception
-    longest_wait_s: float = 0.0  # the longest a request waited for others (not for a busy backend)
+    # The longest a call stayed queued: waiting for partners (max_wait_ms at most), or for a busy backend.
+    longest_queued_s: float = 0.0
 
     @property
     def calls_per_request(self) -> float:
@@ -145,50 +147,41 @@ class ChatQueue:
             self._cond.notify_all()
 
     def counts(self) -> QueueCounts:
+        """A copy of the counts so far."""
         with self._cond:
-            return self._counts
+            return replace(self._counts)
 
     # -- ChatModel
 
     def chat(self, requests: Sequence[ChatRequest]) -> list[str]:
         if not requests:
             return []
-        mine = _Waiting(list(requests), time.monotonic())
         with self._cond:
-            self._add(chat_calls=1, requests=len(mine.requests))
+            counts = self._counts
+            counts.chat_calls += 1
+            counts.requests += len(requests)
             if not self.config.coalesces:
-                self._add(backend_calls=1)
-                direct = True
+                counts.backend_calls += 1
+                mine = None
             else:
-                direct = False
+                mine = _Waiting(list(requests), time.monotonic())
                 self._queue.append(mine)
                 self._queued += len(mine.requests)
                 self._cond.notify_all()  # a waiter may now have a full batch to send
-        if direct:
-            return self.backend.chat(mine.requests)
-        with self._cond:
-            while not mine.done:
-                batch = self._take_ready()
-                if batch is None:
-                    self._cond.wait(self._wait_s())
-                    continue
-                self._send(batch, mine)
+                while not mine.done:
+                    batch = self._take_ready()
+                    if batch is None:
+                        self._cond.wait(self._wait_s())
+                    else:
+                        self._send(batch, mine)
+        if mine is None:
+            return self.backend.chat(list(requests))
         if mine.error is not None:
             raise mine.error
         assert mine.answers is not None
         return mine.answers
 
     # -- internals (the `_cond` lock held unless said otherwise)
-
-    def _add(self, **counts: Any) -> None:
-        c = self._counts
-        self._counts = QueueCounts(
-            chat_calls=c.chat_calls + counts.get("chat_calls", 0),
-            requests=c.requests + counts.get("requests", 0),
-            backend_calls=c.backend_calls + counts.get("backend_calls", 0),
-            isolated=c.isolated + counts.get("isolated", 0),
-            longest_wait_s=max(c.longest_wait_s, counts.get("wait_s", 0.0)),
-        )
 
     def _can_send(self) -> bool:
         return self.calls_at_once is None or self._running < self.calls_at_once
@@ -214,7 +207,8 @@ class ChatQueue:
             batch.append(self._queue.popleft())
             size += len(batch[-1].requests)
         self._queued -= size
-        self._add(backend_calls=1, wait_s=now - oldest)
+        self._counts.backend_calls += 1
+        self._counts.longest_queued_s = max(self._counts.longest_queued_s, now - oldest)
         return batch
 
     def _send(self, batch: list[_Waiting], mine: _Waiting) -> None:
@@ -256,7 +250,8 @@ class ChatQueue:
                 return [exc]
         # A fault that may be one caller's own: each caller alone, so it lands only where it belongs.
         with self._cond:
-            self._add(backend_calls=len(batch), isolated=1)
+            self._counts.backend_calls += len(batch)
+            self._counts.isolated += 1
         out: list[Outcome] = []
         for waiting in batch:
             try:
