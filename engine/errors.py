@@ -32,3 +32,22 @@ def transient_faults() -> tuple[type[BaseException], ...]:
     import torch
 
     return (ConnectionError, TimeoutError, MemoryError, torch.OutOfMemoryError, ChatBackendError)
+
+
+def is_out_of_memory(exc: BaseException) -> bool:
+    """A GPU out of memory (torch's error; torch is not imported for the check)."""
+    import sys
+
+    torch = sys.modules.get("torch")
+    return torch is not None and isinstance(exc, torch.OutOfMemoryError)
+
+
+def free_gpu_memory() -> None:
+    """Give cached GPU memory back before a smaller retry (nothing without torch or CUDA)."""
+    import gc
+    import sys
+
+    gc.collect()
+    torch = sys.modules.get("torch")
+    if torch is not None and torch.cuda.is_available():
+        torch.cuda.empty_cache()

@@ -11,13 +11,14 @@ from __future__ import annotations
 import json
 import uuid
 from collections import Counter
-from typing import Any, Optional, Union
+from typing import Any, Callable, Optional, Union
 
 from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NONE
+from prefect.tasks import exponential_backoff
 
 from engine.config import EngineConfig
-from engine.errors import BadInputError, transient_faults
+from engine.errors import BadInputError, free_gpu_memory, is_out_of_memory, transient_faults
 from engine.stats import Stats
 from flows import registry, runners
 from flows.pipelines import finish_run, iter_items, load, output_options, run_identity, run_items, run_settings
@@ -28,7 +29,8 @@ Sources = Union[str, list[str]]  # one source, or several
 
 
 # No input caching: items can carry masks, and hashing them buys nothing (reruns skip committed items).
-@task(retries=2, retry_delay_seconds=[10, 60], retry_jitter_factor=0.5, tags=["gpu"], cache_policy=NONE)
+# Transient faults: three more tries, 10, 20 and 40 s later, each delay jittered by up to half of itself.
+@task(retries=3, retry_delay_seconds=exponential_backoff(backoff_factor=10), retry_jitter_factor=0.5, tags=["gpu"], cache_policy=NONE)
 def run_batch(
     pipeline: str,
     items: list[dict],
@@ -48,22 +50,33 @@ def run_batch(
     from engine.writer import flush_writers, shared_writer
 
     stats = Stats()
-    todo = [WorkItem.model_validate(i) for i in items]
-    outcomes = run_items(
-        pipeline,
-        todo,
-        out,
-        config=EngineConfig.model_validate(config),
-        stats=stats,
-        force=force,
-        transient=transient_faults(),
-        writer=shared_writer(Dataset(out), run_id),
-        plan=Plan(todo=todo, previous=previous),
-        **options,
-    )
+    engine_config = EngineConfig.model_validate(config)
+    writer = shared_writer(Dataset(out), run_id)
+
+    def run(todo: list[WorkItem]) -> list[Any]:
+        return run_items(
+            pipeline, todo, out, config=engine_config, stats=stats, force=force, transient=transient_faults(),
+            writer=writer, plan=Plan(todo=todo, previous=previous), **options,
+        )
+
+    outcomes = halving_on_out_of_memory(run, [WorkItem.model_validate(i) for i in items], stats)
     if commit:
         flush_writers(out, run_id)
     return {"counts": dict(Counter(o.status for o in outcomes)), "stats": stats.as_dict()}
+
+
+def halving_on_out_of_memory(run: Callable[[list[WorkItem]], list[Any]], todo: list[WorkItem], stats: Stats) -> list[Any]:
+    """`run(todo)`; where the GPU runs out of memory, the two halves one after the other (items finished before
+    the fault are committed and skipped), down to one item, whose fault goes to the task's retries."""
+    try:
+        return run(todo)
+    except Exception as exc:
+        if len(todo) == 1 or not is_out_of_memory(exc):
+            raise
+    stats.count("batches_halved_out_of_memory")
+    free_gpu_memory()
+    half = len(todo) // 2
+    return halving_on_out_of_memory(run, todo[:half], stats) + halving_on_out_of_memory(run, todo[half:], stats)
 
 
 def _as_list(source: Sources) -> list[str]:

@@ -153,3 +153,31 @@ def test_nightly_refresh_processes_only_what_changed(tmp_path, monkeypatch):
     shutil.copy(paths["a"], folder / "e.mp4")
     report = audit(out, [*sources, str(folder / "e.mp4")])
     assert report.missing == 1 and report.examples == [("clip-and-track", str(folder / "e.mp4"))]
+
+
+def test_a_batch_out_of_gpu_memory_is_retried_in_halves():
+    import torch
+
+    from engine.stats import Stats
+    from flows.prefect_flows import halving_on_out_of_memory
+
+    items = [WorkItem(source=f"{i}.mp4") for i in range(8)]
+    calls: list[int] = []
+
+    def run(todo: list[WorkItem]) -> list[str]:  # a fake GPU that holds at most two items at once
+        calls.append(len(todo))
+        if len(todo) > 2:
+            raise torch.OutOfMemoryError("CUDA out of memory")
+        return [i.source for i in todo]
+
+    stats = Stats()
+    assert halving_on_out_of_memory(run, items, stats) == [i.source for i in items]  # every item, in order
+    assert calls == [8, 4, 2, 2, 4, 2, 2] and stats.counters["batches_halved_out_of_memory"] == 3
+
+    def always(todo: list[WorkItem]) -> list[str]:
+        raise torch.OutOfMemoryError("CUDA out of memory")
+
+    with pytest.raises(torch.OutOfMemoryError):  # one item still too big: the task's retries take it
+        halving_on_out_of_memory(always, items[:2], Stats())
+    with pytest.raises(ValueError):  # any other fault is not halved
+        halving_on_out_of_memory(lambda todo: (_ for _ in ()).throw(ValueError("bad")), items, Stats())
