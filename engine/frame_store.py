@@ -190,7 +190,7 @@ class Keyframes:
         self.frames.clear()
 
 
-class ClipFrames:
+class ClipFrames(TrackFrames):
     """Frame consumer: the item's frames at a fixed dense rate `fps`, long side scaled to at most `max_side`,
     kept JPEG-compressed, so that each clip (known only after the decode: cuts and clusters come at its end)
     can be shown `count` frames of its own (`chat_video`). Memory stays under `memory_mb` whatever the video's
@@ -201,8 +201,6 @@ class ClipFrames:
     def __init__(
         self, *, fps: float, width: int, height: int, max_side: int = 448, quality: int = 90, memory_mb: float = 256
     ) -> None:
-        from engine.decode import RateGate
-
         if not fps > 0:
             raise ValueError(f"fps must be > 0 (a fixed sampling rate), got {fps}")
         if width < 1 or height < 1 or max_side < 1:
@@ -210,19 +208,8 @@ class ClipFrames:
         scale = min(1.0, max_side / max(width, height))
         self.width, self.height = max(1, round(width * scale)), max(1, round(height * scale))
         self.fps = fps
-        self.store = FrameStore(size=max(self.width, self.height), quality=quality, memory_budget_mb=memory_mb)
-        self.gate = RateGate(fps)
-        self.frame_index: list[int] = []  # ascending: frames arrive in decode order
-        self.times: list[float] = []
-
-    def wants(self, index: int, time: float) -> bool:
-        return self.gate.open(time)
-
-    def consume(self, index: int, time: float, frame: np.ndarray) -> None:
-        self.store.append(frame)
-        self.frame_index.append(index)
-        self.times.append(time)
-        self.gate.take(time)
+        # frame_index ascends: frames arrive in decode order
+        super().__init__(FrameStore(size=max(self.width, self.height), quality=quality, memory_budget_mb=memory_mb), fps)
 
     def positions(self, start_frame: int, end_frame: int, count: int) -> list[int]:
         """Store positions of up to `count` kept frames spread evenly over frames [start_frame, end_frame)."""
@@ -250,6 +237,3 @@ class ClipFrames:
         span = self.times[chosen[-1]] - self.times[chosen[0]]
         fps = (len(chosen) - 1) / span if span > 0 else self.fps
         return ChatVideo(tuple(self.store.resized(p, self.width, self.height) for p in chosen), fps=fps)
-
-    def close(self) -> None:
-        self.store.close()

@@ -35,6 +35,7 @@ from schemas import MaskletRecord, RejectionRecord, SampleRecord, Window
 from tests import synthetic
 from tests.fakes import FakeChat, FakeColorBoxSegmenter, FakeColorDetector, FakeColorTracker
 from tests.scripted_server import ScriptedServer, completion, scripted_config
+from tests.test_videorefer_pipeline import PROMPT_KINDS
 
 PLURAL = "Two dogs chase each other around a bed."
 TWO_NOUNS = "A man throws a ball."
@@ -44,21 +45,11 @@ ANALYSIS = {  # caption -> (detailed nouns as (noun, subject, count), short subj
     TWO_NOUNS: ([("man", True, 1), ("ball", False, 1)], "man", False),
     PEOPLE: ([("person", True, 2)], "person", True),
 }
-KINDS = (
-    ("List the objects mentioned", "analyzer"),
-    ("What is the main subject", "analyzer_short"),
-    ("Watch ", "dynamic"),
-    ("Look at ", "static"),
-    ("One object in this image is outlined", "region_caption"),
-    ("Two descriptions were written", "judge"),
-    ("Merge two descriptions", "merge"),
-    ("You write questions and answers", "qa"),
-)
 _OBJECT = re.compile(r'(?:Watch|Look at) (?:the object described as "(.+?)"|the (.+?)) in this video')
 
 
 def kind_of(prompt: str) -> str:
-    kind = next((k for start, k in KINDS if prompt.startswith(start)), None)
+    kind = next((k for start, k in PROMPT_KINDS if prompt.startswith(start)), None)
     assert kind, f"a prompt no VideoRefer agent writes: {prompt[:120]!r}"
     return kind
 

@@ -74,21 +74,23 @@ def prompt_of(request: ChatRequest) -> str:
     return " ".join(p for p in request.messages[0].content if isinstance(p, str))
 
 
+PROMPT_KINDS = (  # how each VideoRefer agent's prompt starts, and what it asks
+    ("List the objects mentioned", "analyzer"),
+    ("What is the main subject", "analyzer_short"),
+    ("Watch ", "dynamic"),
+    ("Look at ", "static"),
+    ("One object in this image is outlined", "region_caption"),
+    ("Two descriptions were written", "judge"),
+    ("Merge two descriptions", "merge"),
+    ("You write questions and answers", "qa"),
+)
+
+
 def kind_of(request: ChatRequest) -> str:
     prompt = prompt_of(request)
-    for start, kind in (
-        ("List the objects mentioned", "analyzer"),
-        ("What is the main subject", "analyzer_short"),
-        ("Watch ", "dynamic"),
-        ("Look at ", "static"),
-        ("One object in this image is outlined", "region_caption"),
-        ("Two descriptions were written", "judge"),
-        ("Merge two descriptions", "merge"),
-        ("You write questions and answers", "qa"),
-    ):
-        if prompt.startswith(start):
-            return kind
-    raise AssertionError(f"a prompt no agent of the pipeline writes: {prompt[:120]!r}")
+    kind = next((k for start, k in PROMPT_KINDS if prompt.startswith(start)), None)
+    assert kind, f"a prompt no agent of the pipeline writes: {prompt[:120]!r}"
+    return kind
 
 
 def _object_name(prompt: str) -> str:
