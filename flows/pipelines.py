@@ -186,7 +186,7 @@ def finish_run(
         engine_version=__version__,
         tables={},
         settings=settings,
-        counts={k: int(v) for k, v in counts.items()},
+        counts={k: int(v) for k, v in counts.items() if v},
         stats=json.dumps(stats.as_dict()),
     )
     number = dataset.publish(record)

@@ -87,13 +87,18 @@ def test_models_command_lists_them_as_built_from_config_with_random_weights(monk
     assert "missing" not in result.output
 
 
-def test_card_says_outputs_are_meaningless() -> None:
+def test_card_says_outputs_are_meaningless(tmp_path) -> None:
     from engine.card import dataset_card
+    from engine.storage import Dataset
+    from schemas import VersionRecord
 
-    manifest = {"engine_version": "0", "updated_at": "now", "tables": {}, "videos": [], "items": {}}
-    card = dataset_card(manifest, load_config("fullsize-random"))
+    dataset = Dataset(str(tmp_path / "ds"))
+    dataset.prepare()
+    version = dataset.publish(VersionRecord(run_id="r", kind="run", published_at="", engine_version="0", tables={},
+                                            settings=[], counts={}, stats="{}"))
+    card = dataset_card(dataset, load_config("fullsize-random"), version)
     assert "`fullsize-random` profile" in card and "random weights" in card and "meaningless" in card
-    assert "random weights" not in dataset_card(manifest, load_config("default"))
+    assert "random weights" not in dataset_card(dataset, load_config("default"), version)
 
 
 def test_random_id_on_a_backend_without_a_full_size_build_fails_before_loading() -> None:
