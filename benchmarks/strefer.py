@@ -97,7 +97,7 @@ def run_once(run: str, config: Any, items: list, kinds: list[str], entities: Seq
     from engine.runner import Runner
     from engine.stats import Stats
     from engine.storage import Dataset
-    from flows import pipelines, strefer
+    from flows import strefer
 
     dataset_path = out / "strefer-dataset" / run
     if dataset_path.exists():  # a fresh dataset: the counts are this run's alone
@@ -115,7 +115,6 @@ def run_once(run: str, config: Any, items: list, kinds: list[str], entities: Seq
     pipeline = strefer.build(config, proxied, stats=stats, dataset=dataset, entities=entities)
     outcomes = Runner(pipeline, dataset, stats=stats, force=True).run(items)
     wall = time.perf_counter() - start
-    pipelines.finish_run(str(dataset_path), stats, config)
     for c in calls:  # the grounder asks without naming itself
         if c["role"] == "grounder" and c["agent"] in ("chat", "?"):
             c["agent"] = "grounder"

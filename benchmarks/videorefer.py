@@ -287,7 +287,7 @@ def run(profile: str, n_videos: int, out: Path, data_types: Sequence[str], share
     from engine.sources import open_source
     from engine.stats import Stats
     from engine.storage import Dataset
-    from flows import pipelines, videorefer
+    from flows import videorefer
 
     dataset_path = out / "videorefer-dataset"
     if dataset_path.exists():  # a fresh dataset: the sample counts are this run's alone
@@ -312,7 +312,6 @@ def run(profile: str, n_videos: int, out: Path, data_types: Sequence[str], share
         pipeline = videorefer.build(config, proxied, stats=stats, dataset=dataset, data_types=data_types)
         outcomes = Runner(pipeline, dataset, stats=stats, force=True).run(items)
         wall = time.perf_counter() - start
-        pipelines.finish_run(str(dataset_path), stats, config)
 
         samples = dataset.read_table("samples", columns=["data_type", "kept", "video_id"]).to_pylist()
         masklets = dataset.read_table("masklets", columns=["method"]).to_pylist()
