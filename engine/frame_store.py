@@ -15,7 +15,6 @@ import weakref
 from pathlib import Path
 from typing import Iterator
 
-import cv2
 import numpy as np
 
 from engine.images import check_rgb_uint8
@@ -41,6 +40,8 @@ class FrameStore:
 
     def append(self, frame: np.ndarray) -> int:
         """Squash-resize `frame` (RGB uint8, (H, W, 3)) to size x size, compress it, return its position."""
+        import cv2
+
         frame = check_rgb_uint8(frame, "frame")
         h, w = frame.shape[:2]
         if (h, w) != (self.size, self.size):
@@ -86,6 +87,8 @@ class FrameStore:
 
     def __getitem__(self, position: int) -> np.ndarray:
         """The frame at `position` (negative counts from the end) as RGB uint8 (size, size, 3)."""
+        import cv2
+
         encoded = self._encoded[self._index(position)]
         if isinstance(encoded, Path):
             encoded = np.fromfile(encoded, dtype=np.uint8)
@@ -103,6 +106,8 @@ class FrameStore:
 
     def resized(self, position: int, width: int, height: int) -> np.ndarray:
         """The frame at `position` un-squashed to width x height (e.g. the source's aspect), RGB uint8."""
+        import cv2
+
         if not all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in (width, height)):
             raise ValueError(f"width and height must be positive ints, got {width!r} x {height!r}")
         frame = self[position]
@@ -168,6 +173,8 @@ class Keyframes:
         return index in self._wanted
 
     def consume(self, index: int, time: float, frame: np.ndarray) -> None:
+        import cv2
+
         h, w = frame.shape[:2]
         scale = self.max_side / max(h, w)
         if scale < 1:

@@ -11,7 +11,7 @@ from typing import Sequence
 from engine.errors import BadInputError
 from engine.planning import chunked, item_id
 from engine.storage import Dataset
-from flows.pipelines import iter_items
+from flows.pipelines import iter_items, recorded_settings
 
 
 @dataclass
@@ -30,8 +30,6 @@ def audit(
 ) -> AuditReport:
     import pyarrow as pa
     import pyarrow.compute as pc
-
-    from flows.prefect_flows import recorded_settings
 
     dataset = Dataset(path)
     dataset.require()

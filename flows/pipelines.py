@@ -192,3 +192,13 @@ def finish_run(
     number = dataset.publish(record)
     dataset.write_text("README.md", dataset_card(dataset, config, number))
     return number
+
+
+def recorded_settings(dataset: Dataset) -> list[RunSettings]:
+    """The latest recorded settings of every (pipeline, run options) the dataset's versions hold: what a
+    refresh runs again and an audit checks against."""
+    latest: dict[tuple[str, str], RunSettings] = {}
+    for version in dataset.versions():
+        for s in version.record.settings:
+            latest[(s.pipeline, s.variant)] = s
+    return list(latest.values())

@@ -21,7 +21,16 @@ from engine.config import EngineConfig
 from engine.errors import BadInputError, free_gpu_memory, is_out_of_memory, transient_faults
 from engine.stats import Stats
 from flows import registry, runners
-from flows.pipelines import finish_run, iter_items, load, output_options, run_identity, run_items, run_settings
+from flows.pipelines import (
+    finish_run,
+    iter_items,
+    load,
+    output_options,
+    recorded_settings,
+    run_identity,
+    run_items,
+    run_settings,
+)
 from schemas import RunSettings, WorkItem
 
 PLAN_CHUNK = 8192  # items checked against the dataset per bulk skip check
@@ -370,12 +379,3 @@ def refresh_dataset_flow(
         flush_writers(out, run_id)
         runners.forget_shard_results(dataset, run_id)
     return _publish(out, stats, EngineConfig.model_validate_json(settings[-1].config), counts, run_id, "refresh", used)
-
-
-def recorded_settings(dataset: Any) -> list[RunSettings]:
-    """The latest recorded settings of every (pipeline, run options) the dataset's versions hold."""
-    latest: dict[tuple[str, str], RunSettings] = {}
-    for version in dataset.versions():
-        for s in version.record.settings:
-            latest[(s.pipeline, s.variant)] = s
-    return list(latest.values())

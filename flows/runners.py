@@ -96,22 +96,23 @@ class ShardDispatcher:
     def add(self, payload: list[dict], previous: dict[str, dict]) -> None:
         self._items += payload
         self._previous.update(previous)
-        if len(self._items) >= self.settings.shard_size:
-            self._send()
+        while len(self._items) >= self.settings.shard_size:  # a shard re-batches its items by batch_size
+            self._send(self.settings.shard_size)
 
     def finish(self) -> None:
         if self._items:
-            self._send()
+            self._send(len(self._items))
         self._collect(0)
         self._pool.shutdown(wait=True)
 
-    def _send(self) -> None:
+    def _send(self, n: int) -> None:
         shard = uuid.uuid4().hex[:12]
-        parameters = {**self.parameters, "items": self._items, "previous": self._previous, "shard": shard}
+        items, self._items = self._items[:n], self._items[n:]
+        parameters = {**self.parameters, "items": items, "previous": self._previous, "shard": shard}
         # the flow run's context goes with the call, so the shard is recorded as a child of this flow run
         context = contextvars.copy_context()
-        self._futures.append((len(self._items), shard, self._pool.submit(context.run, self._run, parameters)))
-        self._items, self._previous = [], {}
+        self._futures.append((n, shard, self._pool.submit(context.run, self._run, parameters)))
+        self._previous = {} if not self._items else self._previous  # what a later shard may still need stays
         self._collect(self.settings.max_shards_in_flight)
 
     def _run(self, parameters: dict[str, Any]) -> Any:
