@@ -11,7 +11,7 @@ extras=""
 [[ "${1:-}" == "--test" ]] && extras="[test]"
 
 [[ -x .venv/bin/python ]] || "$PY" -m venv .venv
-.venv/bin/python -m pip install -q --upgrade pip "setuptools>=69" wheel
+.venv/bin/python -m pip install -q --upgrade pip "setuptools>=77" wheel
 .venv/bin/python -m pip install -q "torch==2.14.0" "torchvision==0.29.0"
 SAM2_BUILD_CUDA=0 .venv/bin/python -m pip install -q --no-build-isolation -e ".${extras}"
 # The same check a test makes: torchvision's compiled ops must load (sam2 needs them).
