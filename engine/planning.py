@@ -15,7 +15,7 @@ from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Any, Sequence
 
-from engine.storage import LIVE, Dataset
+from engine.storage import Dataset, live_rows
 from schemas import WorkItem
 
 # Rejection reasons worth a retry at the next run or refresh: a fault of the engine or its model servers, not
@@ -125,8 +125,7 @@ class Planner:
             "item_key", "variant", "status", "reason", "detail", "run_hash", "fingerprint", "content_sha256", "source",
             "start_s", "end_s", "video_id", "rows", "engine_version", "run_id",
         ]
-        items = dataset.items(columns=columns, pipeline=pipeline)
-        live = items.filter(pc.is_in(items["status"], value_set=_strings(LIVE)))
+        live = live_rows(dataset.items(columns=columns, pipeline=pipeline))
         mine = pc.equal(live["variant"], variant)
         self._mine = live.filter(mine)
         self._others = live.filter(pc.invert(mine))
@@ -169,12 +168,6 @@ class Planner:
     def live_rows(self) -> Any:
         """The live `items` rows of this pipeline and run options (Arrow)."""
         return self._mine
-
-
-def _strings(values: Sequence[str]) -> Any:
-    import pyarrow as pa
-
-    return pa.array(list(values), pa.string())
 
 
 def chunked(iterable: Any, size: int) -> Any:

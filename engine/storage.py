@@ -72,11 +72,18 @@ def latest_rows(table: Any, key: str, order: tuple[str, ...] = ("committed_at", 
     return table.filter(last)
 
 
+def live_rows(items: Any) -> Any:
+    """The rows of `items` (latest rows, Arrow) whose item is part of the dataset: done or rejected."""
+    import pyarrow.compute as pc
+
+    return items.filter(pc.is_in(items["status"], value_set=_strings(LIVE)))
+
+
 def live_keys(items: Any) -> Any:
     """`item_id:write_id` of every live item, as an Arrow array (compact at any size: no Python set)."""
     import pyarrow.compute as pc
 
-    live = items.filter(pc.is_in(items["status"], value_set=_strings(LIVE)))
+    live = live_rows(items)
     return pc.binary_join_element_wise(live["item_id"], live["write_id"], ":")
 
 
@@ -120,6 +127,8 @@ class Dataset:
         self.url = url.rstrip("/") if "://" in url else os.path.abspath(url)
         self.fs, self.root = fsspec.core.url_to_fs(self.url)
         self.storage_options = storage_options
+        self._pinned: dict[int, dict[str, int | None]] = {}  # published version -> Delta version of each table
+        self._keys: dict[int, Any] = {}  # published version -> its live keys
 
     # -- layout ------------------------------------------------------------------------------------------
     def uri(self, table: str) -> str:
@@ -246,9 +255,12 @@ class Dataset:
         """Delta version of every table for a published version (None: each table's latest)."""
         if version is None:
             return {t: None for t in ALL_TABLES}
+        if version in self._pinned:  # a published version never changes: read the versions table once for it
+            return self._pinned[version]
         for v in self.versions():
             if v.number == version:
-                return {t: v.record.tables.get(t) for t in ALL_TABLES}
+                self._pinned[version] = {t: v.record.tables.get(t) for t in ALL_TABLES}
+                return self._pinned[version]
         known = ", ".join(str(v.number) for v in self.versions()) or "none yet"
         raise BadInputError(f"{self.url} has no version {version}; published versions: {known}")
 
@@ -276,12 +288,21 @@ class Dataset:
             table = table.filter(pc.equal(table["pipeline"], pipeline))
         return latest_rows(table, "item_id")
 
+    def _live_keys(self, version: int | None) -> Any:
+        """`live_keys` of a version, built once per published version (a reader scans several tables of one
+        version: the export, `show`); every committed item now is read afresh each time."""
+        if version is None:
+            return live_keys(self.items(columns=["status"]))
+        if version not in self._keys:
+            self._keys[version] = live_keys(self.items(version=version, columns=["status"]))
+        return self._keys[version]
+
     def completion(self, pipeline: str, item_key: str, *, version: int | None = None) -> dict[str, Any] | None:
         """The newest live `items` row of an input of a pipeline (of any run options), or None."""
         import pyarrow.compute as pc
 
-        items = self.items(version=version, pipeline=pipeline)
-        rows = items.filter(pc.and_(pc.equal(items["item_key"], item_key), pc.is_in(items["status"], value_set=_strings(LIVE))))
+        items = live_rows(self.items(version=version, pipeline=pipeline))
+        rows = items.filter(pc.equal(items["item_key"], item_key))
         if not rows.num_rows:
             return None
         return item_row(max(rows.to_pylist(), key=lambda r: r["committed_at"]))
@@ -302,7 +323,7 @@ class Dataset:
         import pyarrow.compute as pc
 
         schema = table_schema(table)  # also rejects an unknown table
-        keys = live_keys(self.items(version=version, columns=["status"]))
+        keys = self._live_keys(version)
         wanted = list(columns) if columns is not None else [n for n in schema.names if n not in ("item_id", "write_id")]
         unknown = [c for c in wanted if c not in schema.names]
         if unknown:
@@ -404,11 +425,7 @@ class Dataset:
         committed rows per table in each."""
         import pyarrow.compute as pc
 
-        def live(version: int):
-            items = self.items(version=version, columns=["status", "source"])
-            return items.filter(pc.is_in(items["status"], value_set=_strings(LIVE)))
-
-        a, b = live(first), live(second)
+        a, b = (live_rows(self.items(version=v, columns=["status", "source"])) for v in (first, second))
         a_ids, b_ids = a["item_id"], b["item_id"]
         added = b.filter(pc.invert(pc.is_in(b_ids, value_set=a_ids)))
         removed = a.filter(pc.invert(pc.is_in(a_ids, value_set=b_ids)))

@@ -280,9 +280,9 @@ def make_flow(spec: registry.PipelineSpec) -> Any:
         options = {**options, **output_options(spec.name, options)}  # entities parsed, data types sorted
         config = load(values.pop("profile"), values.pop("config_file"))
         body = run_and_publish
-        if runners.settings(config.section("orchestration"), values["runner"]).runner == "ray":
+        orchestration = runners.settings(config.section("orchestration"), values["runner"])
+        if orchestration.runner == "ray":
             # The batches' tasks go to Ray: this run's body as a subflow whose task runner is prefect-ray's.
-            orchestration = runners.settings(config.section("orchestration"), values["runner"])
             body = on_ray.with_options(task_runner=runners.ray_task_runner(orchestration))
         return body(spec.name, values.pop(spec.source_param), values.pop("out"), config=config, options=options, **values)
 
