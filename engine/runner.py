@@ -54,6 +54,7 @@ from schemas import (
     Provenance,
     RejectionRecord,
     SampleRecord,
+    SourceProblem,
     VideoRecord,
     WorkItem,
 )
@@ -374,6 +375,13 @@ def content_sha256(source: str) -> str:
 SKIPPED_COMPLETE = "already complete with this config (use --force)"
 
 
+def _problem(ctx: VideoContext, n: int, problem: SourceProblem) -> RejectionRecord:
+    """A source annotation the adapter left out, as a rejection row of its item (numbered: one object can have
+    several problems of one kind)."""
+    rejection = ctx.rejection("input", problem.reason, problem.detail, expression=problem.expression or problem.object_id)
+    return rejection.model_copy(update={"rejection_id": stable_id(rejection.rejection_id, "problem", n)})
+
+
 class Runner:
     """Runs a pipeline over work items into a dataset; one instance per batch (or per CLI run).
 
@@ -602,7 +610,7 @@ class Runner:
 
         with self.stats.recording() as cost:  # what this item costs, whatever runs beside it
             ctx = VideoContext(item, info, video_id, self.pipeline.provenance(), self.stats, list(self.pipeline.entities))
-            outputs = Outputs()
+            outputs = Outputs(rejections=[_problem(ctx, n, p) for n, p in enumerate(item.problems)])
             try:
                 passes = []
                 for stage in self.pipeline.stages:

@@ -204,10 +204,29 @@ class SampleRecord(Record):
 
 
 class SourceObject(Record):
-    """An object whose masks a source dataset already carries (ground truth, never re-segmented)."""
+    """An object a source dataset already annotates: its masks (ground truth, never re-segmented), or only its
+    boxes (VidSTG): then a box-prompted segmenter makes its masks and its masklet's method is `pseudo`."""
 
     object_id: str
-    masks: dict[int, Rle] = Field(description="frame position in the item (0-based) -> COCO RLE at decode size")
+    masks: dict[int, Rle] = Field(
+        default_factory=dict, description="frame position in the item (0-based) -> COCO RLE at the source's frame size"
+    )
+    boxes: dict[int, list[float]] = Field(
+        default_factory=dict, description="frame position -> xyxy pixels at the source's frame size, where the "
+        "source gives boxes and no masks"
+    )
+    category: Optional[str] = Field(default=None, description="the dataset's category label (LV-VIS, SA-V: none)")
+
+
+class SourceProblem(Record):
+    """An annotation of the source an adapter could not use (a mask of the wrong size, a frame past the end, an
+    empty mask, an expression naming a missing object). The item goes on without it; the runner writes it as a
+    `rejections` row of the item (stage `input`), so nothing is lost silently."""
+
+    reason: str = Field(description="e.g. mask_size_mismatch, frame_out_of_range, empty_mask, unknown_object")
+    detail: str
+    object_id: Optional[str] = None
+    expression: Optional[str] = None
 
 
 class SourceExpression(Record):
@@ -224,9 +243,10 @@ class WorkItem(Record):
     end_s: Optional[float] = Field(default=None, gt=0)
     caption: Optional[str] = None
     frame_rate: Optional[float] = Field(default=None, gt=0, description="frames per second of a frame folder")
-    dataset: Optional[str] = Field(default=None, description="where it came from: manifest, mevis, ref-youtube-vos")
+    dataset: Optional[str] = Field(default=None, description="where it came from: manifest, mevis, ref-youtube-vos, lv-vis, sa-v, vidstg, a2d-sentences, revos, objects, engine")
     objects: list[SourceObject] = Field(default_factory=list)
     expressions: list[SourceExpression] = Field(default_factory=list)
+    problems: list[SourceProblem] = Field(default_factory=list, description="annotations of the source left out")
 
     @property
     def key(self) -> str:
