@@ -382,8 +382,10 @@ def prefect_stack(tmp_path_factory) -> Iterator[PrefectStack]:
         shown = stack.cli("deployment", "inspect", "refresh-dataset/nightly")
         assert "0 2 * * *" in shown, shown
         stack.start("worker", "worker", "start", "--pool", "cpu")
-        stack.start("gpu-worker", "worker", "start", "--pool", "gpu")  # the nightly refresh's and the shards' pool
-        stack.start("gpu-worker-2", "worker", "start", "--pool", "gpu")
+        # the nightly refresh's and the shards' pool; one flow run at a time per worker, as one per GPU would be,
+        # so shards in flight together must spread over both workers
+        stack.start("gpu-worker", "worker", "start", "--pool", "gpu", "--limit", "1")
+        stack.start("gpu-worker-2", "worker", "start", "--pool", "gpu", "--limit", "1")
         yield stack
     finally:
         stack.stop()
