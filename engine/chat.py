@@ -106,10 +106,12 @@ def ask_json(
     retries: int = 2,
     stats: Stats | None = None,
     agent: str = "chat",
+    check: Callable[[int, T], str | None] | None = None,
 ) -> list[JsonAnswer[T]]:
     """Ask every request for JSON matching `schema`, in one batch; invalid answers are retried together (each
     shown its own error) up to `retries` times. Pydantic validators on `schema` are part of validation, so a
-    semantic rule (equal list lengths, distinct items) is retried like a syntax error."""
+    semantic rule (equal list lengths, distinct items) is retried like a syntax error; `check(i, value)` adds
+    a rule that depends on request i (see `ask_checked`)."""
     json_schema = schema_of(schema)
     schema_text = json.dumps(json_schema, separators=(",", ":"))
 
@@ -128,6 +130,7 @@ def ask_json(
         [replace(r, json_schema=json_schema) for r in requests],
         ask_round,
         repair=lambda error: REPAIR_PROMPT.format(error=error, schema=schema_text),
+        check=check,
         retries=retries,
         stats=stats,
         agent=agent,

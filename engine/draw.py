@@ -28,6 +28,14 @@ def palette(n: int) -> list[Color]:
     return colors
 
 
+# Colors a prompt can name, far apart for a VLM's eye: Set-of-Mark boxes whose color the prompt says (SAMA A.3).
+NAMED_COLORS: tuple[tuple[str, Color], ...] = (
+    ("red", (230, 25, 25)), ("green", (30, 180, 60)), ("blue", (30, 90, 230)), ("yellow", (255, 225, 25)),
+    ("magenta", (230, 40, 220)), ("cyan", (40, 220, 230)), ("orange", (250, 130, 20)), ("purple", (130, 50, 180)),
+    ("white", (255, 255, 255)), ("lime", (170, 255, 60)), ("pink", (250, 160, 190)), ("brown", (140, 80, 30)),
+)
+
+
 def _text_color(color: Color) -> Color:
     # Black on light fills, white on dark ones (ITU-R BT.601 luma).
     r, g, b = color

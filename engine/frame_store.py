@@ -13,7 +13,7 @@ import shutil
 import tempfile
 import weakref
 from pathlib import Path
-from typing import Iterator
+from typing import Iterator, Sequence
 
 import numpy as np
 
@@ -165,9 +165,19 @@ class Keyframes:
         n = max(expected_frames, 1)
         self.wanted = sorted({first_frame + int(round(x)) for x in np.linspace(0, n - 1, num=min(count, n))})
         self._wanted = set(self.wanted)
-        self.max_side = max_side
+        self.max_side: int | None = max_side
         self.frames: dict[int, np.ndarray] = {}
         self.times: dict[int, float] = {}
+
+    @classmethod
+    def at(cls, indexes: Sequence[int], *, max_side: int | None = None) -> "Keyframes":
+        """The frames at `indexes` (of the whole file) exactly, long side capped at `max_side` (None: decode size)."""
+        keyframes = cls.__new__(cls)
+        keyframes.wanted = sorted(set(indexes))
+        keyframes._wanted = set(keyframes.wanted)
+        keyframes.max_side = max_side
+        keyframes.frames, keyframes.times = {}, {}
+        return keyframes
 
     def wants(self, index: int, time: float) -> bool:
         return index in self._wanted
@@ -176,7 +186,7 @@ class Keyframes:
         import cv2
 
         h, w = frame.shape[:2]
-        scale = self.max_side / max(h, w)
+        scale = 1.0 if self.max_side is None else self.max_side / max(h, w)
         if scale < 1:
             frame = cv2.resize(frame, (max(1, round(w * scale)), max(1, round(h * scale))), interpolation=cv2.INTER_AREA)
         self.frames[index] = frame.copy()  # the decoder's frame is shared: keep our own

@@ -28,6 +28,7 @@ in the calling thread.
 from __future__ import annotations
 
 import logging
+import math
 import sys
 import threading
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -227,8 +228,9 @@ class VideoContext:
 
     @property
     def first_frame(self) -> int:
-        """Index of the first frame of the item's window (0 without a window)."""
-        return int(round((self.item.start_s or 0.0) * self.info.fps))
+        """Index of the first frame of the item's window (0 without a window): the first at or after start_s,
+        as the decoder counts it."""
+        return max(0, math.ceil((self.item.start_s or 0.0) * self.info.fps - 1e-6))
 
     @property
     def expected_frames(self) -> int:
@@ -250,6 +252,13 @@ class VideoContext:
             self._shared[key] = Keyframes(
                 count=count, expected_frames=self.expected_frames, first_frame=self.first_frame, max_side=max_side
             )
+        return self._shared[key]
+
+    def frames_at(self, indexes: Sequence[int], *, max_side: int | None = None) -> Keyframes:
+        """The frames at `indexes` (of the whole file), at decode size unless `max_side` caps it, shared by stages."""
+        key = ("frames_at", tuple(sorted(set(indexes))), max_side)
+        if key not in self._shared:
+            self._shared[key] = Keyframes.at(indexes, max_side=max_side)
         return self._shared[key]
 
     @property

@@ -14,7 +14,7 @@ from types import ModuleType
 from typing import Any
 
 # The registration line of every pipeline: the modules that declare one.
-MODULES = ("flows.clip_and_track", "flows.videorefer", "flows.strefer")
+MODULES = ("flows.clip_and_track", "flows.videorefer", "flows.strefer", "flows.sama", "flows.ufvideo")
 
 
 @dataclass(frozen=True)

@@ -44,7 +44,8 @@ from engine.runner import FunctionPass, Outputs, Pipeline, VideoContext
 from engine.stats import Stats
 from engine.storage import Dataset
 from flows.registry import Deployment, Option, PipelineSpec
-from schemas import Assignment, FrameMask, MaskletRecord, Review, SampleRecord, Turn, Window, WorkItem
+from flows.source_objects import keyed_rejection, source_masklets
+from schemas import MaskletRecord, Review, SampleRecord, Turn, Window, WorkItem
 
 NAME = "videorefer"
 DATA_TYPES = ("detailed_caption", "short_caption", "object_qa")
@@ -242,7 +243,7 @@ class AnalyzerStage:
         funnel(self.stats, self.name, len(results), len(results) - sum(dropped.values()), dropped)
         modes = [m for m, r in (("detailed", work.nouns), ("short", work.subject)) if r is not None]
         rejections = [
-            _rejection(ctx, self.name, r.failure.reason, f"{mode} caption {r.caption[:200]!r}: {r.failure.detail}",
+            keyed_rejection(ctx, self.name, r.failure.reason, f"{mode} caption {r.caption[:200]!r}: {r.failure.detail}",
                        key=mode, raw=r.failure.raw_answer)
             for mode, r in zip(modes, results)
             if r.failure
@@ -370,54 +371,10 @@ class SegmentorStage:
         return FunctionPass(finish)
 
     def _source_masklets(self, ctx: VideoContext, work: _Work) -> Outputs:
-        """The source's masks as masklets, copied as they are (ground truth). Masks at the source's frame size
-        where the frames are decoded smaller (`decode.max_side`, or an odd size made even) are resized to the
-        decoded size, as every mask of the dataset refers to it; any other size is a rejection."""
-        out = Outputs()
-        size = [ctx.info.decode_height, ctx.info.decode_width]
-        source_size = [ctx.info.height, ctx.info.width]
-        names = {}
-        for expression in ctx.item.expressions:
-            for object_id in expression.object_ids:
-                names.setdefault(object_id, expression.expression)
-        first, fps = ctx.first_frame, ctx.info.fps
-        for obj in ctx.item.objects:
-            frames = []
-            for position, rle in sorted(obj.masks.items()):
-                if list(rle.size) == source_size != size:
-                    rle = _resized(rle, size)
-                    self.stats.count("source_masks_resized")
-                elif list(rle.size) != size:
-                    detail = (f"object {obj.object_id}: mask size {rle.size} is neither the decoded frame size {size} "
-                              f"nor the source's {source_size}")
-                    out.rejections.append(_rejection(ctx, self.name, "mask_size_mismatch", detail, key=obj.object_id,
-                                                     expression=names.get(obj.object_id)))
-                    frames = []
-                    break
-                box = masks.rle_box(rle)
-                if box is not None:
-                    index = first + position
-                    frames.append(FrameMask(frame_index=index, timestamp=round(index / fps, 6), rle=rle, box=box))
-            if not frames:
-                continue
-            masklet = MaskletRecord(
-                masklet_id=stable_id(ctx.video_id, "source", obj.object_id),
-                video_id=ctx.video_id,
-                expression=names.get(obj.object_id, obj.object_id),
-                noun=obj.object_id,
-                method="source",
-                start_frame=frames[0].frame_index,
-                start_time=frames[0].timestamp,
-                detector_score=1.0,
-                detector_box=frames[0].box,
-                assignment=Assignment(method="source", candidate_index=0, num_candidates=1, score=1.0),
-                num_frames_tracked=0,
-                frames=frames,
-                provenance=ctx.provenance,
-            )
-            work.source_masklets[obj.object_id] = masklet
-            out.masklets.append(masklet)
-        return out
+        """The source's masks as masklets, copied as they are (ground truth; see flows/source_objects.py)."""
+        made = source_masklets(ctx, self.name, self.stats)
+        work.source_masklets = made.masklets
+        return made.outputs
 
 
 class InstanceAnnotatorStage:
@@ -634,23 +591,6 @@ class RefinerStage:
             answer = _named(pair.answer, regions)
             out.samples.append(self._sample(ctx, "object_qa", n, question, answer, used, window=window, task=pair.kind))
         return out
-
-
-def _rejection(ctx: VideoContext, stage: str, reason: str, detail: str, *, key: Any, expression: str | None = None,
-               raw: str | None = None) -> Any:
-    """`ctx.rejection` with `key` in its id, where one stage can reject several inputs of a video for one
-    reason without an expression to tell them apart (ids must be unique, or a rerun cannot supersede them)."""
-    rejection = ctx.rejection(stage, reason, detail, expression=expression, raw=raw)
-    return rejection.model_copy(update={"rejection_id": stable_id(rejection.rejection_id, key)})
-
-
-def _resized(rle: Any, size: list[int]) -> Any:
-    """A mask resized to `size` ([h, w]): area-weighted, then covered at least half."""
-    import cv2
-
-    mask = masks.decode(rle).astype(np.float32)
-    small = cv2.resize(mask, (size[1], size[0]), interpolation=cv2.INTER_AREA)
-    return masks.encode(small >= 0.5)
 
 
 def work_frames(ctx: VideoContext) -> list[int]:
