@@ -32,6 +32,8 @@ MANUAL = "_manual.json"
 
 def sav_annotations(path: Path) -> list[Path]:
     """The manual annotation files in `path` or its subfolders, in name order; empty when it is not SA-V."""
+    if not path.is_dir():
+        return []
     found = sorted(path.glob(f"sav_*{MANUAL}"), key=lambda p: natural_key(p.name))
     if found:
         return found
