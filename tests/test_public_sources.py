@@ -239,3 +239,39 @@ def test_objects_jsonl_masks_boxes_and_problems(tmp_path: Path) -> None:
         read_objects(tmp_path)
     with pytest.raises(BadInputError, match="objects.jsonl not found"):
         read_objects(tmp_path / "clips")
+
+
+# -- the engine's own datasets --------------------------------------------------------------------------------
+
+
+def test_engine_dataset_masklets_of_kept_object_qa_come_back_as_objects() -> None:
+    from engine.sources.engine_dataset import _items
+    from schemas.records import VideoRecord
+    from tests.test_export import FakeDataset, masklet, sample
+
+    video = VideoRecord(video_id="v", source="/data/a.mp4", content_sha256="0" * 64, start_s=1.0, end_s=2.0,
+                        duration_s=1.0, fps=10.0, num_frames=10, width=W, height=H, rotation=0, codec="h264",
+                        decode_width=W, decode_height=H)
+    square, bar = rect(1, 1, 6, 6), rect(10, 3, 30, 6)
+    kept = masklet("v", {10: square, 12: square, 25: square}, name="the square")  # 25 lies past the window
+    other = masklet("v", {11: bar}, name="the bar")
+    qa = sample("qa", video, "What is <region> doing?", "sitting", masklets=[kept]).model_copy(
+        update={"pipeline": "videorefer", "data_type": "object_qa"})
+    caption = sample("cap", video, "Describe <region>.", "a bar", masklets=[other]).model_copy(
+        update={"pipeline": "videorefer", "data_type": "detailed_caption"})
+    dataset = FakeDataset([video], [kept, other], [qa, caption])
+    (item,) = list(_items(dataset, "videorefer", ("object_qa",), None))
+    assert (item.dataset, item.source, item.start_s, item.end_s) == ("engine", "/data/a.mp4", 1.0, 2.0)
+    assert [o.object_id for o in item.objects] == [kept.masklet_id]
+    assert exact(item.objects[0], {0: square, 2: square})  # frame 10 is the window's first
+    assert [(e.expression, e.object_ids) for e in item.expressions] == [("the square", [kept.masklet_id])]
+    assert reasons(item) == {("frame_out_of_range", kept.masklet_id)}
+    (every,) = list(_items(dataset, "videorefer", None, None))
+    assert sorted(o.object_id for o in every.objects) == sorted([kept.masklet_id, other.masklet_id])
+
+
+def test_engine_dataset_refuses_a_folder_that_is_not_one(tmp_path: Path) -> None:
+    from engine.sources import read_engine_dataset
+
+    with pytest.raises(BadInputError, match="is not a dataset"):
+        read_engine_dataset(tmp_path)
