@@ -4,7 +4,6 @@ Ref-YouTube-VOS, open_source) on tiny layouts written in tmp_path with exact gro
 from __future__ import annotations
 
 import json
-import logging
 from pathlib import Path
 
 import numpy as np
@@ -328,10 +327,9 @@ def mevis_layout(root: Path) -> dict[str, dict[int, np.ndarray]]:
     return truth
 
 
-def test_mevis_items_carry_exact_masks_and_multi_object_expressions(tmp_path: Path, caplog) -> None:
+def test_mevis_items_carry_exact_masks_and_multi_object_expressions(tmp_path: Path) -> None:
     truth = mevis_layout(tmp_path)
-    with caplog.at_level(logging.WARNING):
-        items = list(read_mevis(tmp_path))
+    items = list(read_mevis(tmp_path))
     assert [i.source for i in items] == [str(tmp_path / "JPEGImages" / v) for v in ("v1", "v2")]
     v1 = items[0]
     assert (v1.dataset, v1.frame_rate) == ("mevis", 6.0)
@@ -339,7 +337,9 @@ def test_mevis_items_carry_exact_masks_and_multi_object_expressions(tmp_path: Pa
     assert [(e.expression, e.object_ids) for e in v1.expressions] == [
         ("the two boxes", ["10", "11"]), ("the box moving down", ["11"])
     ]
-    assert "expression 2 dropped" in caplog.text
+    assert [(p.reason, p.object_id, p.expression) for p in v1.problems] == [
+        ("no_annotation", "12", "a box never seen")
+    ]  # 12 has only null frames: the expression is left out, as a problem of the item
     for obj in v1.objects:
         assert sorted(obj.masks) == sorted(truth[obj.object_id])
         for position, rle in obj.masks.items():
@@ -356,27 +356,41 @@ def test_mevis_items_carry_exact_masks_and_multi_object_expressions(tmp_path: Pa
     assert all(np.abs(mean_color(frames.got[p][2]) - COLORS[p]).max() < 6 for p in v1.objects[0].masks)
 
 
-def test_mevis_errors_name_the_video_and_anno_id(tmp_path: Path) -> None:
-    mevis_layout(tmp_path)
+def test_mevis_bad_annotations_are_problems_of_their_item(tmp_path: Path) -> None:
+    truth = mevis_layout(tmp_path)
     mask_path = tmp_path / "mask_dict.json"
     mask_dict = json.loads(mask_path.read_text())
     mask_dict["11"][0] = {"size": [48, 64], "counts": mask_dict["11"][0]["counts"]}
     mask_path.write_text(json.dumps(mask_dict))
-    with pytest.raises(BadInputError, match=r"video v1, anno_id 11, frame 00000: mask size \[48, 64\] does not "
-                                            r"match the frames' \[24, 32\]"):
-        list(read_mevis(tmp_path))
+    v1 = next(read_mevis(tmp_path))
+    assert sorted(v1.objects[1].masks) == [2, 3]  # the rest of object 11 survives
+    problem = next(p for p in v1.problems if p.reason == "mask_size_mismatch")
+    assert problem.object_id == "11"
+    assert "video v1, anno_id 11, frame 00000: mask size [48, 64] does not match the frames' [24, 32]" in problem.detail
 
     del mask_dict["11"]
     mask_path.write_text(json.dumps(mask_dict))
-    with pytest.raises(BadInputError, match="video v1, anno_id 11: expected a list of 4 per-frame masks, got none"):
-        list(read_mevis(tmp_path))
+    v1 = next(read_mevis(tmp_path))
+    assert [o.object_id for o in v1.objects] == ["10"]
+    assert [(e.expression, e.object_ids) for e in v1.expressions] == [("the two boxes", ["10"])]
+    assert {(p.reason, p.object_id) for p in v1.problems} >= {("unknown_object", "11")}
+
+    mask_dict["11"] = [None]
+    mask_path.write_text(json.dumps(mask_dict))
+    v1 = next(read_mevis(tmp_path))
+    assert "expected a list of 4 per-frame masks, got 1 entries" in next(
+        p.detail for p in v1.problems if p.reason == "frame_count_mismatch")
 
     meta_path = tmp_path / "meta_expressions.json"
     meta = json.loads(meta_path.read_text())
     meta["videos"]["v1"]["frames"].append("00009")
     meta_path.write_text(json.dumps(meta))
-    with pytest.raises(BadInputError, match="video v1: frame 00009 is not among the images of"):
-        next(read_mevis(tmp_path))
+    mask_dict["10"].append(mask_dict["10"][0])
+    mask_path.write_text(json.dumps(mask_dict))
+    v1 = next(read_mevis(tmp_path))
+    assert sorted(v1.objects[0].masks) == sorted(truth["10"])
+    assert "video v1: frame 00009 is not among the images of" in next(
+        p.detail for p in v1.problems if p.reason == "missing_frame")
 
     mask_path.unlink()
     with pytest.raises(BadInputError, match="mask_dict.json not found"):

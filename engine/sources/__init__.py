@@ -13,12 +13,22 @@ from typing import Iterator
 
 from engine.errors import BadInputError
 from engine.probe import list_frame_images, natural_key, one_line
+from engine.sources.a2d_sentences import is_a2d_sentences, read_a2d_sentences
+from engine.sources.engine_dataset import is_engine_dataset, read_engine_dataset
+from engine.sources.lvvis import LVVIS_FPS, lvvis_splits, read_lvvis
 from engine.sources.manifest import MANIFEST_SUFFIXES, read_manifest
 from engine.sources.mevis import MEVIS_FPS, mevis_split, read_mevis
+from engine.sources.objects import OBJECTS_FILE, is_objects_jsonl, read_objects
 from engine.sources.ref_youtube_vos import REF_YOUTUBE_VOS_FPS, read_ref_youtube_vos, ref_youtube_vos_split
+from engine.sources.revos import REVOS_FPS, read_revos, revos_splits
+from engine.sources.sav import read_sav, sav_annotations
+from engine.sources.vidstg import read_vidstg, vidstg_splits
 from schemas.records import WorkItem
 
-__all__ = ["describe_sources", "open_source", "read_manifest", "read_mevis", "read_ref_youtube_vos"]
+__all__ = [
+    "describe_sources", "open_source", "read_a2d_sentences", "read_engine_dataset", "read_lvvis", "read_manifest",
+    "read_mevis", "read_objects", "read_ref_youtube_vos", "read_revos", "read_sav", "read_vidstg",
+]
 
 VIDEO_SUFFIXES = (
     ".mp4", ".m4v", ".mov", ".mkv", ".webm", ".avi", ".mpg", ".mpeg", ".ts", ".mts", ".m2ts", ".flv", ".wmv",
@@ -27,8 +37,9 @@ VIDEO_SUFFIXES = (
 _ACCEPTED = (
     "give a video file (.mp4, .mov, .mkv, .webm, ...), a folder of video files, a folder of frames (.jpg/.png, "
     "with a frame rate), "
-    "a caption manifest (.jsonl, .csv, .parquet), a MeViS release or split folder (with mask_dict.json) or a "
-    "Ref-YouTube-VOS release or train/ folder (with Annotations/ and meta_expressions.json)"
+    "a caption manifest (.jsonl, .csv, .parquet), an objects JSONL (or a folder with objects.jsonl), a MeViS release, "
+    "or a Ref-YouTube-VOS, ReVOS, LV-VIS, SA-V, VidSTG or A2D-Sentences release as it unpacks, or a dataset the engine "
+    "wrote"
 )
 
 
@@ -49,6 +60,9 @@ def open_source(spec: str, *, frame_rate: float | None = None, split: str | None
 
 def _open(spec: str, frame_rate: float | None, split: str | None) -> Iterator[WorkItem]:
     lower = spec.lower()
+    if lower.endswith(".jsonl") and is_objects_jsonl(Path(spec)):
+        _no_splits(spec, split)
+        return read_objects(spec)
     if lower.endswith(MANIFEST_SUFFIXES):
         _no_splits(spec, split)
         return read_manifest(spec, frame_rate=frame_rate)
@@ -60,6 +74,8 @@ def _open(spec: str, frame_rate: float | None, split: str | None) -> Iterator[Wo
     if not os.path.isdir(spec):
         raise BadInputError(f"input not found: {spec}")
     path = Path(spec)
+    if revos_splits(path):  # before MeViS: ReVOS keeps mask_dict.json at its root too
+        return read_revos(path, split=split, frame_rate=frame_rate or REVOS_FPS)
     if mevis_split(path, split) is not None:
         return read_mevis(path, split=split, frame_rate=frame_rate or MEVIS_FPS)
     if ref_youtube_vos_split(path, split) is not None:
@@ -69,7 +85,19 @@ def _open(spec: str, frame_rate: float | None, split: str | None) -> Iterator[Wo
             f"{spec} has meta_expressions.json and JPEGImages/ but no masks (mask_dict.json for MeViS, Annotations/ "
             "for Ref-YouTube-VOS): its release withholds them; give a split that has them"
         )
+    if lvvis_splits(path):
+        return read_lvvis(path, split=split, frame_rate=frame_rate or LVVIS_FPS)
+    if vidstg_splits(path):
+        return read_vidstg(path, split=split)
+    if is_a2d_sentences(path):
+        return read_a2d_sentences(path, split=split)
     _no_splits(spec, split)
+    if is_engine_dataset(path):
+        return read_engine_dataset(path)
+    if (path / OBJECTS_FILE).is_file():
+        return read_objects(path)
+    if sav_annotations(path):
+        return read_sav(path)
     if list_frame_images(spec):
         if frame_rate is None:
             raise BadInputError(f"{spec} is a folder of frames: give its frame_rate (frames per second)")
@@ -85,7 +113,8 @@ def _open(spec: str, frame_rate: float | None, split: str | None) -> Iterator[Wo
 def _no_splits(spec: str, split: str | None) -> None:
     if split is not None:
         raise BadInputError(
-            f"split {split!r} given, but {spec} has no splits (only MeViS and Ref-YouTube-VOS releases have them)"
+            f"split {split!r} given, but {spec} has no splits (MeViS, Ref-YouTube-VOS, ReVOS, LV-VIS, VidSTG and "
+            "A2D-Sentences releases have them)"
         )
 
 
@@ -102,6 +131,15 @@ def describe_sources() -> str:
         f"mask_dict.json, JPEGImages/; give the split) or one split folder; {MEVIS_FPS:g} fps unless a frame rate "
         "is given; or a Ref-YouTube-VOS release as it unpacks (meta_expressions/<split>/meta_expressions.json "
         "beside <split>/JPEGImages/ and, for train, <split>/Annotations/ of palette PNGs) or its train/ folder; "
-        f"{REF_YOUTUBE_VOS_FPS:g} fps. The datasets bring their objects' masks and referring expressions; a "
-        "manifest brings captions and time windows."
+        f"{REF_YOUTUBE_VOS_FPS:g} fps; a ReVOS root (JPEGImages/, mask_dict.json, meta_expressions_<split>_.json; "
+        f"{REVOS_FPS:g} fps); an LV-VIS root (<split>/JPEGImages/ beside <split>_instances.json; objects carry "
+        f"their category, no expressions; {LVVIS_FPS:g} fps); an SA-V folder of sav_*.mp4 with sav_*_manual.json "
+        "(or folders of them; masks on every 4th frame; Ref-SAV expressions from a meta_expressions.json beside); "
+        "a VidSTG root (<split>_annotations.json beside VidOR's video/; one item per entry's segment, boxes on "
+        "every 4th frame, its captions as expressions); an A2D-Sentences root (Release/clips320H/, "
+        "Release/videoset.csv, text_annotations/; split train or test); an objects JSONL (one object per line: "
+        "video, object_id, masks or boxes by frame index, optional expression and category), or a folder with "
+        f"{OBJECTS_FILE}; or a dataset the engine wrote (the masklets its kept videorefer object_qa samples name). "
+        "The datasets bring their objects' masks (or boxes) and referring expressions, annotations that cannot "
+        "be used travel with their item as problems; a manifest brings captions and time windows."
     )

@@ -1,19 +1,20 @@
-"""What the MeViS and Ref-YouTube-VOS layouts share: meta_expressions.json, JPEGImages/<video>/ folders, and
-releases that unpack to several splits."""
+"""What the dataset layouts share: meta_expressions.json, JPEGImages/<video>/ folders, releases that unpack to
+several splits, mask_dict.json (MeViS, ReVOS), and the checks that turn a bad annotation into a SourceProblem."""
 
 from __future__ import annotations
 
 import json
-import logging
+import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 from engine.errors import BadInputError
 from engine.probe import list_frame_images, one_line
+from schemas.records import Rle, SourceExpression, SourceObject, SourceProblem, WorkItem
 
-log = logging.getLogger(__name__)
+ANNOTATED_STEP = 4  # SA-V annotates, and SAMA samples VidSTG at, every 4th frame
 
 
 def choose_split(root: Path, dataset: str, splits: list[str], usable: list[str], split: str | None, masks: str) -> str:
@@ -134,15 +135,141 @@ def frame_folder(root: Path, video_id: str) -> FrameFolder:
     return FrameFolder(path, positions, height, width)
 
 
-def referred(at: str, expressions: list[Expression], kept: set[str]) -> list[tuple[Expression, list[str]]]:
-    """Each expression with the ids of its objects that have masks. One left with none is dropped, with a
-    warning: an expression about an object that is never annotated gives nothing to ground."""
+def referred(expressions: list[Expression], kept: set[str], known: set[str], problems: "Problems") -> list[SourceExpression]:
+    """Each expression with the ids of its objects that have annotations. An id no object has (not in `known`)
+    is an `unknown_object` problem, one known but left with no annotation a `no_annotation` problem; an
+    expression left with no object is left out."""
     out = []
     for expression in expressions:
+        for i in expression.object_ids:
+            if i not in kept:
+                reason = "no_annotation" if i in known else "unknown_object"
+                why = "has no usable annotation" if i in known else "is not among the annotated objects"
+                problems.add(reason, f"expression {expression.expression_id}: object {i} {why}",
+                             object_id=i, expression=expression.text)
         ids = [i for i in expression.object_ids if i in kept]
         if ids:
-            out.append((expression, ids))
-        else:
-            log.warning("%s: expression %s dropped: its objects %s have no mask on any frame",
-                        at, expression.expression_id, ", ".join(expression.object_ids))
+            out.append(SourceExpression(expression=expression.text, object_ids=ids))
     return out
+
+
+class Problems:
+    """The SourceProblems of one item, one per (reason, object, expression): a systematic fault (every frame of
+    an object at the wrong size) is one row that counts its frames, not one row per frame."""
+
+    def __init__(self) -> None:
+        self._details: dict[tuple[str, str | None, str | None], list[str]] = {}
+
+    def add(self, reason: str, detail: str, *, object_id: str | None = None, expression: str | None = None) -> None:
+        self._details.setdefault((reason, object_id, expression), []).append(detail)
+
+    def records(self) -> list[SourceProblem]:
+        out = []
+        for (reason, object_id, expression), details in self._details.items():
+            detail = "; ".join(details[:3]) + (f" (and {len(details) - 3} more)" if len(details) > 3 else "")
+            out.append(SourceProblem(reason=reason, detail=detail, object_id=object_id, expression=expression))
+        return out
+
+
+def source_rle(entry: Any, height: int, width: int) -> Rle | tuple[str, str] | None:
+    """A COCO RLE of the frames' size (uncompressed run lengths are compressed), None for an empty mask, or
+    (reason, detail) when it cannot be used: `mask_size_mismatch` or `bad_mask`."""
+    from pycocotools import mask as mask_utils
+
+    size = entry.get("size") if isinstance(entry, dict) else None
+    counts = entry.get("counts") if isinstance(entry, dict) else None
+    if not (isinstance(size, list) and len(size) == 2 and all(isinstance(v, int) for v in size)):
+        return "bad_mask", f"not a COCO RLE with a [height, width] size: {str(entry)[:60]}"
+    if size != [height, width]:
+        return "mask_size_mismatch", f"mask size {size} does not match the frames' [{height}, {width}]"
+    if isinstance(counts, list) and all(isinstance(c, int) and c >= 0 for c in counts):
+        if sum(counts) != height * width:
+            return "bad_mask", f"uncompressed RLE counts sum to {sum(counts)}, not {height * width}"
+        counts = mask_utils.frPyObjects({"size": size, "counts": counts}, height, width)["counts"].decode("ascii")
+    if not isinstance(counts, str) or not counts:
+        return "bad_mask", "RLE counts must be a COCO string or a list of run lengths"
+    if not mask_utils.area({"size": size, "counts": counts.encode("ascii")}):
+        return None
+    return Rle(size=[height, width], counts=counts)
+
+
+def source_box(box: Any, height: int, width: int) -> list[float] | str:
+    """An xyxy box clipped to the frame, or why it cannot be used (reason `bad_box`): not four finite numbers,
+    empty (x2 <= x1 or y2 <= y1), or wholly outside the frame."""
+    if not (isinstance(box, (list, tuple)) and len(box) == 4
+            and all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in box)):
+        return f"box {str(box)[:60]} is not four finite numbers x1, y1, x2, y2"
+    x1, y1, x2, y2 = (float(v) for v in box)
+    if x2 <= x1 or y2 <= y1:
+        return f"box {[x1, y1, x2, y2]} is empty (x2 <= x1 or y2 <= y1)"
+    clipped = [max(x1, 0.0), max(y1, 0.0), min(x2, float(width)), min(y2, float(height))]
+    if clipped[2] <= clipped[0] or clipped[3] <= clipped[1]:
+        return f"box {[x1, y1, x2, y2]} lies outside the {width}x{height} frame"
+    return clipped
+
+
+def video_shape(path: str) -> tuple[int, int, int] | None:
+    """(frames, height, width) of a video file from its header; None when it cannot be opened (the runner
+    rejects such an item with its reason when it reaches it)."""
+    from engine.decode import DecodeLimits
+    from engine.errors import VideoError
+    from engine.probe import probe_video
+
+    try:
+        info = probe_video(path, limits=DecodeLimits())
+    except (BadInputError, VideoError, OSError):
+        return None
+    return info.num_frames, info.height, info.width
+
+
+def mask_dict_items(
+    root: Path, meta_path: Path, videos: dict[str, Any], masks: dict[str, Any], mask_path: Path, *,
+    frame_rate: float, dataset: str,
+) -> Iterator[WorkItem]:
+    """The items of a mask_dict.json layout (MeViS, ReVOS): per video of `videos` (meta_expressions), its
+    JPEGImages/<video> folder, one object per anno_id its expressions name (masks keyed by the frame's
+    position in the folder, null or empty frames left out) and its expressions. A bad annotation is a
+    problem of the item: a listed frame missing from the folder, an anno_id missing from mask_dict.json or
+    with a list of the wrong length, a mask of the wrong size, an expression whose objects have no mask."""
+    for video_id, video in videos.items():
+        frames, expressions = video_meta(meta_path, video_id, video)
+        folder = frame_folder(root, video_id)
+        problems = Problems()
+        positions = []
+        for frame in frames:
+            positions.append(folder.positions.get(frame))
+            if positions[-1] is None:
+                problems.add("missing_frame", f"video {video_id}: frame {frame} is not among the images of {folder.path}")
+        objects = []
+        known = set()
+        for anno_id in dict.fromkeys(i for e in expressions for i in e.object_ids):
+            per_frame = masks.get(anno_id)
+            if per_frame is None:
+                continue  # unknown_object, said by `referred`
+            known.add(anno_id)
+            if not isinstance(per_frame, list) or len(per_frame) != len(frames):
+                got = f"{len(per_frame)} entries" if isinstance(per_frame, list) else type(per_frame).__name__
+                problems.add("frame_count_mismatch", f"{mask_path}: video {video_id}, anno_id {anno_id}: expected a "
+                             f"list of {len(frames)} per-frame masks, got {got}", object_id=anno_id)
+                continue
+            rles = {}
+            for position, frame, entry in zip(positions, frames, per_frame):
+                rle = None if entry is None or position is None else source_rle(entry, folder.height, folder.width)
+                if isinstance(rle, tuple):
+                    problems.add(rle[0], f"video {video_id}, anno_id {anno_id}, frame {frame}: {rle[1]}", object_id=anno_id)
+                elif rle is not None:
+                    rles[position] = rle
+            if rles:
+                objects.append(SourceObject(object_id=anno_id, masks=rles))
+        kept = referred(expressions, {o.object_id for o in objects}, known, problems)
+        yield WorkItem(
+            source=str(folder.path), frame_rate=frame_rate, dataset=dataset, objects=objects, expressions=kept,
+            problems=problems.records(),
+        )
+
+
+def load_mask_dict(path: Path) -> dict[str, Any]:
+    masks = load_json(path)
+    if not isinstance(masks, dict):
+        raise BadInputError(f"{path} must be an object of anno_id -> list of per-frame RLE")
+    return masks

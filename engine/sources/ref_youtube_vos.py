@@ -18,6 +18,7 @@ from engine import masks as rle_masks
 from engine.errors import BadInputError
 from engine.sources._layout import (
     FrameFolder,
+    Problems,
     check_split_folder,
     choose_split,
     frame_folder,
@@ -26,7 +27,7 @@ from engine.sources._layout import (
     subfolders,
     video_meta,
 )
-from schemas.records import Rle, SourceExpression, SourceObject, WorkItem
+from schemas.records import Rle, SourceObject, WorkItem
 
 REF_YOUTUBE_VOS_FPS = 6.0
 
@@ -84,13 +85,15 @@ def _items(root: Path, meta_path: Path, videos: dict[str, Any], frame_rate: floa
         folder = frame_folder(root, video_id)
         masks = _object_masks(root / "Annotations" / video_id, video_id, frames, folder)
         objects = [SourceObject(object_id=i, masks=masks[i]) for i in sorted(masks, key=int)]
-        kept = referred(f"{meta_path}: video {video_id}", expressions, set(masks))
+        problems = Problems()
+        kept = referred(expressions, set(masks), set(masks), problems)
         yield WorkItem(
             source=str(folder.path),
             frame_rate=frame_rate,
             dataset="ref-youtube-vos",
             objects=objects,
-            expressions=[SourceExpression(expression=e.text, object_ids=ids) for e, ids in kept],
+            expressions=kept,
+            problems=problems.records(),
         )
 
 

@@ -1,0 +1,95 @@
+"""LV-VIS (large-vocabulary video instance segmentation): YouTube-VIS style instances JSON, one per split.
+
+Layout: `<root>/<split>/JPEGImages/<video>/<frame>.jpg` beside `<root>/<split>_instances.json` ({"videos":
+[{id, file_names: ["<video>/<frame>.jpg", ...], height, width, length}], "annotations": [{id, video_id,
+category_id, segmentations: [RLE or null per file name]}], "categories": [{id, name}]}), for `train` and `val`
+(the test split has no instances file). The release has no referring expressions: SAMA names objects by their
+category, so objects carry `category` and items no expressions.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from pathlib import Path
+from typing import Any, Iterator
+
+from engine.errors import BadInputError
+from engine.sources._layout import Problems, choose_split, frame_folder, load_json, source_rle
+from schemas.records import SourceObject, WorkItem
+
+LVVIS_FPS = 5.0  # the rate LV-VIS frames were extracted at, as its loaders assume; a frame_rate given overrides it
+
+
+def lvvis_splits(path: Path) -> list[str]:
+    """The splits of an LV-VIS root (<split>_instances.json beside <split>/JPEGImages/); empty when it is none."""
+    return sorted(
+        name for p in path.glob("*_instances.json")
+        if (name := p.name[: -len("_instances.json")]) and (path / name / "JPEGImages").is_dir()
+    )
+
+
+def read_lvvis(root: str | Path, *, split: str | None = None, frame_rate: float = LVVIS_FPS) -> Iterator[WorkItem]:
+    """One WorkItem per video of a split: its JPEG folder, one object per annotation (object_id = the annotation
+    id, `category` = its category's name, masks keyed by the frame's position in the folder). The JSON is read
+    and its shape checked now; a bad annotation is a problem of its item."""
+    root = Path(root)
+    splits = lvvis_splits(root)
+    if not splits:
+        raise BadInputError(f"{root} is not LV-VIS: it needs <split>_instances.json beside <split>/JPEGImages/")
+    chosen = choose_split(root, "LV-VIS", splits, splits, split, "instances")
+    path = root / f"{chosen}_instances.json"
+    data = load_json(path)
+    fields = ("videos", "annotations", "categories")
+    if not isinstance(data, dict) or not all(isinstance(data.get(k), list) for k in fields):
+        raise BadInputError(f'{path} must be an object with "videos", "annotations" and "categories" lists')
+    categories = {c.get("id"): c.get("name") for c in data["categories"] if isinstance(c, dict)}
+    by_video: dict[Any, list[dict]] = defaultdict(list)
+    for n, annotation in enumerate(data["annotations"]):
+        if not isinstance(annotation, dict) or "id" not in annotation or "video_id" not in annotation:
+            raise BadInputError(f"{path}: annotation {n} has no id or video_id")
+        by_video[annotation["video_id"]].append(annotation)
+    for n, video in enumerate(data["videos"]):
+        names = video.get("file_names") if isinstance(video, dict) else None
+        if not isinstance(names, list) or not names or not all(isinstance(f, str) for f in names):
+            raise BadInputError(f"{path}: video {n} has no file_names list")
+    return _items(root / chosen, path, data["videos"], by_video, categories, frame_rate)
+
+
+def _items(
+    root: Path, path: Path, videos: list[dict], by_video: dict[Any, list[dict]], categories: dict[Any, Any],
+    frame_rate: float,
+) -> Iterator[WorkItem]:
+    for video in videos:
+        names = video["file_names"]
+        video_id = Path(names[0]).parent.as_posix()
+        folder = frame_folder(root, video_id)
+        problems = Problems()
+        positions = [folder.positions.get(Path(name).stem) for name in names]
+        for name, position in zip(names, positions):
+            if position is None:
+                problems.add("missing_frame", f"video {video_id}: frame {name} is not among the images of {folder.path}")
+        objects = []
+        for annotation in by_video.get(video.get("id"), []):
+            object_id = str(annotation["id"])
+            at = f"{path}: video {video_id}, annotation {object_id}"
+            per_frame = annotation.get("segmentations")
+            if not isinstance(per_frame, list) or len(per_frame) != len(names):
+                got = f"{len(per_frame)} entries" if isinstance(per_frame, list) else "none"
+                problems.add("frame_count_mismatch", f"{at}: expected {len(names)} per-frame masks, got {got}",
+                             object_id=object_id)
+                continue
+            masks = {}
+            for name, position, entry in zip(names, positions, per_frame):
+                rle = None if entry is None or position is None else source_rle(entry, folder.height, folder.width)
+                if isinstance(rle, tuple):
+                    problems.add(rle[0], f"{at}, frame {name}: {rle[1]}", object_id=object_id)
+                elif rle is not None:
+                    masks[position] = rle
+            category = categories.get(annotation.get("category_id"))
+            if not masks:
+                problems.add("no_annotation", f"{at}: no usable mask on any frame", object_id=object_id)
+            else:
+                objects.append(SourceObject(object_id=object_id, masks=masks, category=category))
+        yield WorkItem(
+            source=str(folder.path), frame_rate=frame_rate, dataset="lv-vis", objects=objects, problems=problems.records()
+        )
