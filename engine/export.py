@@ -22,7 +22,8 @@ What every format shares, here:
   bit for bit. A masklet is exported only inside the sample's scope; one with no mask there leaves the sample
   out (`region_outside_scope`). Where a format holds masks, a frame the tracker skipped holds the mask of the
   nearest tracked frame, within half a tracking interval (`held_masks`).
-- Samples a check dropped are left out unless `include_dropped`; a sample written in both time forms (Strefer)
+- A format with data types of its own (sama, ufvideo) leaves the others out (`other_data_type`). Samples a
+  check dropped are left out unless `include_dropped`; a sample written in both time forms (Strefer)
   is exported in the form `time_format` names. Every sample left out is counted by reason (`ExportSummary`).
 
 Samples are streamed (`Dataset.scan`); the videos and the masklets they name are looked up in a temporary
@@ -42,7 +43,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from functools import lru_cache
 from importlib import import_module
-from typing import Any, Callable, Iterable, Iterator, TypeVar
+from typing import Any, Callable, Collection, Iterable, Iterator, TypeVar
 
 from engine.errors import BadInputError, VideoError
 from engine.export_media import ClipFile, Span, cut_video, loader_order_matches, resize_rle, write_frame_folder
@@ -304,12 +305,17 @@ class ExportRun:
         self.masklet = lru_cache(maxsize=32)(index.masklet)
         self.order_matches = lru_cache(maxsize=64)(loader_order_matches)
 
-    def entries(self, build: Callable[[dict[str, Any]], T]) -> Iterator[tuple[dict[str, Any], T]]:
-        """(sample, build(sample)) for every sample exported; a sample `build` skips is counted, not yielded."""
+    def entries(
+        self, build: Callable[[dict[str, Any]], T], data_types: Collection[str] | None = None
+    ) -> Iterator[tuple[dict[str, Any], T]]:
+        """(sample, build(sample)) for every sample exported (of `data_types`, where the format has its own); a
+        sample left out is counted, not yielded."""
         for batch in self.dataset.scan("samples", _SAMPLE_COLUMNS, version=self.options.version, batch_rows=1024):
             for sample in batch.to_pylist():
                 sample["labels"] = dict(sample["labels"] or [])  # an Arrow map reads back as pairs
                 try:
+                    if data_types is not None and sample["data_type"] not in data_types:
+                        raise Skip("other_data_type")
                     self._check(sample)
                     yield sample, build(sample)
                 except Skip as skip:
