@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import re
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -160,7 +161,7 @@ def built(tmp_path_factory) -> Built:
     return Built(root, truth)
 
 
-def load(out: Path, *args: str, split: str) -> "datasets.Dataset":  # noqa: F821
+def load(out: Path, *args: str, split: str) -> Any:
     """`<out>/hf` as `datasets` reads it, cached beside it: in the user's cache, an earlier run's export to
     another folder named `hf` was served instead."""
     import datasets
@@ -236,6 +237,17 @@ def test_ufvideo_records_carry_prompt_and_label_masks_and_temporal_tokens(built,
             for by_frame, masklet in zip(group, masklets_, strict=True):
                 for frame, rle in by_frame.items():
                     built.check(masklet.masklet_id, int(frame), rle)
+
+
+    # --cut-clips: the window's own file, frames counted from its first (12).
+    export(built.dataset.url, str(tmp_path / "cut"), fmt="ufvideo", cut_clips=True, video_root=str(tmp_path / "cut"))
+    (trqa,) = json.loads((tmp_path / "cut" / "ufvideo" / "pixtrqa.json").read_text())
+    assert trqa["video"].startswith("clips/") and (tmp_path / "cut" / trqa["video"]).is_file() and "start" not in trqa
+    assert [list(m) for m in trqa["prompt_masks"]] == [["2"]]
+    assert [list(m) for m in trqa["label_masks"]] == [["1", "4"], ["1", "4", "8"]]
+    for by_frame, masklet in zip(trqa["label_masks"], (built.disc, built.square)):
+        for frame, rle in by_frame.items():
+            built.check(masklet.masklet_id, 12 + int(frame), rle)
 
 
 # -- hf ----------------------------------------------------------------------------------------------------------
