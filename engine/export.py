@@ -1,30 +1,30 @@
 """Exporters: training formats people already use, written from a dataset's committed rows.
 
-`videorefer`: the JSON VideoRefer's training code reads (VideoRefer-700K), one file per data type:
-    [{"id", "video", "conversations": [{"from": "human", "value": "<video>\\n...<region>..."},
-                                       {"from": "gpt", "value": "..."}],
-      "annotation": [{"<frame_idx>": {"segmentation": <COCO RLE>}, ...}, ... one per <region>, in order],
-      "height", "width", "start", "end"}]
+`engine export --format F` writes one of (each format's module documents its layout):
+- `videorefer` (engine/export_videorefer.py): VideoRefer-700K JSON, `<out>/<data_type>.json`;
+- `sama` (engine/export_sama.py): SAMA-239K style JSON, `<out>/sama/<data_type>.json` and
+  `<out>/sama/mask_dict.json`;
+- `ufvideo` (engine/export_ufvideo.py): UFVideo JSON, `<out>/ufvideo/<data_type>.json`;
+- `hf` (engine/export_hf.py): Parquet files and a dataset card that `datasets.load_dataset("<out>/hf")` reads.
+
+What every format shares, here:
 - `video`: the source as the build read it, or relative to `video_root` (the trainer joins it to its data
   folder). With `cut_clips`, a sample about a clip or window points at that clip, written under
   `<out>/clips/` (a video file: H.264 at the source's display size) or `<out>/frames/` (a frame folder).
 - `start`, `end`: seconds of `video` that the sample is about, on every sample whose scope is a clip or a
   window (Strefer's clip-level tasks, a caption manifest's start/end); left out where `video` is that clip.
-- Annotation keys are frame indexes of `video` as the trainer's loader counts them: of the whole source, or
-  from the clip's first frame. A frame folder whose frames a text sort of its entries would list in another
-  order (0.jpg, 1.jpg, 10.jpg, ...; a stray .DS_Store) is written anew in that order with `cut_clips`, else
-  its samples are left out (`frame_order_differs`).
-- Masks are at the size of the frames the trainer decodes from `video` (`height` x `width`): a source larger
-  than the build's decode bound has its masks scaled up, once, here; otherwise they are copied bit for bit.
-- A region is annotated only inside the sample's scope; a region with no mask there leaves the sample out
-  (`region_outside_scope`).
-
-Which frames each region is annotated on (`frames`):
-- `sample`: the frames the sample names (its keyframes), as VideoRefer-700K does;
-- `tracked`: every frame the masklet has a mask on (the tracker ran at the masklet's `track_fps`);
-- `all`: every decoded frame: a frame the tracker skipped holds the mask of the nearest tracked frame, when
-  one lies within half a tracking interval (so a frame is never filled across an absence). Set
-  `masklets.track_fps: 0` to track every frame instead of holding masks.
+- Frame indexes are of `video` as a trainer's loader counts them: of the whole source, or from the clip's
+  first frame. A frame folder whose frames a text sort of its entries would list in another order (0.jpg,
+  1.jpg, 10.jpg, ...; a stray .DS_Store) is written anew in that order with `cut_clips`, else its samples are
+  left out (`frame_order_differs`).
+- Masks (COCO RLE) are at the size of the frames a trainer decodes from `video` (`height` x `width`): a
+  source larger than the build's decode bound has its masks scaled up, once, here; otherwise they are copied
+  bit for bit. A masklet is exported only inside the sample's scope; one with no mask there leaves the sample
+  out (`region_outside_scope`). Where a format holds masks, a frame the tracker skipped holds the mask of the
+  nearest tracked frame, within half a tracking interval (`held_masks`).
+- A format with data types of its own (sama, ufvideo) leaves the others out (`other_data_type`). Samples a
+  check dropped are left out unless `include_dropped`; a sample written in both time forms (Strefer)
+  is exported in the form `time_format` names. Every sample left out is counted by reason (`ExportSummary`).
 
 Samples are streamed (`Dataset.scan`); the videos and the masklets they name are looked up in a temporary
 SQLite index filled in one streamed pass over each table, and every file is written entry by entry, so the
@@ -35,37 +35,49 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import sqlite3
 import tempfile
 from collections import Counter
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from functools import lru_cache
-from typing import Any, Iterator
+from importlib import import_module
+from typing import Any, Callable, Collection, Iterable, Iterator, TypeVar
 
 from engine.errors import BadInputError, VideoError
 from engine.export_media import ClipFile, Span, cut_video, loader_order_matches, resize_rle, write_frame_folder
 from engine.storage import Dataset
 
-FORMATS = ("videorefer",)
+# Format name -> the module whose `export_<name>(dataset, out, options)` writes it (imported when used).
+FORMATS = {
+    "videorefer": "engine.export_videorefer",
+    "sama": "engine.export_sama",
+    "ufvideo": "engine.export_ufvideo",
+    "hf": "engine.export_hf",
+}
 FRAME_CHOICES = ("sample", "tracked", "all")
 TIME_FORMATS = ("timestamp", "tokens")
-REGION = "<region>"
+TOKENS = re.compile(r"<region>|\[SEG\]")  # the tokens `masklet_ids` answers, in order over the conversation
 FRAME_FOLDER_CODEC = "image-sequence"  # engine.probe's codec of a folder of frames
 # What a person can do about a reason samples were left out.
 HINTS = {
     "frame_order_differs": "their frame folders list in another order for the trainer's loader (a text sort of "
     "every file); rerun with --cut-clips to write those frames in the loader's order",
     "outside_video_root": "their video lies outside --video-root",
+    "labels_missing": "UFVideo samples need the labels prompt_frame (with <region>) and label_frames (with [SEG])",
 }
 _VIDEO_COLUMNS = ("video_id", "source", "start_s", "end_s", "duration_s", "fps", "width", "height", "codec")
 _SAMPLE_COLUMNS = (
-    "sample_id", "video_id", "data_type", "labels", "conversation", "masklet_ids", "frames", "window", "kept"
+    "sample_id", "video_id", "pipeline", "data_type", "task", "labels", "conversation", "masklet_ids", "frames",
+    "window", "kept", "provenance",
 )
+T = TypeVar("T")
 
 
 @dataclass
 class ExportSummary:
-    files: dict[str, int] = field(default_factory=dict)  # path -> entries
+    files: dict[str, int] = field(default_factory=dict)  # path -> entries (rows for Parquet)
     skipped: Counter = field(default_factory=Counter)  # reason -> samples left out
     clips: int = 0  # clip files and frame folders written
 
@@ -73,11 +85,19 @@ class ExportSummary:
 @dataclass(frozen=True)
 class ExportOptions:
     include_dropped: bool = False
-    frames: str = "sample"
+    frames: str = "sample"  # videorefer, hf: which frames a token's masks are on
     cut_clips: bool = False
     video_root: str | None = None
     time_format: str = "timestamp"
     version: int | None = None  # the dataset version read (None: every committed item)
+
+
+class Skip(Exception):
+    """A sample left out, and why (a short machine-friendly reason, counted in the summary)."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
 
 
 def export(
@@ -106,7 +126,8 @@ def export(
         version = dataset.latest_version()
     dataset.table_versions(version)  # an unknown version: one line, before anything is written
     options = ExportOptions(include_dropped, frames, cut_clips, video_root, time_format, version)
-    return export_videorefer(dataset, out, options)
+    writer = getattr(import_module(FORMATS[fmt]), f"export_{fmt}")
+    return writer(dataset, out, options)
 
 
 def held_masks(masked: dict[int, Any], *, fps: float, track_fps: float | None) -> dict[int, Any]:
@@ -123,56 +144,62 @@ def held_masks(masked: dict[int, Any], *, fps: float, track_fps: float | None) -
     return out
 
 
-def export_videorefer(dataset: Dataset, out: str, options: ExportOptions = ExportOptions()) -> ExportSummary:
-    import fsspec
-    from fsspec.implementations.local import LocalFileSystem
-
-    fs, root = fsspec.core.url_to_fs(out)
-    if options.cut_clips and not isinstance(fs, LocalFileSystem):
-        raise BadInputError(f"--cut-clips writes video files with PyAV: give a local folder, not {out}")
-    fs.makedirs(root, exist_ok=True)
-    summary = ExportSummary()
-    with tempfile.TemporaryDirectory(prefix="engine-export-") as scratch:
-        index = _Index(os.path.join(scratch, "index.sqlite"))
-        try:
-            index.fill(dataset, options.include_dropped, options.version)
-            with _JsonArrays(fs, root.rstrip("/")) as files:
-                entries = _Entries(index, summary, options, root.rstrip("/"))
-                for sample in _samples(dataset, options.version):
-                    entry = entries.entry(sample)
-                    if entry is not None:
-                        files.write(sample["data_type"], entry)
-            summary.files = files.counts
-        finally:
-            index.close()
-    return summary
+def tokens(sample: dict[str, Any]) -> list[str]:
+    """The `<region>` and `[SEG]` tokens of the whole conversation, in order; one masklet id each, or the
+    sample is left out."""
+    found = [m.group() for turn in sample["conversation"] for m in TOKENS.finditer(turn["value"])]
+    if len(found) != len(sample["masklet_ids"]):
+        raise Skip("region_count_mismatch")
+    return found
 
 
-def _samples(dataset: Dataset, version: int | None) -> Iterator[dict[str, Any]]:
-    for batch in dataset.scan("samples", _SAMPLE_COLUMNS, version=version, batch_rows=1024):
-        for sample in batch.to_pylist():
-            sample["labels"] = dict(sample["labels"] or [])  # an Arrow map reads back as pairs
-            yield sample
+def conversations(sample: dict[str, Any]) -> list[dict[str, str]]:
+    return [{"from": t["role"], "value": t["value"]} for t in sample["conversation"]]
 
 
-def _masklet_rows(batch: Any) -> Iterator[tuple[str, float | None, str]]:
-    """(id, track_fps, frames as JSON [[index, size, counts], ...]) per masklet, read column-wise: the
-    nested frames never become Python dicts, the costly part of an export over many masklets."""
-    import pyarrow.compute as pc
-
-    frames = batch.column("frames").combine_chunks() if hasattr(batch.column("frames"), "combine_chunks") else batch.column("frames")
-    first, offsets = frames.offsets[0].as_py(), frames.offsets.to_pylist()
-    offsets = [o - first for o in offsets]
-    flat = frames.flatten()  # the frames of every masklet, in order (slicing applied)
-    index = pc.struct_field(flat, "frame_index").to_pylist()
-    counts = pc.struct_field(flat, ["rle", "counts"]).to_pylist()
-    sizes = pc.list_flatten(pc.struct_field(flat, ["rle", "size"])).to_pylist()  # [h, w] per frame, flattened
-    for k, (masklet_id, fps) in enumerate(zip(batch.column("masklet_id").to_pylist(), batch.column("track_fps").to_pylist())):
-        rows = [[index[j], sizes[2 * j : 2 * j + 2], counts[j]] for j in range(offsets[k], offsets[k + 1])]
-        yield masklet_id, fps, json.dumps(rows)
+def safe_name(name: str) -> str:
+    """A data type or pipeline name as a file name: never a path."""
+    return re.sub(r"[^A-Za-z0-9_.-]", "_", name).lstrip(".") or "_"
 
 
-class _Index:
+@dataclass(frozen=True)
+class Target:
+    """What an entry points at: `video`, the source frame its frame 0 is, the frames it holds (None: all) and
+    the size a trainer decodes them at."""
+
+    video: str
+    first_index: int
+    num_frames: int | None
+    height: int
+    width: int
+    cut: bool
+
+    def holds(self, index: int) -> bool:
+        return self.first_index <= index and (self.num_frames is None or index < self.first_index + self.num_frames)
+
+
+@dataclass(frozen=True)
+class Placement:
+    """Where a sample's entry points: `video` as written (relative to the video root where given), the file
+    behind it, the sample's scope in source frames and seconds, and its video row."""
+
+    video: str
+    target: Target
+    span: Span | None
+    row: dict[str, Any]
+
+    def inside(self, index: int) -> bool:
+        """Whether source frame `index` lies in the sample's scope and in the file the entry points at."""
+        return (self.span is None or self.span.holds(index)) and self.target.holds(index)
+
+    def times(self) -> dict[str, float]:
+        """`start`/`end` of the scope in seconds of `video`, where `video` is not the clip itself."""
+        if self.span is None or self.target.cut:
+            return {}
+        return {"start": self.span.start_s, "end": self.span.end_s}
+
+
+class Index:
     """Videos, and the masklets the exported samples name, in a SQLite file: looked up one sample at a time."""
 
     def __init__(self, path: str) -> None:
@@ -183,6 +210,7 @@ class _Index:
             "CREATE TABLE masklets (id TEXT PRIMARY KEY, track_fps REAL, frames TEXT);"
             "CREATE TABLE videos (id TEXT PRIMARY KEY, row TEXT);"
             "CREATE TABLE clips (path TEXT PRIMARY KEY, clip TEXT);"
+            "CREATE TABLE keys (key TEXT PRIMARY KEY) WITHOUT ROWID;"
         )
 
     def fill(self, dataset: Dataset, include_dropped: bool, version: int | None) -> None:
@@ -236,93 +264,121 @@ class _Index:
         value = clip if isinstance(clip, str) else clip.__dict__
         self.db.execute("INSERT OR REPLACE INTO clips VALUES (?, ?)", (path, json.dumps(value)))
 
+    def known(self, key: str) -> bool:
+        """Whether `key` was added earlier in this export (a mask dictionary's entry written once)."""
+        return self.db.execute("SELECT 1 FROM keys WHERE key = ?", (key,)).fetchone() is not None
+
+    def add_key(self, key: str) -> bool:
+        """Adds `key`; False where it was there already."""
+        return self.db.execute("INSERT OR IGNORE INTO keys VALUES (?)", (key,)).rowcount == 1
+
     def close(self) -> None:
         self.db.close()
 
 
-@dataclass(frozen=True)
-class _Target:
-    """What an entry points at: `video`, the source frame its frame 0 is, the frames it holds (None: all) and
-    the size a trainer decodes them at."""
+def _masklet_rows(batch: Any) -> Iterator[tuple[str, float | None, str]]:
+    """(id, track_fps, frames as JSON [[index, size, counts], ...]) per masklet, read column-wise: the
+    nested frames never become Python dicts, the costly part of an export over many masklets."""
+    import pyarrow.compute as pc
 
-    video: str
-    first_index: int
-    num_frames: int | None
-    height: int
-    width: int
-    cut: bool
+    frames = batch.column("frames").combine_chunks() if hasattr(batch.column("frames"), "combine_chunks") else batch.column("frames")
+    first, offsets = frames.offsets[0].as_py(), frames.offsets.to_pylist()
+    offsets = [o - first for o in offsets]
+    flat = frames.flatten()  # the frames of every masklet, in order (slicing applied)
+    index = pc.struct_field(flat, "frame_index").to_pylist()
+    counts = pc.struct_field(flat, ["rle", "counts"]).to_pylist()
+    sizes = pc.list_flatten(pc.struct_field(flat, ["rle", "size"])).to_pylist()  # [h, w] per frame, flattened
+    for k, (masklet_id, fps) in enumerate(zip(batch.column("masklet_id").to_pylist(), batch.column("track_fps").to_pylist())):
+        rows = [[index[j], sizes[2 * j : 2 * j + 2], counts[j]] for j in range(offsets[k], offsets[k + 1])]
+        yield masklet_id, fps, json.dumps(rows)
 
-    def holds(self, index: int) -> bool:
-        return self.first_index <= index and (self.num_frames is None or index < self.first_index + self.num_frames)
 
+class ExportRun:
+    """One export in progress, whatever its format: the output folder, the index, the summary, and how a
+    sample's video and masks resolve. A format streams `entries(build)` and writes what `build` returns."""
 
-class _Entries:
-    def __init__(self, index: _Index, summary: ExportSummary, options: ExportOptions, out: str) -> None:
-        self.summary, self.options, self.out = summary, options, out
-        self.index = index
+    def __init__(self, dataset: Dataset, fs: Any, root: str, options: ExportOptions, index: Index) -> None:
+        self.dataset, self.fs, self.root, self.options, self.index = dataset, fs, root, options, index
+        self.summary = ExportSummary()
         # Samples of one video are stored together: a few cached lookups and folder listings cover them.
         self.video = lru_cache(maxsize=64)(index.video)
         self.masklet = lru_cache(maxsize=32)(index.masklet)
         self.order_matches = lru_cache(maxsize=64)(loader_order_matches)
 
-    def entry(self, sample: dict[str, Any]) -> dict[str, Any] | None:
-        reason, entry = self._entry(sample)
-        if reason:
-            self.summary.skipped[reason] += 1
-        return entry
+    def entries(
+        self, build: Callable[[dict[str, Any]], T], data_types: Collection[str] | None = None
+    ) -> Iterator[tuple[dict[str, Any], T]]:
+        """(sample, build(sample)) for every sample exported (of `data_types`, where the format has its own); a
+        sample left out is counted, not yielded."""
+        for batch in self.dataset.scan("samples", _SAMPLE_COLUMNS, version=self.options.version, batch_rows=1024):
+            for sample in batch.to_pylist():
+                sample["labels"] = dict(sample["labels"] or [])  # an Arrow map reads back as pairs
+                try:
+                    if data_types is not None and sample["data_type"] not in data_types:
+                        raise Skip("other_data_type")
+                    self._check(sample)
+                    yield sample, build(sample)
+                except Skip as skip:
+                    self.summary.skipped[skip.reason] += 1
 
-    def _entry(self, sample: dict[str, Any]) -> tuple[str | None, dict[str, Any] | None]:
+    def _check(self, sample: dict[str, Any]) -> None:
         if not sample["kept"] and not self.options.include_dropped:
-            return "dropped_by_reviewer", None
+            raise Skip("dropped_by_reviewer")
         if sample["labels"].get("time_format", self.options.time_format) != self.options.time_format:
-            return "other_time_format", None
+            raise Skip("other_time_format")
+
+    def place(self, sample: dict[str, Any]) -> Placement:
         video = self.video(sample["video_id"])
         if video is None:
-            return "video_missing", None
-        regions = sum(t["value"].count(REGION) for t in sample["conversation"] if t["role"] == "human")
-        if regions != len(sample["masklet_ids"]):
-            return "region_count_mismatch", None
+            raise Skip("video_missing")
         span = _span(sample, video)
-        reason, target = self._target(video, span)
-        if target is None:
-            return reason, None
+        target = self._target(video, span)
         path = _relative(target.video, self.options.video_root)
         if path is None:
-            return "outside_video_root", None
-        annotation = []
-        for masklet_id in sample["masklet_ids"]:
-            reason, frames = self._region(masklet_id, sample, video, span, target)
-            if frames is None:
-                return reason, None
-            annotation.append(frames)
-        entry = {
-            "id": sample["sample_id"],
-            "video": path,
-            "conversations": [{"from": t["role"], "value": t["value"]} for t in sample["conversation"]],
-            "annotation": annotation,
-            "height": target.height,
-            "width": target.width,
-        }
-        if span is not None and not target.cut:
-            entry["start"], entry["end"] = span.start_s, span.end_s
-        return None, entry
+            raise Skip("outside_video_root")
+        return Placement(path, target, span, video)
 
-    def _target(self, video: dict[str, Any], span: Span | None) -> tuple[str | None, _Target | None]:
+    def masks(
+        self, masklet_id: str, frames: Iterable[int] | None, place: Placement, *, hold: bool, missing: str = "region_outside_scope"
+    ) -> dict[int, dict[str, Any]]:
+        """A masklet's masks on `frames` (source frame indexes, in that order; None: every frame it has a mask
+        on), where they lie in scope and it has one (held, with `hold`): frame index of `place.video` -> RLE at
+        the size a trainer decodes. None found leaves the sample out, for reason `missing`."""
+        found = self.masklet(masklet_id)
+        if found is None:
+            raise Skip("masklet_missing")
+        track_fps, by_frame = found
+        if not by_frame:
+            raise Skip("region_without_mask")
+        if hold:
+            by_frame = held_masks(by_frame, fps=place.row["fps"], track_fps=track_fps)
+        chosen = sorted(by_frame) if frames is None else frames
+        target = place.target
+        out = {
+            i - target.first_index: resize_rle(by_frame[i], target.height, target.width)
+            for i in chosen
+            if i in by_frame and place.inside(i)
+        }
+        if not out:
+            raise Skip(missing)
+        return out
+
+    def _target(self, video: dict[str, Any], span: Span | None) -> Target:
         source = video["source"]
         folder = video["codec"] == FRAME_FOLDER_CODEC
         if folder:
             try:
                 in_order = self.order_matches(source)
             except OSError:
-                return "frame_folder_unreadable", None
+                raise Skip("frame_folder_unreadable") from None
             if not in_order and not self.options.cut_clips:
-                return "frame_order_differs", None
+                raise Skip("frame_order_differs")
         if not self.options.cut_clips or (span is None and (not folder or in_order)):
-            return None, _Target(source, 0, None, video["height"], video["width"], cut=False)
+            return Target(source, 0, None, video["height"], video["width"], cut=False)
         clip = self._clip(video, span, folder)
         if isinstance(clip, str):
-            return clip, None
-        return None, _Target(clip.path, clip.first_index, clip.num_frames, clip.height, clip.width, cut=True)
+            raise Skip(clip)
+        return Target(clip.path, clip.first_index, clip.num_frames, clip.height, clip.width, cut=True)
 
     def _clip(self, video: dict[str, Any], span: Span | None, folder: bool) -> ClipFile | str:
         """The clip of `span` (None: the whole source, a frame folder in another order), written once."""
@@ -332,7 +388,7 @@ class _Entries:
             name = f"{video['video_id']}-f{span.start_frame}-{span.end_frame}"
         else:
             name = f"{video['video_id']}-s{span.start_s:.3f}-{span.end_s:.3f}"
-        path = os.path.join(self.out, "frames", name) if folder else os.path.join(self.out, "clips", f"{name}.mp4")
+        path = os.path.join(self.root, "frames", name) if folder else os.path.join(self.root, "clips", f"{name}.mp4")
         known = self.index.clip(path)
         if known is not None:
             return known
@@ -348,26 +404,24 @@ class _Entries:
         self.index.add_clip(path, clip)
         return clip
 
-    def _region(
-        self, masklet_id: str, sample: dict[str, Any], video: dict[str, Any], span: Span | None, target: _Target
-    ) -> tuple[str | None, dict[str, Any] | None]:
-        found = self.masklet(masklet_id)
-        if found is None:
-            return "masklet_missing", None
-        track_fps, by_frame = found
-        if not by_frame:
-            return "region_without_mask", None
-        if self.options.frames == "all":
-            by_frame = held_masks(by_frame, fps=video["fps"], track_fps=track_fps)
-        chosen = sample["frames"] if self.options.frames == "sample" else sorted(by_frame)
-        # Only frames inside the sample's scope, and inside the clip the entry points at.
-        frames = [i for i in chosen if i in by_frame and (span is None or span.holds(i)) and target.holds(i)]
-        if not frames:
-            return "region_outside_scope", None
-        return None, {
-            str(i - target.first_index): {"segmentation": resize_rle(by_frame[i], target.height, target.width)}
-            for i in frames
-        }
+
+@contextmanager
+def export_run(dataset: Dataset, out: str, options: ExportOptions) -> Iterator[ExportRun]:
+    """An export into folder `out` (local or fsspec URL), its index filled; the index is gone afterwards."""
+    import fsspec
+    from fsspec.implementations.local import LocalFileSystem
+
+    fs, root = fsspec.core.url_to_fs(out)
+    if options.cut_clips and not isinstance(fs, LocalFileSystem):
+        raise BadInputError(f"--cut-clips writes video files with PyAV: give a local folder, not {out}")
+    fs.makedirs(root, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix="engine-export-") as scratch:
+        index = Index(os.path.join(scratch, "index.sqlite"))
+        try:
+            index.fill(dataset, options.include_dropped, options.version)
+            yield ExportRun(dataset, fs, root.rstrip("/"), options, index)
+        finally:
+            index.close()
 
 
 def _span(sample: dict[str, Any], video: dict[str, Any]) -> Span | None:
@@ -395,33 +449,40 @@ def _relative(path: str, root: str | None) -> str | None:
     return os.path.relpath(path, root)
 
 
-class _JsonArrays:
-    """One JSON array per data type, written entry by entry to `<name>.json.partial` and renamed when complete
-    (a failed export leaves no file that looks whole)."""
+class JsonFiles:
+    """JSON files under one folder, written entry by entry to `<name>.json.partial` and renamed when complete
+    (a failed export leaves no file that looks whole): arrays (`append`) and objects (`put`)."""
 
     def __init__(self, fs: Any, root: str) -> None:
         self.fs, self.root = fs, root
-        self.files: dict[str, Any] = {}  # one per data type
+        self.files: dict[str, tuple[Any, str]] = {}  # path -> (file, closing bracket)
         self.counts: dict[str, int] = {}
 
-    def write(self, data_type: str, entry: dict[str, Any]) -> None:
-        path = f"{self.root}/{data_type}.json"
+    def append(self, name: str, entry: Any) -> None:
+        self._write(name, "[]", json.dumps(entry))
+
+    def put(self, name: str, key: str, value: Any) -> None:
+        self._write(name, "{}", f"{json.dumps(key)}: {json.dumps(value)}")
+
+    def _write(self, name: str, brackets: str, text: str) -> None:
+        path = f"{self.root}/{safe_name(name)}.json"
         if path not in self.files:
-            self.files[path] = self.fs.open(f"{path}.partial", "w")
-            self.files[path].write("[\n")
-            self.counts[path] = 0
+            self.fs.makedirs(self.root, exist_ok=True)
+            file = self.fs.open(f"{path}.partial", "w")
+            file.write(brackets[0] + "\n")
+            self.files[path], self.counts[path] = (file, brackets[1]), 0
         elif self.counts[path]:
-            self.files[path].write(",\n")
-        self.files[path].write(json.dumps(entry))
+            self.files[path][0].write(",\n")
+        self.files[path][0].write(text)
         self.counts[path] += 1
 
-    def __enter__(self) -> "_JsonArrays":
+    def __enter__(self) -> "JsonFiles":
         return self
 
     def __exit__(self, kind: type | None, *exc: object) -> None:
-        for path, file in self.files.items():
+        for path, (file, closing) in self.files.items():
             if kind is None:
-                file.write("\n]\n")
+                file.write(f"\n{closing}\n")
             file.close()
             if kind is None:
                 self.fs.mv(f"{path}.partial", path)

@@ -355,12 +355,14 @@ class TimeFormat(str, Enum):
 def export(
     path: Annotated[str, typer.Argument(help="Dataset folder or fsspec URL.")],
     out: Annotated[str, typer.Option("--out", "-o", help="Folder for the exported files.")],
-    fmt: Annotated[ExportFormat, typer.Option("--format", "-f", help="Training format.")] = ExportFormat.videorefer,
+    fmt: Annotated[
+        ExportFormat, typer.Option("--format", "-f", help="Training format (those the pipelines declare).")
+    ] = ExportFormat.videorefer,
     include_dropped: Annotated[bool, typer.Option(help="Also export samples the Reviewer dropped.")] = False,
     frames: Annotated[
         FrameChoice,
         typer.Option(
-            help="Frames each region is annotated on: sample (the sample's keyframes, as VideoRefer-700K), tracked "
+            help="Frames each region is annotated on (videorefer, hf): sample (the sample's keyframes, as VideoRefer-700K), tracked "
             "(every frame with a mask) or all (every frame; one the tracker skipped at track_fps holds the nearest "
             "tracked mask, within half a tracking interval)."
         ),
@@ -385,7 +387,9 @@ def export(
         Optional[int], typer.Option("--version", "-V", help="The dataset version to export (default: the latest published).")
     ] = None,
 ) -> None:
-    """Write a dataset's samples in a training format (videorefer: VideoRefer-700K JSON, one file per data type)."""
+    """Write a dataset's samples in a training format: videorefer (VideoRefer-700K JSON, OUT/<data type>.json),
+    sama (SAMA-239K style JSON and its mask dictionary, OUT/sama/), ufvideo (UFVideo JSON, OUT/ufvideo/) or hf
+    (Parquet and a dataset card that datasets.load_dataset("OUT/hf") reads)."""
     _run_guarded(
         _export, path, out, fmt.value, include_dropped, frames.value, cut_clips, video_root, time_format.value, version
     )

@@ -40,6 +40,7 @@ SPEC = PipelineSpec(
         Option("baseline", bool, False, "Also run the Grounded-SAM-2 baseline on the same decode (masklets.method)."),
         Option("render", bool, False, "Also write renders/<video_id>.mp4 with the masklets drawn.", shapes_output=False),
     ),
+    export_formats=("videorefer", "hf"),
     deployments=(
         Deployment("gpu", "default", "gpu", 8, "Video Clipper + Referring Masklet Generator (Strefer) on GPU workers.", 4),
         Deployment("tiny-wiring-check", "tiny", "cpu", 4, "The same flow with random tiny models on CPU; outputs are meaningless."),

@@ -46,6 +46,7 @@ SPEC = PipelineSpec(
     roles={**clip_and_track.SPEC.roles, "vlm": "chat", "llm": "chat"},
     options=(clip_and_track.ENTITIES,),
     data_types=("strefer",),
+    export_formats=("videorefer", "hf"),
     deployments=(
         Deployment("default", "default", "gpu", 8, "Strefer's instruction engine (entities, clips, masklets, transcripts, "
                    "11 task types) on GPU workers.", 4),

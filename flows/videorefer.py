@@ -62,6 +62,7 @@ SPEC = PipelineSpec(
                choices=DATA_TYPES, flag="--data-type", short="-t"),
     ),
     data_types=DATA_TYPES,
+    export_formats=("videorefer", "hf"),
     deployments=(
         Deployment("default", "default", "gpu", 8, "VideoRefer's multi-agent engine (Analyzer, Annotator, Segmentor, "
                    "Reviewer, Refiner) on GPU workers.", 4),

@@ -18,7 +18,8 @@ from typer.testing import CliRunner
 
 from engine import masks
 from engine.decode import DecodeLimits
-from engine.export import ExportOptions, export, export_videorefer
+from engine.export import ExportOptions
+from engine.export_videorefer import export_videorefer
 from engine.export_media import resize_rle
 from engine.ids import stable_id
 from engine.probe import VideoInfo, probe_video
