@@ -181,7 +181,11 @@ class UFVideoStage:
                     out.samples.append(self._pixhqa(ctx, decoded, group, result, time))
                     continue
                 if "pixrqa" in self.data_types:
-                    out.samples.append(self._pixrqa(ctx, decoded, group, result))
+                    sample = self._pixrqa(ctx, decoded, group, result)
+                    if sample is None:
+                        self.stats.count("ufvideo.pixrqa.no_label_frames")
+                    else:
+                        out.samples.append(sample)
                 if "pixtrqa" in self.data_types and ctx.item.dataset in self.config.trqa_datasets:
                     sample = self._pixtrqa(ctx, decoded, group, result, step, length)
                     if sample is None:
@@ -250,11 +254,15 @@ class UFVideoStage:
             kept=True, provenance=ctx.provenance,
         )
 
-    def _pixrqa(self, ctx: VideoContext, decoded: DecodeResult, group: _Group, result: UFVideoAnnotation) -> SampleRecord:
+    def _pixrqa(self, ctx: VideoContext, decoded: DecodeResult, group: _Group,
+                result: UFVideoAnnotation) -> SampleRecord | None:
+        """None where the masklets have no frame besides the prompt's (nothing to segment)."""
         ids = [m.masklet_id for m in group.masklets]
         frames = group.frames()
         prompt = self._prompt_frame(group, frames)
         labels = [i for i in frames if i != prompt]
+        if not labels:
+            return None
         question, answer = pixrqa(result.short, result.long)
         return self._sample(ctx, decoded, group, "pixrqa", question, answer, ids + ids,
                             {"prompt_frame": str(prompt), "label_frames": _joined(labels)}, frames, ["mask"])
