@@ -251,3 +251,31 @@ def test_view_options_bound_and_select_the_samples(built, tmp_path):
     assert "Traceback" not in missing.output
     unknown = runner.invoke(app, ["view", dataset.url, "--out", str(tmp_path / "y"), "--version", "7"])
     assert unknown.exit_code == 2
+
+
+def test_frames_past_the_end_and_a_missing_video_leave_notes(built, tmp_path):
+    from engine.view import view
+
+    _, dataset, masklets = built
+    video = dataset.read_records("videos")[0]
+    square = masklets["the square"]
+    elsewhere = video.model_copy(update={"video_id": "not-written"})
+    samples = [
+        _sample("late", video, "videorefer", "short_caption", [("human", "<video>\n<region>?"), ("gpt", "A square.")],
+                [square.masklet_id], frames=[3, 40]),
+        _sample("orphan", elsewhere, "videorefer", "short_caption", [("human", "<video>\nWhat?"), ("gpt", "Nothing.")],
+                [], frames=[1]),
+    ]
+    small = Dataset(str(tmp_path / "ds"))
+    item = ItemRecord(item_id="item", pipeline="videorefer", item_key="item", variant="v", source=video.source,
+                      status="done", video_id=video.video_id, run_hash="h", write_id="", run_id="", engine_version="",
+                      committed_at="")
+    with TableWriter(small, "run") as writer:
+        writer.add(item, {"videos": [video], "masklets": [square], "samples": samples})
+    summary = view(small.url, str(tmp_path / "pages"))
+    assert summary.pages == 2 and summary.frames == 1
+    assert summary.notes == {"frames_missing": 1, "video_missing": 1}
+    late = (tmp_path / "pages" / "samples" / f"{stable_id('late')}.html").read_text()
+    assert "frames 40 were not decoded" in late and 'data-frame="3"' in late
+    orphan = (tmp_path / "pages" / "samples" / f"{stable_id('orphan')}.html").read_text()
+    assert "video not-written is not in the dataset" in orphan
