@@ -36,7 +36,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import sqlite3
 import tempfile
 from collections import Counter
 from contextlib import contextmanager
@@ -47,6 +46,7 @@ from typing import Any, Callable, Collection, Iterable, Iterator, TypeVar
 
 from engine.errors import BadInputError, VideoError
 from engine.export_media import ClipFile, Span, cut_video, loader_order_matches, resize_rle, write_frame_folder
+from engine.lookup import Lookup
 from engine.storage import Dataset
 
 # Format name -> the module whose `export_<name>(dataset, out, options)` writes it (imported when used).
@@ -67,7 +67,6 @@ HINTS = {
     "outside_video_root": "their video lies outside --video-root",
     "labels_missing": "UFVideo samples need the labels prompt_frame (with <region>) and label_frames (with [SEG])",
 }
-_VIDEO_COLUMNS = ("video_id", "source", "start_s", "end_s", "duration_s", "fps", "width", "height", "codec")
 _SAMPLE_COLUMNS = (
     "sample_id", "video_id", "pipeline", "data_type", "task", "labels", "conversation", "masklet_ids", "frames",
     "window", "kept", "provenance",
@@ -199,58 +198,24 @@ class Placement:
         return {"start": self.span.start_s, "end": self.span.end_s}
 
 
-class Index:
-    """Videos, and the masklets the exported samples name, in a SQLite file: looked up one sample at a time."""
+class Index(Lookup):
+    """The shared lookup of videos and masklets, plus what one export has written: its clips, and the keys of a
+    mask dictionary's entries."""
 
     def __init__(self, path: str) -> None:
-        self.db = sqlite3.connect(path)
+        super().__init__(path)
         self.db.executescript(
-            "PRAGMA journal_mode=OFF; PRAGMA synchronous=OFF;"
-            "CREATE TABLE wanted (id TEXT PRIMARY KEY) WITHOUT ROWID;"
-            "CREATE TABLE masklets (id TEXT PRIMARY KEY, track_fps REAL, frames TEXT);"
-            "CREATE TABLE videos (id TEXT PRIMARY KEY, row TEXT);"
             "CREATE TABLE clips (path TEXT PRIMARY KEY, clip TEXT);"
             "CREATE TABLE keys (key TEXT PRIMARY KEY) WITHOUT ROWID;"
         )
 
-    def fill(self, dataset: Dataset, include_dropped: bool, version: int | None) -> None:
+    def want_samples(self, dataset: Dataset, include_dropped: bool, version: int | None) -> None:
+        """Want the masklets of every exported sample."""
         import pyarrow.compute as pc
 
         for batch in dataset.scan("samples", ["masklet_ids", "kept"], version=version):
             ids = batch.column("masklet_ids")
-            ids = pc.list_flatten(ids if include_dropped else ids.filter(batch.column("kept")))
-            self.db.executemany("INSERT OR IGNORE INTO wanted VALUES (?)", ((i,) for i in ids.to_pylist()))
-        # Masklet rows carry every frame's RLE: small batches, and only the wanted rows become Python objects.
-        for batch in dataset.scan("masklets", ["masklet_id", "track_fps", "frames"], version=version, batch_rows=1024):
-            ids = batch.column("masklet_id").to_pylist()
-            wanted = self._wanted(ids)
-            keep = [k for k, i in enumerate(ids) if i in wanted]
-            if keep:
-                self.db.executemany("INSERT OR REPLACE INTO masklets VALUES (?, ?, ?)", _masklet_rows(batch.take(keep)))
-        # Not deduplicated by the scan (its set of seen ids would grow with the dataset): the table's key does it.
-        for batch in dataset.scan("videos", _VIDEO_COLUMNS, version=version, unique=False):
-            rows = ((v["video_id"], json.dumps(v)) for v in batch.to_pylist())
-            self.db.executemany("INSERT OR REPLACE INTO videos VALUES (?, ?)", rows)
-        self.db.commit()
-
-    def _wanted(self, ids: list[str]) -> set[str]:
-        found: set[str] = set()  # at most one batch of ids
-        for k in range(0, len(ids), 500):  # SQLite's bound on query parameters
-            chunk = ids[k : k + 500]
-            marks = ",".join("?" * len(chunk))
-            found.update(r[0] for r in self.db.execute(f"SELECT id FROM wanted WHERE id IN ({marks})", chunk))
-        return found
-
-    def video(self, video_id: str) -> dict[str, Any] | None:
-        row = self.db.execute("SELECT row FROM videos WHERE id = ?", (video_id,)).fetchone()
-        return json.loads(row[0]) if row else None
-
-    def masklet(self, masklet_id: str) -> tuple[float | None, dict[int, dict[str, Any]]] | None:
-        """(track_fps, frame index -> RLE) of a masklet."""
-        row = self.db.execute("SELECT track_fps, frames FROM masklets WHERE id = ?", (masklet_id,)).fetchone()
-        if row is None:
-            return None
-        return row[0], {i: {"size": size, "counts": counts} for i, size, counts in json.loads(row[1])}
+            self.want(pc.list_flatten(ids if include_dropped else ids.filter(batch.column("kept"))).to_pylist())
 
     def clip(self, path: str) -> ClipFile | None | str:
         """The clip written at `path` earlier in this export, or why it could not be written."""
@@ -271,27 +236,6 @@ class Index:
     def add_key(self, key: str) -> bool:
         """Adds `key`; False where it was there already."""
         return self.db.execute("INSERT OR IGNORE INTO keys VALUES (?)", (key,)).rowcount == 1
-
-    def close(self) -> None:
-        self.db.close()
-
-
-def _masklet_rows(batch: Any) -> Iterator[tuple[str, float | None, str]]:
-    """(id, track_fps, frames as JSON [[index, size, counts], ...]) per masklet, read column-wise: the
-    nested frames never become Python dicts, the costly part of an export over many masklets."""
-    import pyarrow.compute as pc
-
-    frames = batch.column("frames").combine_chunks() if hasattr(batch.column("frames"), "combine_chunks") else batch.column("frames")
-    first, offsets = frames.offsets[0].as_py(), frames.offsets.to_pylist()
-    offsets = [o - first for o in offsets]
-    flat = frames.flatten()  # the frames of every masklet, in order (slicing applied)
-    index = pc.struct_field(flat, "frame_index").to_pylist()
-    counts = pc.struct_field(flat, ["rle", "counts"]).to_pylist()
-    sizes = pc.list_flatten(pc.struct_field(flat, ["rle", "size"])).to_pylist()  # [h, w] per frame, flattened
-    for k, (masklet_id, fps) in enumerate(zip(batch.column("masklet_id").to_pylist(), batch.column("track_fps").to_pylist())):
-        rows = [[index[j], sizes[2 * j : 2 * j + 2], counts[j]] for j in range(offsets[k], offsets[k + 1])]
-        yield masklet_id, fps, json.dumps(rows)
-
 
 class ExportRun:
     """One export in progress, whatever its format: the output folder, the index, the summary, and how a
@@ -418,7 +362,8 @@ def export_run(dataset: Dataset, out: str, options: ExportOptions) -> Iterator[E
     with tempfile.TemporaryDirectory(prefix="engine-export-") as scratch:
         index = Index(os.path.join(scratch, "index.sqlite"))
         try:
-            index.fill(dataset, options.include_dropped, options.version)
+            index.want_samples(dataset, options.include_dropped, options.version)
+            index.fill(dataset, options.version)
             yield ExportRun(dataset, fs, root.rstrip("/"), options, index)
         finally:
             index.close()

@@ -415,6 +415,46 @@ def _export(path, out, fmt, include_dropped, frames, cut_clips, video_root, time
         console.print("[yellow]no samples to export[/]")
 
 
+@app.command("view")
+def view(
+    path: Annotated[str, typer.Argument(help="Dataset folder or fsspec URL.")],
+    out: Annotated[str, typer.Option("--out", "-o", help="Local folder for the pages (open OUT/index.html).")],
+    sample: Annotated[Optional[str], typer.Option("--sample", "-s", help="Only this sample id.")] = None,
+    limit: Annotated[int, typer.Option(help="Write at most this many samples (the first that match).")] = 200,
+    pipeline: Annotated[Optional[str], typer.Option(help="Only samples of this pipeline.")] = None,
+    data_type: Annotated[Optional[str], typer.Option(help="Only samples of this data type.")] = None,
+    version: Annotated[
+        Optional[int], typer.Option("--version", "-V", help="The dataset version to show (default: the latest published).")
+    ] = None,
+) -> None:
+    """Write static HTML pages of samples: frames with each region's mask, and the conversation beside them."""
+    _run_guarded(_view, path, out, sample, limit, pipeline, data_type, version)
+
+
+def _view(path, out, sample, limit, pipeline, data_type, version) -> None:
+    from engine.view import view as write_view
+
+    with _progress_bars() as bars:
+        tasks: dict[str, int] = {}
+
+        def on_progress(description: str, done: int, total: int | None) -> None:
+            if description not in tasks:
+                tasks[description] = bars.add_task(description, total=total)
+            bars.update(tasks[description], completed=done, total=total)
+
+        summary = write_view(
+            path, out, sample_id=sample, limit=limit, pipeline=pipeline, data_type=data_type, version=version,
+            progress=on_progress,
+        )
+    if not summary.pages:
+        console.print("[yellow]no samples match[/]")
+    console.print(f"{summary.pages} sample pages, {summary.frames} frames: open {summary.index}")
+    if summary.limited:
+        console.print(f"more samples match: the first {limit} were written (raise --limit for more)")
+    if summary.notes:
+        console.print("pages with notes: " + ", ".join(f"{k} {n}" for k, n in sorted(summary.notes.items())))
+
+
 @app.command()
 def models(
     profile: Annotated[Optional[str], typer.Option("--profile", "-p", help="Only this profile.")] = None,

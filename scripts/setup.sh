@@ -16,4 +16,14 @@ extras=""
 SAM2_BUILD_CUDA=0 .venv/bin/python -m pip install -q --no-build-isolation -e ".${extras}"
 # The same check a test makes: torchvision's compiled ops must load (sam2 needs them).
 .venv/bin/python -c "import torch, torchvision; torchvision.ops.nms(torch.zeros(1, 4), torch.zeros(1), 0.5)"
+if [[ -n "$extras" ]] && ! command -v chromium >/dev/null && [[ ! -x /usr/bin/chromium ]]; then
+  # The `engine view` tests drive Debian's chromium with Playwright (`playwright install` downloads browsers).
+  apt=(env DEBIAN_FRONTEND=noninteractive apt-get -q)
+  [[ $(id -u) -ne 0 ]] && apt=(sudo "${apt[@]}")
+  if ! command -v apt-get >/dev/null; then
+    echo "warning: no apt-get to install chromium; the engine view tests will skip" >&2
+  elif ! "${apt[@]}" install -y chromium && ! { "${apt[@]}" update && "${apt[@]}" install -y chromium; }; then
+    echo "warning: apt-get could not install chromium; the engine view tests will skip" >&2
+  fi
+fi
 echo "engine installed in .venv ($(.venv/bin/engine --help >/dev/null && echo 'engine command ok'))"
