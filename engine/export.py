@@ -45,6 +45,7 @@ from importlib import import_module
 from typing import Any, Callable, Collection, Iterable, Iterator, TypeVar
 
 from engine.errors import BadInputError, VideoError
+from engine.probe import FRAME_FOLDER_CODEC
 from engine.export_media import ClipFile, Span, cut_video, loader_order_matches, resize_rle, write_frame_folder
 from engine.lookup import Lookup
 from engine.storage import Dataset
@@ -59,7 +60,6 @@ FORMATS = {
 FRAME_CHOICES = ("sample", "tracked", "all")
 TIME_FORMATS = ("timestamp", "tokens")
 TOKENS = re.compile(r"<region>|\[SEG\]")  # the tokens `masklet_ids` answers, in order over the conversation
-FRAME_FOLDER_CODEC = "image-sequence"  # engine.probe's codec of a folder of frames
 # What a person can do about a reason samples were left out.
 HINTS = {
     "frame_order_differs": "their frame folders list in another order for the trainer's loader (a text sort of "

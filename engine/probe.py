@@ -24,6 +24,9 @@ if TYPE_CHECKING:
     from engine.decode import DecodeLimits
 
 
+FRAME_FOLDER_CODEC = "image-sequence"  # the codec a folder of frames is probed as
+
+
 @dataclass(frozen=True)
 class VideoInfo:
     path: str
@@ -223,7 +226,7 @@ def _probe_frames(path: str, limits: DecodeLimits, frame_rate: float | None) -> 
         width=width,
         height=height,
         rotation=0,
-        codec="image-sequence",
+        codec=FRAME_FOLDER_CODEC,
         decode_width=decode_width,
         decode_height=decode_height,
         limits=limits,

@@ -195,8 +195,9 @@ def _run_command(spec) -> Any:
     params = [
         option("source", list[str], ..., "--source", "-s", help=(
             "Repeatable. Video files, each taken as it is." if spec.sources_are_videos else
-            "Repeatable. A caption manifest (.jsonl/.csv/.parquet: video, caption, optional start/end), a MeViS or "
-            "Ref-YouTube-VOS release, a video file, a folder of videos or a folder of frames.")),
+            "Repeatable. A caption manifest (.jsonl/.csv/.parquet: video, caption, optional start/end), a dataset "
+            "release as it unpacks (MeViS, Ref-YouTube-VOS, ReVOS, LV-VIS, SA-V, VidSTG, A2D-Sentences), an objects "
+            "JSONL, a dataset the engine wrote, a video file, a folder of videos or a folder of frames.")),
         option("out", str, ..., "--out", "-o", help="Dataset folder (local path or object-store URL)."),
         option("profile", str, "default", "--profile", "-p", help="Model profile (engine models lists them)."),
         option("config", Optional[Path], None, "--config", "-c", help="YAML merged over the bundled profiles.yaml."),
@@ -205,7 +206,7 @@ def _run_command(spec) -> Any:
     if spec.batched_sources:
         params += [
             option("limit", Optional[int], None, "--limit", help="Process at most this many items."),
-            option("frame_rate", Optional[float], None, "--frame-rate", help="Frames per second of frame folders (MeViS and Ref-YouTube-VOS: 6)."),
+            option("frame_rate", Optional[float], None, "--frame-rate", help="Frames per second of frame folders (MeViS, Ref-YouTube-VOS and ReVOS: 6)."),
             option("split", Optional[str], None, "--split", help="Split of a dataset release with several (MeViS: train, valid_u, valid)."),
         ]
     params.append(option("runner", Optional[str], None, "--runner", help=(

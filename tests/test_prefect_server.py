@@ -113,6 +113,25 @@ def _check_strefer(tmp: Path, params: dict[str, Any]) -> None:
     assert samples and all(s["pipeline"] == "strefer" and dict(s["labels"])["group"].startswith("G") for s in samples)
 
 
+def _mevis_params(tmp: Path) -> dict[str, Any]:
+    from tests.test_sources import mevis_layout
+
+    mevis_layout(tmp / "mevis")
+    return {"source": [str(tmp / "mevis")], "out": str(tmp / "dataset")}
+
+
+def _check_annotated(agent: str, masklets: int) -> Callable[[Path, dict[str, Any]], None]:
+    """SAMA's and UFVideo's checks: the release's masks became masklets, and the agent asked the tiny VLM."""
+
+    def check(tmp: Path, params: dict[str, Any]) -> None:
+        out = Path(params["out"])
+        assert sum(m["method"] == "source" for m in _read(out, "masklets")) == masklets
+        stats = _run_stats(out)
+        assert stats.get(f"{agent}_requests", 0) > 0, stats
+
+    return check
+
+
 def _refresh_params(tmp: Path) -> dict[str, Any]:
     """A tiny clip-and-track dataset made here (no Prefect), and a source that adds a video to it."""
     from engine.stats import Stats
@@ -202,6 +221,9 @@ DEPLOYMENTS = [
     DeploymentCase("clip-and-track/tiny-wiring-check", _clip_and_track_params, _check_clip_and_track),
     DeploymentCase("build-videorefer-700k/tiny", _videorefer_params, _check_videorefer),
     DeploymentCase("build-strefer/tiny", _strefer_params, _check_strefer),
+    # anno ids 10 and 11 of v1; SAMA skips v2, whose one object (20) UFVideo keeps
+    DeploymentCase("build-sama/tiny", _mevis_params, _check_annotated("sama_annotator", 2)),
+    DeploymentCase("build-ufvideo/tiny", _mevis_params, _check_annotated("ufvideo_annotator", 3)),
     DeploymentCase("refresh-dataset/nightly", _refresh_params, _check_refresh),
     DeploymentCase("build-videorefer-700k/tiny", _videorefer_shards_params, _check_videorefer_shards, needs_stack=True),
 ]

@@ -142,3 +142,43 @@ def test_a_source_other_than_trqa_datasets_gives_no_pixtrqa_and_bad_answers_are_
 def test_config_bounds(kwargs):
     with pytest.raises(ValueError):
         ufvideo.UFVideoConfig(**kwargs)
+
+
+def test_ufvideo_builds_on_the_engines_own_videorefer_object_qa(tmp_path):
+    """UFVideo built PixRQA and PixHQA from VideoRefer-700K: here from a dataset VideoRefer's object QA wrote
+    (fake chat backends), opened as a source; the label masks are the release's, pixel for pixel."""
+    import json
+
+    from engine.sources import open_source
+    from flows import videorefer
+    from tests.test_videorefer_pipeline import Models, answer, kind_of
+
+    def describe(request) -> str:  # the Annotator on the boxes' expressions; the Refiner's QA as VideoRefer's tests
+        kind = kind_of(request)
+        if kind == "dynamic":
+            return json.dumps({"moves_or_acts": True, "description": "It slides to the right."})
+        return "A flat colored box." if kind == "static" else answer(request)
+
+    item, truth = object_item(tmp_path / "v", objects=2, frames=12)
+    refer = Dataset(str(tmp_path / "videorefer"))
+    stats, models = Stats(), Models(describe)
+    pipeline = videorefer.build(load_config("tiny"), models.backends(), stats=stats, dataset=refer, data_types=("object_qa",))
+    Runner(pipeline, refer, stats=stats).run([item])
+    qa = [s for s in refer.read_table("samples").to_pylist() if s["data_type"] == "object_qa"]
+    assert qa  # the fake Refiner asks about the first region (the red box) only
+
+    items = list(open_source(refer.url))
+    assert len(items) == 1 and items[0].dataset == "engine" and items[0].source == item.source
+    assert [o.object_id for o in items[0].objects] == sorted({i for s in qa for i in s["masklet_ids"]})
+    dataset = _run(tmp_path, items, FakeChat(fn=box2_answer), data_types=("pixrqa",))
+    (rqa,) = from_table(SampleRecord, dataset.read_table("samples"))
+    masklets = {m.masklet_id: m for m in from_table(MaskletRecord, dataset.read_table("masklets"))}
+    by_color = {"the red box": 0, "the blue box": 1}
+    from engine import masks as mask_codec
+
+    for masklet_id in rqa.masklet_ids:
+        masklet = masklets[masklet_id]
+        k = by_color[masklet.expression]
+        assert [f.frame_index for f in masklet.frames] == sorted(truth[k].masks)
+        for f in masklet.frames:
+            assert np.array_equal(mask_codec.decode(f.rle), truth[k].masks[f.frame_index])

@@ -15,12 +15,12 @@ import tempfile
 from pathlib import Path
 from typing import Any, Iterator
 
-from engine.errors import BadInputError
+from engine.probe import FRAME_FOLDER_CODEC
 from engine.sources._layout import Problems
 from engine.storage import Dataset
 from schemas.records import Rle, SourceExpression, SourceObject, WorkItem
 
-_VIDEO_COLUMNS = ["video_id", "source", "start_s", "end_s", "fps", "num_frames", "width", "height"]
+_VIDEO_COLUMNS = ["video_id", "source", "start_s", "end_s", "fps", "num_frames", "width", "height", "codec"]
 
 
 def is_engine_dataset(path: Path) -> bool:
@@ -99,8 +99,10 @@ def _item(video: dict[str, Any], rows: list[tuple[str, str, str]]) -> WorkItem:
             objects.append(SourceObject(object_id=masklet_id, masks=masks))
             if expression.strip():
                 expressions.append(SourceExpression(expression=expression, object_ids=[masklet_id]))
-    return WorkItem(source=video["source"], start_s=start, end_s=video["end_s"], dataset="engine", objects=objects,
-                    expressions=expressions, problems=problems.records())
+    # A folder of frames is read at the rate the build read it (a video file knows its own).
+    frame_rate = fps if video["codec"] == FRAME_FOLDER_CODEC else None
+    return WorkItem(source=video["source"], start_s=start, end_s=video["end_s"], frame_rate=frame_rate, dataset="engine",
+                    objects=objects, expressions=expressions, problems=problems.records())
 
 
 def _wanted(db: sqlite3.Connection, ids: list[str]) -> set[str]:
