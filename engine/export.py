@@ -120,10 +120,7 @@ def export(
     if time_format not in TIME_FORMATS:
         raise BadInputError(f"unknown time format {time_format!r}; choose from {', '.join(TIME_FORMATS)}")
     dataset = Dataset(dataset_url)
-    dataset.require()
-    if version is None:
-        version = dataset.latest_version()
-    dataset.table_versions(version)  # an unknown version: one line, before anything is written
+    version = dataset.reading(version)
     options = ExportOptions(include_dropped, frames, cut_clips, video_root, time_format, version)
     writer = getattr(import_module(FORMATS[fmt]), f"export_{fmt}")
     return writer(dataset, out, options)

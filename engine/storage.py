@@ -374,6 +374,16 @@ class Dataset:
         out = [Version(numbers[r.run_id], r) for r in records if r.run_id in numbers]
         return sorted(out, key=lambda v: v.number)
 
+    def reading(self, version: int | None) -> int | None:
+        """For readers that stream a version (exporters, the review pages): the version they read, `version` or
+        else the latest published (None: every committed item, where none is published yet), checked now so an
+        unknown one is one line before anything is written."""
+        self.require()
+        if version is None:
+            version = self.latest_version()
+        self.table_versions(version)
+        return version
+
     def latest_version(self) -> int | None:
         versions = self.versions()
         return versions[-1].number if versions else None

@@ -110,10 +110,7 @@ def view(
     if limit < 1:
         raise BadInputError(f"--limit must be at least 1, got {limit}")
     dataset = Dataset(dataset_url)
-    dataset.require()
-    if version is None:
-        version = dataset.latest_version()
-    dataset.table_versions(version)  # an unknown version: one line, before anything is written
+    version = dataset.reading(version)
     options = ViewOptions(sample_id, limit, pipeline, data_type, version)
     return write_pages(dataset, out, options, progress=progress)
 

@@ -247,18 +247,8 @@ def mask_dict_items(
             if per_frame is None:
                 continue  # unknown_object, said by `referred`
             known.add(anno_id)
-            if not isinstance(per_frame, list) or len(per_frame) != len(frames):
-                got = f"{len(per_frame)} entries" if isinstance(per_frame, list) else type(per_frame).__name__
-                problems.add("frame_count_mismatch", f"{mask_path}: video {video_id}, anno_id {anno_id}: expected a "
-                             f"list of {len(frames)} per-frame masks, got {got}", object_id=anno_id)
-                continue
-            rles = {}
-            for position, frame, entry in zip(positions, frames, per_frame):
-                rle = None if entry is None or position is None else source_rle(entry, folder.height, folder.width)
-                if isinstance(rle, tuple):
-                    problems.add(rle[0], f"video {video_id}, anno_id {anno_id}, frame {frame}: {rle[1]}", object_id=anno_id)
-                elif rle is not None:
-                    rles[position] = rle
+            rles = per_frame_rles(f"{mask_path}: video {video_id}, anno_id {anno_id}", anno_id, per_frame, frames,
+                                  positions, folder, problems)
             if rles:
                 objects.append(SourceObject(object_id=anno_id, masks=rles))
         kept = referred(expressions, {o.object_id for o in objects}, known, problems)
@@ -273,3 +263,23 @@ def load_mask_dict(path: Path) -> dict[str, Any]:
     if not isinstance(masks, dict):
         raise BadInputError(f"{path} must be an object of anno_id -> list of per-frame RLE")
     return masks
+
+
+def per_frame_rles(at: str, object_id: str, per_frame: Any, frames: list[str], positions: list[int | None],
+                   folder: FrameFolder, problems: Problems) -> dict[int, Rle]:
+    """An object's masks from a list of one RLE (or null) per listed frame (MeViS' and ReVOS' mask_dict.json,
+    LV-VIS' segmentations), keyed by the frame's position in `folder`. A list of the wrong length, or a bad mask,
+    is a problem; null entries, and frames missing from the folder (a problem said by the caller), are left out."""
+    if not isinstance(per_frame, list) or len(per_frame) != len(frames):
+        got = f"{len(per_frame)} entries" if isinstance(per_frame, list) else type(per_frame).__name__
+        problems.add("frame_count_mismatch", f"{at}: expected a list of {len(frames)} per-frame masks, got {got}",
+                     object_id=object_id)
+        return {}
+    rles = {}
+    for position, frame, entry in zip(positions, frames, per_frame):
+        rle = None if entry is None or position is None else source_rle(entry, folder.height, folder.width)
+        if isinstance(rle, tuple):
+            problems.add(rle[0], f"{at}, frame {frame}: {rle[1]}", object_id=object_id)
+        elif rle is not None:
+            rles[position] = rle
+    return rles

@@ -36,8 +36,7 @@ def read_engine_dataset(
     less the window's first frame, at the video's size) and one expression per masklet. A mask outside the
     window is a problem of its item."""
     dataset = Dataset(str(path))
-    dataset.require()
-    return _items(dataset, pipeline, data_types, version)
+    return _items(dataset, pipeline, data_types, dataset.reading(version))  # default: the latest published version
 
 
 def _items(dataset: Dataset, pipeline: str, data_types: tuple[str, ...] | None, version: int | None) -> Iterator[WorkItem]:

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from engine.errors import BadInputError
-from engine.sources._layout import Problems, choose_split, frame_folder, load_json, source_rle
+from engine.sources._layout import Problems, choose_split, frame_folder, load_json, per_frame_rles
 from schemas.records import SourceObject, WorkItem
 
 LVVIS_FPS = 5.0  # the rate LV-VIS frames were extracted at, as its loaders assume; a frame_rate given overrides it
@@ -73,18 +73,9 @@ def _items(
             object_id = str(annotation["id"])
             at = f"{path}: video {video_id}, annotation {object_id}"
             per_frame = annotation.get("segmentations")
+            masks = per_frame_rles(at, object_id, per_frame, names, positions, folder, problems)
             if not isinstance(per_frame, list) or len(per_frame) != len(names):
-                got = f"{len(per_frame)} entries" if isinstance(per_frame, list) else "none"
-                problems.add("frame_count_mismatch", f"{at}: expected {len(names)} per-frame masks, got {got}",
-                             object_id=object_id)
-                continue
-            masks = {}
-            for name, position, entry in zip(names, positions, per_frame):
-                rle = None if entry is None or position is None else source_rle(entry, folder.height, folder.width)
-                if isinstance(rle, tuple):
-                    problems.add(rle[0], f"{at}, frame {name}: {rle[1]}", object_id=object_id)
-                elif rle is not None:
-                    masks[position] = rle
+                continue  # frame_count_mismatch, said
             category = categories.get(annotation.get("category_id"))
             if not masks:
                 problems.add("no_annotation", f"{at}: no usable mask on any frame", object_id=object_id)
