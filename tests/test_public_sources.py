@@ -241,6 +241,17 @@ def test_objects_jsonl_masks_boxes_and_problems(tmp_path: Path) -> None:
         read_objects(tmp_path / "clips")
 
 
+def test_objects_jsonl_over_a_frame_folder_reads_it_at_the_frame_rate(tmp_path: Path) -> None:
+    from tests.object_items import object_item
+
+    item, truth = object_item(tmp_path / "frames" / "v1", objects=1, frames=6)
+    line = {"video": "frames/v1", "object_id": "0", "masks": {str(k): v.model_dump() for k, v in item.objects[0].masks.items()}}
+    (tmp_path / "objects.jsonl").write_text(json.dumps(line) + "\n")
+    (read,) = list(open_source(str(tmp_path / "objects.jsonl"), frame_rate=6.0))
+    assert read.frame_rate == 6.0 and read.source == str(tmp_path / "frames" / "v1") and not read.problems
+    assert exact(read.objects[0], truth[0].masks)
+
+
 # -- the engine's own datasets --------------------------------------------------------------------------------
 
 

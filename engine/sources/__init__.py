@@ -62,7 +62,7 @@ def _open(spec: str, frame_rate: float | None, split: str | None) -> Iterator[Wo
     lower = spec.lower()
     if lower.endswith(".jsonl") and is_objects_jsonl(Path(spec)):
         _no_splits(spec, split)
-        return read_objects(spec)
+        return read_objects(spec, frame_rate=frame_rate)
     if lower.endswith(MANIFEST_SUFFIXES):
         _no_splits(spec, split)
         return read_manifest(spec, frame_rate=frame_rate)
@@ -95,7 +95,7 @@ def _open(spec: str, frame_rate: float | None, split: str | None) -> Iterator[Wo
     if is_engine_dataset(path):
         return read_engine_dataset(path)
     if (path / OBJECTS_FILE).is_file():
-        return read_objects(path)
+        return read_objects(path, frame_rate=frame_rate)
     if sav_annotations(path):
         return read_sav(path)
     if list_frame_images(spec):

@@ -209,14 +209,14 @@ def source_box(box: Any, height: int, width: int) -> list[float] | str:
 
 
 def video_shape(path: str) -> tuple[int, int, int] | None:
-    """(frames, height, width) of a video file from its header; None when it cannot be opened (the runner
-    rejects such an item with its reason when it reaches it)."""
+    """(frames, height, width) of a video file from its header, or of a folder of frames; None when it cannot be
+    opened (the runner rejects such an item with its reason when it reaches it)."""
     from engine.decode import DecodeLimits
     from engine.errors import VideoError
     from engine.probe import probe_video
 
-    try:
-        info = probe_video(path, limits=DecodeLimits())
+    try:  # a folder's frame rate does not change its frames or their size
+        info = probe_video(path, limits=DecodeLimits(), frame_rate=1.0 if os.path.isdir(path) else None)
     except (BadInputError, VideoError, OSError):
         return None
     return info.num_frames, info.height, info.width

@@ -31,10 +31,11 @@ def is_objects_jsonl(path: Path) -> bool:
     return isinstance(row, dict) and "object_id" in row
 
 
-def read_objects(path: str | Path) -> Iterator[WorkItem]:
+def read_objects(path: str | Path, *, frame_rate: float | None = None) -> Iterator[WorkItem]:
     """One WorkItem per video named in the JSONL (`path`, or `objects.jsonl` in the folder `path`): its objects'
-    masks or boxes at their frame indexes, an expression per object that has one. The file is read and each
-    line's shape checked now; a mask or box that does not fit its video is a problem of its item."""
+    masks or boxes at their frame indexes, an expression per object that has one. A video may be a folder of
+    frames, read at `frame_rate`. The file is read and each line's shape checked now; a mask or box that does not
+    fit its video is a problem of its item."""
     path = Path(path)
     path = path / OBJECTS_FILE if path.is_dir() else path
     if not path.is_file():
@@ -48,7 +49,7 @@ def read_objects(path: str | Path) -> Iterator[WorkItem]:
                     by_video.setdefault(row["video"], []).append(row)
     except (OSError, UnicodeDecodeError) as exc:
         raise BadInputError(f"{path} cannot be read: {one_line(exc)}") from exc
-    return _items(path.parent, by_video)
+    return _items(path.parent, by_video, frame_rate)
 
 
 def _row(path: Path, n: int, line: str) -> dict[str, Any]:
@@ -72,7 +73,7 @@ def _row(path: Path, n: int, line: str) -> dict[str, Any]:
     return row
 
 
-def _items(folder: Path, by_video: dict[str, list[dict[str, Any]]]) -> Iterator[WorkItem]:
+def _items(folder: Path, by_video: dict[str, list[dict[str, Any]]], frame_rate: float | None) -> Iterator[WorkItem]:
     for video, rows in by_video.items():
         source = str(folder / video)
         shape = video_shape(source)  # None: unreadable; the runner rejects the item
@@ -117,5 +118,5 @@ def _items(folder: Path, by_video: dict[str, list[dict[str, Any]]]) -> Iterator[
             objects.append(SourceObject(object_id=object_id, masks=masks, boxes=boxes, category=row.get("category")))
             if (row.get("expression") or "").strip():
                 expressions.append(SourceExpression(expression=" ".join(row["expression"].split()), object_ids=[object_id]))
-        yield WorkItem(source=source, dataset="objects", objects=objects, expressions=expressions,
-                       problems=problems.records())
+        yield WorkItem(source=source, frame_rate=frame_rate if os.path.isdir(source) else None, dataset="objects",
+                       objects=objects, expressions=expressions, problems=problems.records())
