@@ -36,6 +36,7 @@ BACKENDS: dict[str, Backend] = {
     "siglip": Backend("embedder", "engine.models.siglip", "SiglipEmbedder"),
     "sam2": Backend("tracker", "engine.models.sam2_tracker", "Sam2Tracker"),
     "sam2-image": Backend("box_segmenter", "engine.models.sam2_image", "Sam2BoxSegmenter"),
+    "hq-sam": Backend("box_segmenter", "engine.models.sam_hq", "SamHqBoxSegmenter"),
     "transformers": Backend("chat", "engine.models.chat_transformers", "TransformersChat"),
     "vllm": Backend("chat", "engine.models.chat_vllm", "VllmChat"),
     "openai": Backend("chat", "engine.models.chat_http", "HttpChat", needs_weights=False, calls_at_once=None),
