@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from typing import Any, Mapping
 
 from engine.config import EngineConfig, RoleSpec, require_roles
+from engine.device import resolve_dtype
 from engine.errors import ConfigError
 from engine.models.chat_queue import ChatQueue, ChatQueueConfig
 
@@ -53,14 +54,9 @@ def backend_of(role: str, spec: RoleSpec, kind: str | None = None) -> Backend:
     return backend
 
 
-def resolve_dtype(dtype: str, device: str) -> str:
-    """`auto`: bfloat16 autocast on a GPU; float32 on a CPU, where bf16 matmuls without hardware support ran
-    SAM 2 about ten times slower (2.5 s against 0.23 s a frame for the tiny tracker here)."""
-    if dtype != "auto":
-        return dtype
-    return "bfloat16" if device.startswith("cuda") else "float32"
-
-
+# Kinds whose backends take the run's dtype (`pipeline.dtype`, resolved per device): the SAM family. Left to
+# its own default, SAM 2's image predictor ran under bf16 autocast on a CPU, about 7 times slower.
+DTYPED = ("tracker", "box_segmenter")
 _LOADED: dict[tuple[str, str, str], Any] = {}
 _QUEUES: dict[tuple[str, str, str], ChatQueue] = {}  # one per loaded chat model, keyed as _LOADED
 _LOCK = threading.Lock()  # Prefect's thread task runner may build from several threads: load once
@@ -69,7 +65,7 @@ _LOCK = threading.Lock()  # Prefect's thread task runner may build from several 
 def _load(spec: RoleSpec, device: str, dtype: str, kind: str) -> Any:
     cls = _backend_class(BACKENDS[spec.backend])
     options = dict(spec.options)
-    if kind == "tracker":
+    if kind in DTYPED:
         options.setdefault("dtype", dtype)
     if spec.is_tiny:
         return cls.tiny(device=device, **options)
@@ -112,7 +108,7 @@ def build(config: EngineConfig, roles: Mapping[str, str], *, pipeline: str = "th
     with _LOCK:
         for role, kind in roles.items():
             spec = config.roles[role]
-            key = (spec.model_dump_json(), device, dtype if kind == "tracker" else "")
+            key = (spec.model_dump_json(), device, dtype if kind in DTYPED else "")
             if key not in _LOADED:
                 _LOADED[key] = _load(spec, device, dtype, kind)
             out[role] = _LOADED[key] if kind != "chat" else _queue(key, _LOADED[key], spec, queue_config)

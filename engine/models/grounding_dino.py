@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any, Sequence
 
 import numpy as np
 
+from engine.device import resolve_dtype
 from engine.images import check_rgb_uint8
 from engine.models.interfaces import Detection
 
@@ -147,12 +148,7 @@ MIN_RESOLUTION, MAX_RESOLUTION = 64, 2048
 
 
 def resolve_detector_dtype(dtype: str, device: str) -> str:
-    """`auto`: bfloat16 on a GPU, float32 on a CPU (the engine's convention, `factory.resolve_dtype`)."""
-    if dtype not in DTYPES:
-        raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
-    if dtype != "auto":
-        return dtype
-    return "bfloat16" if str(device).startswith("cuda") else "float32"
+    return resolve_dtype(dtype, device, DTYPES)
 
 
 def check_resolution(resolution: int | None) -> int | None:

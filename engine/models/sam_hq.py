@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from engine.device import resolve_dtype
 from engine.images import check_rgb_uint8
 from engine.models.sam2_tracker import clip_boxes
 
@@ -38,15 +39,6 @@ RANDOM_ENCODERS: dict[str, dict[str, Any]] = {
     ),
 }
 TINY_IMAGE_SIZE = 128  # 8x8 patches of 16 px: the smallest input at which a window and a global block differ
-
-
-def resolve_dtype(dtype: str, device: str) -> str:
-    """`auto`: bfloat16 autocast on a GPU, float32 on a CPU (the engine's convention, `factory.resolve_dtype`)."""
-    if dtype not in DTYPES:
-        raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
-    if dtype != "auto":
-        return dtype
-    return "bfloat16" if device.startswith("cuda") else "float32"
 
 
 def masks_to_image(
@@ -95,7 +87,7 @@ class SamHqBoxSegmenter:
             raise ValueError(f"processor must be a transformers SamHQProcessor, got {type(processor).__name__}")
         self.model_id = model_id
         self.device = device
-        self.dtype = resolve_dtype(dtype, device)
+        self.dtype = resolve_dtype(dtype, device, DTYPES)
         self.model = model.to(device).eval()
         self.processor = processor
         self.hq_token_only = hq_token_only
@@ -153,7 +145,7 @@ class SamHqBoxSegmenter:
         from engine.models.hf_loading import missing_weights_as_error
 
         device = pick_device(device)
-        resolve_dtype(dtype, device)  # fail on a bad value before loading anything
+        resolve_dtype(dtype, device, DTYPES)  # fail on a bad value before loading anything
         with missing_weights_as_error(model, role="box segmenter"):
             # the model first: for a path that is not there it raises OSError, the processor a ValueError
             sam_model = SamHQModel.from_pretrained(model)
