@@ -138,6 +138,11 @@ def test_vidstg_boxes_on_every_4th_frame_of_the_segment(tmp_path: Path) -> None:
     assert ball.boxes == {0: [5.0, 2.0, 15.0, 12.0]}
     assert [(e.expression, e.object_ids) for e in item.expressions] == [("a dog runs", ["0"])]
     assert reasons(item) == {("bad_box", "1"), ("unknown_object", "3")}
+    # a second sentence about the same segment: one item (one key) with both sentences
+    second = {**entry, "captions": [{"type": "object", "target_id": 1, "description": "a red ball"}]}
+    (tmp_path / "train_annotations.json").write_text(json.dumps([entry, second]))
+    (item,) = list(open_source(str(tmp_path)))
+    assert [(e.expression, e.object_ids) for e in item.expressions] == [("a dog runs", ["0"]), ("a red ball", ["1"])]
     entry["used_segment"]["end_fid"] = 30
     (tmp_path / "train_annotations.json").write_text(json.dumps([entry]))
     assert ("frame_out_of_range", None) in reasons(next(read_vidstg(tmp_path)))

@@ -6,8 +6,9 @@ Layout: `<root>/{train,val,test}_annotations.json` (a list of entries: vid, fps,
 `captions` and `questions` [{target_id, description}], `trajectories` [[{tid, bbox {xmin, ymin, xmax, ymax}}]
 per video frame]) beside VidOR's `<root>/video/<folder>/<vid>.mp4`.
 
-An item is an entry's segment: a window from half a frame before begin_fid to half a frame before end_fid (so
-its first decoded frame is begin_fid whatever the rounding of fid / fps), positions counted from begin_fid.
+An item is a segment of a video: a window from half a frame before begin_fid to half a frame before end_fid (so
+its first decoded frame is begin_fid whatever the rounding of fid / fps), positions counted from begin_fid. The
+entries of one vid and segment (several sentences about it) are one item, with all their objects and sentences.
 Boxes are read on every 4th frame of the segment, as SAMA samples it. Expressions are the declarative captions;
 the questions ask about their target rather than describe it, so they are left out.
 """
@@ -75,39 +76,28 @@ def _check(path: Path, n: int, entry: Any) -> None:
 
 
 def _items(videos: Path, path: Path, entries: list[dict]) -> Iterator[WorkItem]:
+    """One item per video segment: entries of one vid and one segment (several sentences about it) are one item
+    with all their objects and expressions, so the item's key (its file and window) is never used twice."""
+    segments: dict[tuple[str, int, int], list[tuple[int, dict]]] = {}
+    for n, entry in enumerate(entries):
+        segments.setdefault((entry["vid"], *_segment(entry)), []).append((n, entry))
     files: dict[str, str] | None = None
-    for entry in entries:
+    for (vid, begin, end), group in segments.items():
         if files is None:  # VidOR nests videos in folders the annotation does not name: list them once
             files = {f.stem: str(f) for f in sorted(videos.glob("*/*.mp4"))}
-        vid, fps = entry["vid"], float(entry["fps"])
-        begin, end = _segment(entry)
-        height, width, count = entry["height"], entry["width"], entry["frame_count"]
+        fps = float(group[0][1]["fps"])
         problems = Problems()
-        categories = {str(o.get("tid")): o.get("category") for o in entry["subject/objects"] if isinstance(o, dict)}
+        categories: dict[str, str] = {}
         boxes: dict[str, dict[int, list[float]]] = {}
-        for fid in range(begin, end, ANNOTATED_STEP):
-            if fid >= count or fid >= len(entry["trajectories"]):
-                problems.add("frame_out_of_range", f"vid {vid}: frame {fid} of the segment is past the video's "
-                             f"{min(count, len(entry['trajectories']))} annotated frames")
-                break
-            for box in entry["trajectories"][fid] or []:
-                tid = str(box.get("tid")) if isinstance(box, dict) else None
-                bbox = box.get("bbox") if isinstance(box, dict) else None
-                xyxy = [bbox.get(k) for k in ("xmin", "ymin", "xmax", "ymax")] if isinstance(bbox, dict) else bbox
-                checked = source_box(xyxy, height, width)
-                if isinstance(checked, str):
-                    problems.add("bad_box", f"vid {vid}, tid {tid}, frame {fid}: {checked}", object_id=tid)
-                elif tid in categories:
-                    boxes.setdefault(tid, {})[fid - begin] = checked
-                else:
-                    problems.add("unknown_object", f"vid {vid}, frame {fid}: tid {tid} is not among subject/objects",
-                                 object_id=tid)
+        expressions: list[Expression] = []
+        for n, entry in group:
+            _read_entry(entry, begin, end, categories, boxes, problems)
+            expressions += [
+                Expression(f"{n}.{k}", " ".join(c["description"].split()), [str(c.get("target_id"))])
+                for k, c in enumerate(entry.get("captions") or [])
+                if isinstance(c, dict) and isinstance(c.get("description"), str) and c["description"].strip()
+            ]
         objects = [SourceObject(object_id=t, boxes=b, category=categories[t]) for t, b in sorted(boxes.items())]
-        expressions = [
-            Expression(str(k), " ".join(c["description"].split()), [str(c.get("target_id"))])
-            for k, c in enumerate(entry.get("captions") or [])
-            if isinstance(c, dict) and isinstance(c.get("description"), str) and c["description"].strip()
-        ]
         kept = referred(expressions, set(boxes), set(categories), problems)
         yield WorkItem(
             source=files.get(vid, os.path.join(videos, f"{vid}.mp4")),  # a missing file: the runner rejects it
@@ -115,3 +105,28 @@ def _items(videos: Path, path: Path, entries: list[dict]) -> Iterator[WorkItem]:
             end_s=round((end - 0.5) / fps, 6),
             dataset="vidstg", objects=objects, expressions=kept, problems=problems.records(),
         )
+
+
+def _read_entry(entry: dict, begin: int, end: int, categories: dict[str, str],
+                boxes: dict[str, dict[int, list[float]]], problems: Problems) -> None:
+    """An entry's objects and their boxes on every 4th frame of the segment, added to the item's."""
+    vid = entry["vid"]
+    height, width, count = entry["height"], entry["width"], entry["frame_count"]
+    categories.update({str(o.get("tid")): o.get("category") for o in entry["subject/objects"] if isinstance(o, dict)})
+    for fid in range(begin, end, ANNOTATED_STEP):
+        if fid >= count or fid >= len(entry["trajectories"]):
+            problems.add("frame_out_of_range", f"vid {vid}: frame {fid} of the segment is past the video's "
+                         f"{min(count, len(entry['trajectories']))} annotated frames")
+            break
+        for box in entry["trajectories"][fid] or []:
+            tid = str(box.get("tid")) if isinstance(box, dict) else None
+            bbox = box.get("bbox") if isinstance(box, dict) else None
+            xyxy = [bbox.get(k) for k in ("xmin", "ymin", "xmax", "ymax")] if isinstance(bbox, dict) else bbox
+            checked = source_box(xyxy, height, width)
+            if isinstance(checked, str):
+                problems.add("bad_box", f"vid {vid}, tid {tid}, frame {fid}: {checked}", object_id=tid)
+            elif tid in categories:
+                boxes.setdefault(tid, {})[fid - begin] = checked
+            else:
+                problems.add("unknown_object", f"vid {vid}, frame {fid}: tid {tid} is not among subject/objects",
+                             object_id=tid)
