@@ -156,3 +156,21 @@ def test_an_answer_that_stays_invalid_is_a_rejection_and_the_run_goes_on(tmp_pat
 def test_config_bounds(turns):
     with pytest.raises(ValueError):
         SamaConfig(turns=turns)
+
+
+def test_pseudo_masks_from_the_tiny_hq_sam(tmp_path):
+    """The real HQ-SAM backend (tiny, random weights) behind the pseudo masks: one call per sampled frame for
+    all its boxes, masks at the decoded size; with random weights a mask may be empty, which is a rejection."""
+    from engine.models.sam_hq import SamHqBoxSegmenter
+
+    item, _ = object_item(tmp_path / "v", objects=2, frames=20, boxes_only=(0, 1), dataset="vidstg")
+    dataset, stats = _run(tmp_path, [item], FakeChat(fn=good_answer), segmenter=SamHqBoxSegmenter.tiny())
+    assert stats.counters["box_segmenter_calls"] == 16
+    masklets = from_table(MaskletRecord, dataset.read_table("masklets"))
+    rejections = from_table(RejectionRecord, dataset.read_table("rejections"))
+    assert all(m.method == "pseudo" and all(f.rle.size == [96, 192] for f in m.frames) for m in masklets)
+    assert sum(len(m.frames) for m in masklets) == stats.counters["pseudo_masks"]
+    # each object has its pseudo masks, or a rejection saying on how many frames the segmenter found none
+    empty = {r.expression for r in rejections if r.reason == "empty_pseudo_mask"}
+    assert {m.expression for m in masklets} | empty == {"the red box", "the blue box"}
+    assert {r.reason for r in rejections} <= {"empty_pseudo_mask", "single_object", "no_objects"}
