@@ -302,23 +302,23 @@ def on_ray(pipeline: str, source: Sources, out: str, **kwargs: Any) -> dict:
 @flow(name="pipeline-shard", log_prints=True)
 def pipeline_shard_flow(
     pipeline: str,
-    items: list[dict],
     out: str,
     config: dict,
     run_id: str,
     force: bool,
     options: dict[str, Any],
-    previous: dict[str, dict],
     shard: str,
     batch_size: int = 8,
 ) -> dict:
-    """One shard of a run with `runner: deployment`: many batches, one after another on this worker (its models
-    load once), committed before it ends; its counts and stats go beside the dataset for the parent run."""
+    """One shard of a run with `runner: deployment`: its items (written beside the dataset by the parent run)
+    in many batches, one after another on this worker (its models load once), committed before it ends; its
+    counts and stats go beside the dataset for the parent run."""
     from engine.planning import chunked, item_id
     from engine.storage import Dataset
     from engine.writer import flush_writers
 
     stats, counts = Stats(), Counter()
+    items, previous = runners.read_shard_items(Dataset(out), run_id, shard)
     _, variant = run_identity(pipeline, EngineConfig.model_validate(config), options)
     try:
         for batch in chunked(items, batch_size):

@@ -21,7 +21,10 @@ from engine.stats import Stats
 
 RUNNERS = ("local", "ray", "deployment")
 Runner = Literal["local", "ray", "deployment"]
-SHARD_STATS = "_runs"  # <dataset>/_runs/<run_id>/<shard>.json: a shard's counts and stats, for its parent
+# <dataset>/_runs/<run_id>/<shard>.items.json: a shard's work items, written by its parent (items of a mask
+# dataset carry their masks: far too big for flow-run parameters); <shard>.json: its counts and stats, for the
+# parent. The parent removes the folder when its run ends.
+SHARD_STATS = "_runs"
 
 
 @dataclass(frozen=True)
@@ -108,7 +111,8 @@ class ShardDispatcher:
     def _send(self, n: int) -> None:
         shard = uuid.uuid4().hex[:12]
         items, self._items = self._items[:n], self._items[n:]
-        parameters = {**self.parameters, "items": items, "previous": self._previous, "shard": shard}
+        write_shard_items(self.dataset, self.parameters["run_id"], shard, items, self._previous)
+        parameters = {**self.parameters, "shard": shard}
         # the flow run's context goes with the call, so the shard is recorded as a child of this flow run
         context = contextvars.copy_context()
         self._futures.append((n, shard, self._pool.submit(context.run, self._run, parameters)))
@@ -137,6 +141,17 @@ class ShardDispatcher:
             result = read_shard_result(self.dataset, self.parameters["run_id"], shard)
             self.counts.update(result["counts"])
             self.stats.merge(Stats.from_dict(result["stats"]))
+
+
+def write_shard_items(dataset: Any, run_id: str, shard: str, items: list[dict], previous: dict[str, dict]) -> None:
+    """A shard's items, and the `items` rows of the plan that its items may supersede."""
+    dataset.write_text(f"{SHARD_STATS}/{run_id}/{shard}.items.json", json.dumps({"items": items, "previous": previous}))
+
+
+def read_shard_items(dataset: Any, run_id: str, shard: str) -> tuple[list[dict], dict[str, dict]]:
+    with dataset.fs.open(f"{dataset.root}/{SHARD_STATS}/{run_id}/{shard}.items.json", "rb") as f:
+        payload = json.loads(f.read())
+    return payload["items"], payload["previous"]
 
 
 def write_shard_result(dataset: Any, run_id: str, shard: str, result: dict[str, Any]) -> None:

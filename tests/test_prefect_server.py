@@ -183,6 +183,9 @@ def _check_videorefer_shards(tmp: Path, params: dict[str, Any], stack: "PrefectS
     runs = stack.request("POST", "/flow_runs/filter", {"flow_runs": {"deployment_id": {"any_": [shard["id"]]}}})
     done = [r["id"] for r in runs if r["state_type"] == "COMPLETED"]
     assert len(done) >= 4, [(r["id"], r["state_type"]) for r in runs]
+    # a shard's items travel beside the dataset, not as flow-run parameters; the parent removes them at its end
+    assert all("items" not in r["parameters"] and r["parameters"]["shard"] for r in runs), runs[0]["parameters"]
+    assert not list((Path(params["out"]) / "_runs").glob("*/*")), "shard files left behind"
     logs = {name: _tail_all(stack.home / f"{name}.log") for name in ("gpu-worker", "gpu-worker-2")}
     for name, text in logs.items():  # both workers ran shards of the one `prefect deployment run`
         assert any(run_id in text for run_id in done), f"{name} ran no shard\n{text[-3000:]}"
