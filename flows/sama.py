@@ -112,6 +112,9 @@ class SamaStage:
                     ctx, self.name, "too_many_objects", f"only {len(NAMED_COLORS)} objects are marked per video",
                     key=masklet.masklet_id, expression=masklet.expression))
             shown = sorted(i for i in frames.frames if any(_box(m, i) for m in kept))
+            if not shown:  # the sampled frames were not decoded (a truncated stream), or their masks were refused
+                out.rejections.append(ctx.rejection(self.name, "no_frames", "no sampled frame shows an object"))
+                return out
             job = self._job(ctx, pairs, frames.frames, shown)
             (result,) = self.annotator.annotate([job])
             if not hasattr(result, "descriptions"):  # a Failure
