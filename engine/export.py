@@ -69,7 +69,7 @@ HINTS = {
 }
 _SAMPLE_COLUMNS = (
     "sample_id", "video_id", "pipeline", "data_type", "task", "labels", "conversation", "masklet_ids", "frames",
-    "window", "kept", "provenance",
+    "window", "kept", "provenance", "refers_to",
 )
 T = TypeVar("T")
 

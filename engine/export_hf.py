@@ -52,6 +52,7 @@ def schema() -> Any:
         ("masklet_ids", pa.list_(pa.string())),
         ("masks", pa.list_(pa.list_(pa.struct([("frame", pa.int32()), ("rle", rle)])))),
         ("labels", pa.string()),
+        ("refers_to", pa.list_(pa.string())),
         ("kept", pa.bool_()),
     ])
 
@@ -94,6 +95,7 @@ def _row(run: ExportRun, sample: dict[str, Any]) -> dict[str, Any]:
         "masklet_ids": sample["masklet_ids"],
         "masks": masks,
         "labels": json.dumps(sample["labels"], sort_keys=True),
+        "refers_to": sample["refers_to"] or [],
         "kept": sample["kept"],
     }
 
@@ -187,7 +189,8 @@ class _Card:
             "Configs: `default` holds every sample; one config per pipeline holds its own. Each row is one sample:",
             "`conversations` with `<region>`/`[SEG]` tokens, `masks` one list per token in order ({frame of `video`,",
             "COCO RLE at `height` x `width`}), `labels` a JSON object, `start`/`end` the seconds of `video` a",
-            "clip-level sample is about.",
+            "clip-level sample is about, `refers_to` what the sample points at (`mask`, `timestamp`, `coarse_time`,",
+            "`event`), for mixing data by what it contains.",
             "",
             "## Samples",
             "",

@@ -2,7 +2,7 @@
     [{"id", "video", "conversations": [{"from": "human", "value": "<video>\\n...<region>..."},
                                        {"from": "gpt", "value": "..."}],
       "annotation": [{"<frame_idx>": {"segmentation": <COCO RLE>}, ...}, ... one per <region>, in order],
-      "height", "width", "start", "end"}]
+      "height", "width", "start", "end", "refers_to"}]
 `video`, `start`/`end`, frame indexes and mask sizes as engine/export.py describes for every format. The
 `<region>` tokens are those of the human turns, one masklet each.
 
@@ -50,4 +50,5 @@ def _entry(run: ExportRun, sample: dict[str, Any]) -> dict[str, Any]:
         "height": place.target.height,
         "width": place.target.width,
         **place.times(),
+        "refers_to": sample["refers_to"] or [],  # what it points at (mask, timestamp, ...): mix data by content
     }

@@ -26,6 +26,7 @@ from agents.instruction_records import (
     to_samples,
 )
 from agents.transcriber import ClipView, TranscribeJob, TranscriberConfig, VideoTranscriber
+from agents.video_clipper import ClipperConfig
 from engine.config import EngineConfig
 from engine.decode import DecodeResult
 from engine.frame_store import ClipFrames
@@ -58,9 +59,10 @@ SPEC = PipelineSpec(
 @dataclass(frozen=True)
 class StreferConfig:
     # The transcriber describes each clip from frames of that clip alone (§2.1.5): `clip_frames` spread over it,
-    # picked from frames the decode keeps at `clip_sample_fps` (a clip of at least clip_frames / clip_sample_fps
-    # seconds gets all clip_frames; a shorter one every frame kept in it). Past `clip_memory_mb`, kept frames
-    # spill to a temporary folder.
+    # picked from frames the decode keeps at `clip_sample_fps`, raised where the clipper's shortest scene
+    # (`clipper.min_scene_len` frames) would hold fewer than clip_frames (see `pool_fps`); a clip with fewer
+    # frames than that in the video (the last one, a window's edge) gets every frame it has. Past
+    # `clip_memory_mb`, kept frames spill to a temporary folder.
     clip_frames: int = 8
     clip_sample_fps: float = 8.0
     clip_memory_mb: float = 256.0
@@ -111,15 +113,26 @@ def prompt_names(config: EngineConfig, *, entities: Sequence[Any] = (), **_: Any
     return [*clip_and_track.prompt_names(config, entities=entities), *VideoTranscriber.prompts, *InstructionGenerator.prompts]
 
 
+def pool_fps(config: StreferConfig, video_fps: float, min_scene_len: int) -> float:
+    """The rate the transcriber's frames are kept at: `clip_sample_fps`, or as dense as a scene of
+    `min_scene_len` frames (the shortest the clipper cuts) needs to hold `clip_frames` of them, never denser
+    than the video itself."""
+    if not video_fps > 0:
+        return config.clip_sample_fps
+    needed = config.clip_frames * video_fps / max(min_scene_len, config.clip_frames)
+    return max(config.clip_sample_fps, min(video_fps, needed))
+
+
 class TranscriberStage:
     name = "transcriber"
 
-    def __init__(self, transcriber: VideoTranscriber, config: StreferConfig, stats: Stats) -> None:
-        self.transcriber, self.config, self.stats = transcriber, config, stats
+    def __init__(self, transcriber: VideoTranscriber, config: StreferConfig, stats: Stats, min_scene_len: int) -> None:
+        self.transcriber, self.config, self.stats, self.min_scene_len = transcriber, config, stats, min_scene_len
 
     def start(self, ctx: VideoContext) -> FunctionPass:
         cfg = self.config
-        pool = ClipFrames(fps=cfg.clip_sample_fps, width=ctx.info.decode_width, height=ctx.info.decode_height,
+        fps = pool_fps(cfg, ctx.info.fps, self.min_scene_len)
+        pool = ClipFrames(fps=fps, width=ctx.info.decode_width, height=ctx.info.decode_height,
                           max_side=cfg.frame_max_side, memory_mb=cfg.clip_memory_mb)
 
         def finish(decoded: DecodeResult, so_far: Outputs) -> Outputs:
@@ -144,7 +157,7 @@ class TranscriberStage:
             if bare:
                 out.rejections.append(ctx.rejection(
                     "transcriber", "clip_without_frames",
-                    f"clips {', '.join(bare)} hold no frame sampled at {cfg.clip_sample_fps:g} fps and are not "
+                    f"clips {', '.join(bare)} hold no frame sampled at {fps:g} fps and are not "
                     "described; a higher strefer.clip_sample_fps would show them",
                 ))
             if not views:
@@ -214,7 +227,7 @@ def build(
     generator = InstructionGenerator(backends["llm"], InstructionConfig(**config.section("instructions")), stats)
     return Pipeline(
         name=NAME,
-        stages=[*base.stages, TranscriberStage(transcriber, cfg, stats), InstructionStage(generator, cfg, stats)],
+        stages=[*base.stages, TranscriberStage(transcriber, cfg, stats, ClipperConfig(**config.section("clipper")).min_scene_len), InstructionStage(generator, cfg, stats)],
         config=config,
         models=base.models,
         prompt_hashes={p: template_hash(p) for p in prompt_names(config, entities=entities)},

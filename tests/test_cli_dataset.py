@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import json
 import subprocess
+
+import pytest
 import sys
 from pathlib import Path
 
@@ -95,15 +97,24 @@ def test_versions_diff_show_audit_and_compact(tmp_path):
     assert out.exit_code == 2 and "does not exist" in out.output
 
 
-def test_a_bad_source_is_one_line_before_prefect_starts(tmp_path):
+@pytest.mark.parametrize("source, says", [
+    ("nowhere", "input not found"),
+    ("empty", "a folder the engine cannot read"),
+    ("notes", "a folder the engine cannot read"),  # a folder of something else
+])
+def test_a_bad_source_is_one_line_before_prefect_starts(tmp_path, source, says):
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "notes").mkdir()
+    (tmp_path / "notes" / "readme.txt").write_text("not a video")
     done = subprocess.run(
-        [sys.executable, "-m", "flows.cli", "run", "videorefer", "--source", str(tmp_path / "nowhere"), "--profile", "tiny",
+        [sys.executable, "-m", "flows.cli", "run", "videorefer", "--source", str(tmp_path / source), "--profile", "tiny",
          "--out", str(tmp_path / "ds")],
         capture_output=True, text=True, timeout=120,
     )
     assert done.returncode == 2
-    assert done.stderr.strip().count("\n") == 0 and "input not found" in done.stderr, done.stderr
+    assert done.stderr.strip().count("\n") == 0 and says in done.stderr, done.stderr
     assert "Prefect" not in done.stderr and "Traceback" not in done.stderr
+    assert not (tmp_path / "ds").exists()  # nothing written either
 
 
 def test_a_deployment_takes_one_source_as_a_plain_string():

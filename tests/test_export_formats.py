@@ -86,7 +86,7 @@ class Built:
             ], [self.square, self.square], [4, 5, 8, 12], UFVIDEO, labels={"prompt_frame": "5", "label_frames": "4,8,12"}),
             self.sample("hqa", "ufvideo", "pixhqa", [
                 "<video>\nWhat moves right during <Temp-25><Temp-75>?", "The square. The segmentation mask: object1[SEG].",
-            ], [self.square], [6, 12, 18], UFVIDEO,
+            ], [self.square], [6, 12, 18], UFVIDEO, refers_to=("mask", "timestamp"),
                 labels={"label_frames": "6,12,18", "temporal": "25,75", "time_s": "0.5,1.5"}),
             self.sample("trqa", "ufvideo", "pixtrqa", [
                 "<video>\nWhen is <region> beside the square?",
@@ -112,12 +112,13 @@ class Built:
         )
 
     def sample(self, name, pipeline, data_type, turns, masklets_, frames, provenance, *, labels=None, window=None,
-               kept=True) -> SampleRecord:
+               kept=True, refers_to=("mask",)) -> SampleRecord:
         return SampleRecord(
             sample_id=stable_id(name), video_id=self.video.video_id, source=self.video.source, pipeline=pipeline,
             data_type=data_type, labels=labels or {},
             conversation=[Turn(role="human" if k % 2 == 0 else "gpt", value=v) for k, v in enumerate(turns)],
             masklet_ids=[m.masklet_id for m in masklets_], frames=frames, window=window, kept=kept, provenance=provenance,
+            refers_to=list(refers_to),
         )
 
     def write(self, pipeline: str, samples: list[SampleRecord], *, masklets: bool = False) -> None:
@@ -262,7 +263,7 @@ def test_hf_export_loads_with_datasets_and_its_card_counts_the_samples(built, tm
     assert len(rows) == 7
     assert set(rows.column_names) == {
         "id", "pipeline", "data_type", "task", "video_id", "video", "start", "end", "height", "width", "fps", "frames",
-        "conversations", "masklet_ids", "masks", "labels", "kept",
+        "conversations", "masklet_ids", "masks", "labels", "refers_to", "kept",
     }
     by_id = {r["id"]: r for r in rows}
     dialogue = by_id[stable_id("dialogue")]
@@ -270,6 +271,7 @@ def test_hf_export_loads_with_datasets_and_its_card_counts_the_samples(built, tm
     assert [t["from"] for t in dialogue["conversations"]] == ["human", "gpt", "human", "gpt"]
     assert json.loads(dialogue["labels"])["tags"] == "obj0,obj1" and dialogue["frames"] == SIXTEEN
     assert len(dialogue["masks"]) == 5  # one per token
+    assert by_id[stable_id("hqa")]["refers_to"] == ["mask", "timestamp"] and dialogue["refers_to"] == ["mask"]
     for row in rows:
         assert len(row["masks"]) == len(row["masklet_ids"]) and row["kept"]
         for masklet_id, frames in zip(row["masklet_ids"], row["masks"]):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 
@@ -75,3 +76,12 @@ def test_a_failed_batch_commits_the_others_and_publishes_no_version(tmp_path, mo
     dataset = Dataset(str(tmp_path / "ds"))
     assert dataset.read_table("videos").num_rows == 1  # the batch that finished is committed
     assert dataset.versions() == []  # a run that failed part-way publishes no version
+
+
+def test_the_license_is_an_spdx_string_so_setuptools_prints_no_deprecation_box():
+    import tomllib
+
+    project = tomllib.loads((Path(__file__).resolve().parents[1] / "pyproject.toml").read_text())
+    # `license = { text = ... }` made every install print setuptools' license deprecation box several times
+    assert project["project"]["license"] == "Apache-2.0"
+    assert any(r.startswith("setuptools>=77") for r in project["build-system"]["requires"])

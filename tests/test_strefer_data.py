@@ -324,6 +324,12 @@ def test_export_picks_one_time_format(run, tmp_path):
     for i, entry in entries["tokens"].items():
         if i not in shared:
             assert re.search(r"<\d+>", entry["conversations"][0]["value"] + entry["conversations"][1]["value"])
+    for got in entries.values():  # a clip's sample points at its clip of the file, and says what it refers to
+        for i, entry in got.items():
+            window = samples[i].window
+            assert (entry.get("start"), entry.get("end")) == ((window.start_s, window.end_s) if window else (None, None))
+            assert entry["refers_to"] == samples[i].refers_to
+    assert any(samples[i].task == "type2" and "start" in entry for i, entry in entries["tokens"].items())
 
 
 def test_clip_frames_keep_a_bounded_dense_sample_and_pick_each_clips_own():
@@ -343,3 +349,23 @@ def test_clip_frames_keep_a_bounded_dense_sample_and_pick_each_clips_own():
     assert pool.chat_video(11, 13, 4) is None  # no kept frame inside: nothing borrowed from a neighbour
     pool.close()
     assert len(pool.store) == 0
+
+
+def test_the_shortest_scene_the_clipper_cuts_still_gets_clip_frames_of_its_own():
+    from engine.frame_store import ClipFrames
+    from flows.strefer import StreferConfig, pool_fps
+
+    cfg = StreferConfig()  # 8 frames a clip, kept at 8 fps by default
+    assert pool_fps(cfg, 30.0, 15) == pytest.approx(16.0)  # a 15-frame scene at 30 fps lasts 0.5 s
+    assert pool_fps(cfg, 4.0, 15) == 8.0  # never below clip_sample_fps
+    assert pool_fps(cfg, 30.0, 4) == 30.0  # scenes shorter than clip_frames: every frame, never denser
+    assert pool_fps(cfg, 0.0, 15) == 8.0  # a stream without a rate
+    pool = ClipFrames(fps=pool_fps(cfg, 30.0, 15), width=64, height=64, max_side=64)
+    for i in range(90):  # 3 s at 30 fps
+        if pool.wants(i, i / 30):
+            pool.consume(i, i / 30, np.full((64, 64, 3), 2 * i, np.uint8))
+    for start in (0, 31, 60, 75):  # every 15-frame scene, wherever it starts
+        video = pool.chat_video(start, start + 15, cfg.clip_frames)
+        assert len(video.frames) == cfg.clip_frames
+        assert all(start <= round(f.mean() / 2) < start + 15 for f in video.frames)  # its own frames only
+    pool.close()

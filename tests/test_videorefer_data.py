@@ -222,6 +222,11 @@ def test_cli_second_noun_is_segmented_and_windowed_samples_carry_the_window(cli_
         assert all(12 <= f.frame_index < 36 for f in masklet.frames)
     short = json.loads((json_dir / "short_caption.json").read_text())
     assert [e["conversations"][1]["value"] for e in short] == [TWO_NOUNS]
+    detailed = json.loads((json_dir / "detailed_caption.json").read_text())
+    ids = {s.sample_id for s in mine}
+    exported = [e for e in short + detailed if e["id"] in ids]
+    assert len(exported) == 3  # each points at its window of the file, not the whole file
+    assert all((e["start"], e["end"], e["refers_to"]) == (1.0, 3.0, ["mask"]) for e in exported)
 
 
 @pytest.mark.integration
