@@ -87,6 +87,36 @@ def live_keys(items: Any) -> Any:
     return pc.binary_join_element_wise(live["item_id"], live["write_id"], ":")
 
 
+def live_videos(items: Any) -> Any:
+    """The video ids live items point at, as an Arrow array. A `videos` row is live when its video is, whichever
+    item wrote it: compaction keeps one row per video, and the item that wrote it may be removed later while
+    another item of the same video stays."""
+    import pyarrow.compute as pc
+
+    live = live_rows(items)
+    return pc.unique(live["video_id"].drop_null())
+
+
+@dataclass(frozen=True)
+class LiveView:
+    """What a reader of one version joins on: live `item_id:write_id` keys, and live video ids for `videos`."""
+
+    keys: Any
+    videos: Any
+
+    @classmethod
+    def of(cls, items: Any) -> "LiveView":
+        return cls(live_keys(items), live_videos(items))
+
+    def mask(self, table: str, batch: Any) -> Any:
+        import pyarrow.compute as pc
+
+        if table == "videos":
+            return pc.is_in(batch["video_id"], value_set=self.videos)
+        joined = pc.binary_join_element_wise(batch["item_id"], batch["write_id"], ":")
+        return pc.is_in(joined, value_set=self.keys)
+
+
 def item_row(row: dict[str, Any]) -> dict[str, Any]:
     """An `items` row read back with pyarrow (maps come as lists of pairs) as ItemRecord fields."""
     fields = {k: v for k, v in row.items() if k in ItemRecord.model_fields}
@@ -128,7 +158,7 @@ class Dataset:
         self.fs, self.root = fsspec.core.url_to_fs(self.url)
         self.storage_options = storage_options
         self._pinned: dict[int, dict[str, int | None]] = {}  # published version -> Delta version of each table
-        self._keys: dict[int, Any] = {}  # published version -> its live keys
+        self._keys: dict[int, LiveView] = {}  # published version -> what its readers join on
 
     # -- layout ------------------------------------------------------------------------------------------
     def uri(self, table: str) -> str:
@@ -288,13 +318,13 @@ class Dataset:
             table = table.filter(pc.equal(table["pipeline"], pipeline))
         return latest_rows(table, "item_id")
 
-    def _live_keys(self, version: int | None) -> Any:
-        """`live_keys` of a version, built once per published version (a reader scans several tables of one
+    def _live(self, version: int | None) -> LiveView:
+        """The live view of a version, built once per published version (a reader scans several tables of one
         version: the export, `show`); every committed item now is read afresh each time."""
         if version is None:
-            return live_keys(self.items(columns=["status"]))
+            return LiveView.of(self.items(columns=["status", "video_id"]))
         if version not in self._keys:
-            self._keys[version] = live_keys(self.items(version=version, columns=["status"]))
+            self._keys[version] = LiveView.of(self.items(version=version, columns=["status", "video_id"]))
         return self._keys[version]
 
     def completion(self, pipeline: str, item_key: str, *, version: int | None = None) -> dict[str, Any] | None:
@@ -320,10 +350,8 @@ class Dataset:
         holds one batch, plus the live keys: about 40 bytes per item). Columns: the record's and `pipeline`
         unless given. `videos` rows are unique per video_id unless `unique` is False (then a video read by
         several items repeats, and memory stays flat: a set of seen ids grows with the videos)."""
-        import pyarrow.compute as pc
-
         schema = table_schema(table)  # also rejects an unknown table
-        keys = self._live_keys(version)
+        live = self._live(version)
         wanted = list(columns) if columns is not None else [n for n in schema.names if n not in ("item_id", "write_id")]
         unknown = [c for c in wanted if c not in schema.names]
         if unknown:
@@ -333,8 +361,7 @@ class Dataset:
         for batch in self.batches(table, self.table_versions(version)[table], read, batch_rows):
             if not batch.num_rows:
                 continue
-            joined = pc.binary_join_element_wise(batch["item_id"], batch["write_id"], ":")
-            batch = batch.filter(pc.is_in(joined, value_set=keys))
+            batch = batch.filter(live.mask(table, batch))
             if table == "videos" and unique and batch.num_rows:
                 ids = batch["video_id"].to_pylist()
                 fresh = [i not in seen and not seen.add(i) for i in ids]  # first of each id
@@ -463,11 +490,11 @@ class Dataset:
         self.require()
         counts: dict[str, tuple[int, int]] = {}
         items = self.items()  # read once: the rewrite of every table uses the same committed view
-        keys = live_keys(items)
+        live = LiveView.of(items)
         for table in TABLES:
             before = self.arrow_dataset(table).count_rows()
             schema = table_schema(table)
-            rows = _committed_batches(table, self.batches(table, None, schema.names, 8192), keys)
+            rows = _committed_batches(table, self.batches(table, None, schema.names, 8192), live)
             reader = _reader(schema, rows)
             write_deltalake(
                 self.uri(table), reader, mode="overwrite", storage_options=self.storage_options,
@@ -484,14 +511,11 @@ class Dataset:
         return counts
 
 
-def _committed_batches(table: str, source: Iterator[Any], keys: Any) -> Iterator[Any]:
+def _committed_batches(table: str, source: Iterator[Any], live: LiveView) -> Iterator[Any]:
     """The committed rows of `table`'s batches (all columns, storage ones too); videos unique."""
-    import pyarrow.compute as pc
-
     seen: set[str] = set()
     for batch in source:
-        joined = pc.binary_join_element_wise(batch["item_id"], batch["write_id"], ":")
-        batch = batch.filter(pc.is_in(joined, value_set=keys))
+        batch = batch.filter(live.mask(table, batch))
         if table == "videos" and batch.num_rows:
             batch = batch.filter(_bools([i not in seen and not seen.add(i) for i in batch["video_id"].to_pylist()]))
         if batch.num_rows:

@@ -94,7 +94,8 @@ def source_masklets(
 def _masklet(ctx: VideoContext, obj: SourceObject, names: dict[str, str], frames: list[FrameMask],
              method: str) -> MaskletRecord:
     return MaskletRecord(
-        masklet_id=stable_id(ctx.video_id, "source", obj.object_id),
+        # the run hash: another pipeline, run options or box segmenter (pseudo masks) is another masklet
+        masklet_id=stable_id(ctx.video_id, ctx.provenance.config_hash, method, obj.object_id),
         video_id=ctx.video_id,
         expression=names.get(obj.object_id, obj.object_id),
         noun=obj.category or obj.object_id,
