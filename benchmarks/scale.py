@@ -63,7 +63,9 @@ def write_inputs(root: Path, n: int) -> Path:
     return manifest
 
 
-MASK_VARIANTS = 16  # distinct masklets (shifted masks) the items cycle through: Parquet cannot just dedupe them
+# Distinct masklets (shifted, resized masks) the items cycle through: more than a row group's 8192 rows, so no
+# row group holds a mask twice and Parquet's dictionary cannot collapse them, as with real masks.
+MASK_VARIANTS = 8200
 
 
 def _templates() -> dict[str, Any]:
@@ -80,10 +82,10 @@ def _templates() -> dict[str, Any]:
         frames = []
         for i in range(32):
             mask = np.zeros((360, 640), dtype=bool)
-            y, x = 60 + i + 5 * v, 100 + 3 * i + 7 * v
-            mask[y : y + 120 - v, x : x + 180 + v] = True
+            y, x, dh, dw = 60 + i + v % 50, 100 + 3 * i + (v // 50) % 165, v % 37, v % 29
+            mask[y : y + 120 - dh, x : x + 180 + dw] = True
             mask[y + 40 : y + 60, x + 50 : x + 70] = False  # a hole: more than one run per column
-            frames.append(FrameMask(frame_index=i * 3, timestamp=i * 0.1, rle=masks.encode(mask), box=[x, y, x + 180 + v, y + 120 - v]))
+            frames.append(FrameMask(frame_index=i * 3, timestamp=i * 0.1, rle=masks.encode(mask), box=[x, y, x + 180 + dw, y + 120 - dh]))
         masklets.append(_masklet(frames, prov))
     clip = ClipRecord(clip_id="c", video_id="v", clip_index=0, start_frame=0, end_frame=30, start_time=0.0, end_time=1.0, method="content", provenance=prov)
     sample = SampleRecord(

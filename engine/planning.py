@@ -65,28 +65,58 @@ class Fingerprints:
 
     def of(self, source: str) -> str | None:
         """The input's fingerprint; None where it cannot be listed (the content hash decides then)."""
-        import fsspec
+        located = _locate(source)
+        if located is None:
+            return None
+        fs, path, parent = located
+        info = self._listing(fs, parent).get(path)
+        return None if info is None else _fingerprint(fs, path, info)
 
+    def of_many(self, sources: Sequence[str]) -> list[str | None]:
+        """Fingerprints of `sources`, in their order, listing each folder once however the sources interleave
+        (a manifest may name files of many folders in any order)."""
+        located = [_locate(s) for s in sources]
+        order = sorted(range(len(sources)), key=lambda k: located[k][2] if located[k] else "")
+        out: list[str | None] = [None] * len(sources)
+        for k in order:
+            out[k] = self.of(sources[k]) if located[k] else None
+        return out
+
+
+def _locate(source: str) -> tuple[Any, str, str] | None:
+    """(filesystem, path, parent folder) of an input, or None where fsspec cannot place it."""
+    import fsspec
+
+    try:
+        fs, path = fsspec.core.url_to_fs(source)
+    except (OSError, ValueError):
+        return None
+    path = path.rstrip("/")
+    return fs, path, path.rpartition("/")[0] or "/"
+
+
+def _fingerprint(fs: Any, path: str, info: dict[str, Any]) -> str | None:
+    if info.get("type") == "directory":  # a folder of frames: its own listing
         try:
-            fs, path = fsspec.core.url_to_fs(source)
+            return fingerprint_of(info, fs.ls(path, detail=True))
         except (OSError, ValueError):
             return None
-        path = path.rstrip("/")
-        parent = path.rpartition("/")[0] or "/"
-        info = self._listing(fs, parent).get(path)
-        if info is None:
-            return None
-        if info.get("type") == "directory":  # a folder of frames: its own listing
-            try:
-                return fingerprint_of(info, fs.ls(path, detail=True))
-            except (OSError, ValueError):
-                return None
-        return fingerprint_of(info)
+    return fingerprint_of(info)
 
 
 def fingerprint(source: str) -> str | None:
-    """One input's fingerprint (the runner's check of a single item)."""
-    return Fingerprints(folders=1).of(source)
+    """One input's fingerprint (the runner's check of a single item): one `info` call, never a listing of its
+    folder (which may hold hundreds of thousands of files). A filesystem whose `info` and `ls` entries differ
+    in the keys fingerprint_of reads only costs a content hash at the next check."""
+    located = _locate(source)
+    if located is None:
+        return None
+    fs, path, _ = located
+    try:
+        info = fs.info(path)
+    except (OSError, ValueError):
+        return None
+    return _fingerprint(fs, path, info)
 
 
 def variant_id(options: dict[str, Any]) -> str:
@@ -153,12 +183,18 @@ class Planner:
         # One vectorized pass over the pipeline's live rows per chunk: plan in chunks of thousands of items.
         known = self._mine.filter(pc.is_in(self._mine["item_id"], value_set=pa.array(ids, pa.string())))
         rows = {r["item_id"]: r for r in known.to_pylist()}  # at most one chunk's worth
-        for item, iid in zip(items, ids):
+
+        def redo(row: dict[str, Any] | None) -> bool:
+            return row is None or row["run_hash"] != self.run_hash or (row["status"] == "rejected" and row["reason"] in self._retry)
+
+        checked = [k for k, iid in enumerate(ids) if not redo(rows.get(iid)) and rows[iid]["fingerprint"] is not None]
+        now = dict(zip(checked, self.fingerprints.of_many([items[k].source for k in checked])))
+        for k, (item, iid) in enumerate(zip(items, ids)):
             row = rows.get(iid)
-            if row is None or row["run_hash"] != self.run_hash or (row["status"] == "rejected" and row["reason"] in self._retry):
+            if redo(row):
                 plan.todo.append(item)
                 continue
-            if row["fingerprint"] is not None and row["fingerprint"] == self.fingerprints.of(item.source):
+            if k in now and row["fingerprint"] == now[k]:
                 plan.skipped += 1
                 continue
             plan.todo.append(item)  # touched or unlistable: the content hash decides

@@ -551,7 +551,11 @@ class Runner:
             detail = f"{type(exc).__name__}: {exc}".splitlines()[0]
             return self._reject(item, writer, "internal_error", detail, stage="run")
 
-    def _reject(self, item: WorkItem, writer: TableWriter, reason: str, detail: str, *, stage: str) -> ItemOutcome:
+    def _reject(
+        self, item: WorkItem, writer: TableWriter, reason: str, detail: str, *, stage: str, **record: Any
+    ) -> ItemOutcome:
+        """Commit the item as rejected. `record`: more of its `items` row; a permanent rejection carries the
+        input's fingerprint, so the next plan skips it while the input is unchanged."""
         self.stats.count("items_rejected")
         rejection = RejectionRecord(
             rejection_id=stable_id(self.pipeline.item_id(item), stage, reason),
@@ -560,7 +564,7 @@ class Runner:
             reason=reason,
             detail=detail,
         )
-        writer.add(self._record(item, "rejected", reason=reason, detail=detail), {"rejections": [rejection]})
+        writer.add(self._record(item, "rejected", reason=reason, detail=detail, **record), {"rejections": [rejection]})
         outputs = Outputs(rejections=[rejection])
         return ItemOutcome(item, "rejected", detail=detail, outputs=outputs)
 
@@ -602,7 +606,7 @@ class Runner:
         try:
             info = probe_video(item.source, limits=self.limits, frame_rate=item.frame_rate)
         except EngineError as exc:
-            return self._reject(item, writer, "unreadable_video", str(exc), stage="input")
+            return self._reject(item, writer, "unreadable_video", str(exc), stage="input", fingerprint=seen)
         with self.stats.timer("hash"):
             sha = content_sha256(item.source)
         previous = None if self.force else self._previous.get(self.pipeline.item_id(item))
@@ -640,7 +644,9 @@ class Runner:
                             end_s=item.end_s,
                         )
                 except EngineError as exc:
-                    return self._reject(item, writer, "undecodable_video", str(exc), stage="decode")
+                    return self._reject(
+                        item, writer, "undecodable_video", str(exc), stage="decode", fingerprint=seen, content_sha256=sha
+                    )
                 self.stats.count("frames_decoded", decoded.frames_decoded)
                 if decoded.error:
                     # Keep what decoded before the damage, and say so.

@@ -421,7 +421,9 @@ class Dataset:
 
         from schemas import to_table
 
-        tables = {t: self.delta(t).version() for t in ALL_TABLES if t != VERSIONS}
+        # `items` first: a writer flushing meanwhile commits its data tables before its `items` rows, so every
+        # item live at the pinned `items` version has its rows in the data tables read after it.
+        tables = {t: self.delta(t).version() for t in (ITEMS, *TABLES)}
         record = record.model_copy(update={"tables": tables, "published_at": now_iso()})
         write_deltalake(
             self.uri(VERSIONS),

@@ -111,8 +111,9 @@ def test_planning_retries_transient_rejections_only(tmp_path):
 
 @pytest.mark.integration
 def test_nightly_refresh_processes_only_what_changed(tmp_path, monkeypatch):
-    """Build, refresh with no change (nothing written), then change one video, add one, remove one and touch
-    one: the refresh redoes two, marks one removed, publishes a version; the first version still reads."""
+    """Build (one input is a broken file: rejected), refresh with no change (nothing written, the rejected
+    input not retried), then change one video, add one, remove one and touch one: the refresh redoes two,
+    marks one removed, publishes a version; the first version still reads."""
     monkeypatch.setenv("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
     from prefect.testing.utilities import prefect_test_harness
 
@@ -124,23 +125,26 @@ def test_nightly_refresh_processes_only_what_changed(tmp_path, monkeypatch):
     paths = {name: folder / f"{name}.mp4" for name in ("a", "b", "c", "d")}
     for k, name in enumerate("abc"):
         synthetic.short_video(paths[name], seconds=1.0 + 0.25 * k, fps=4)
+    broken = folder / "x.mp4"
+    broken.write_bytes(b"not a video at all")
     out = str(tmp_path / "ds")
     dataset = Dataset(out)
     with prefect_test_harness():
-        first = clip_and_track_flow(videos=[str(paths[n]) for n in "abc"], entities=["dog"], out=out, profile="tiny")
-        assert first["version"] == 1 and first["items"] == {"done": 3}
+        first = clip_and_track_flow(videos=[str(paths[n]) for n in "abc"] + [str(broken)], entities=["dog"], out=out,
+                                    profile="tiny")
+        assert first["version"] == 1 and first["items"] == {"done": 3, "rejected": 1}
         items_version = dataset.delta(ITEMS).version()
         same = refresh_dataset_flow(out=out)  # the recorded sources, nothing changed
-        assert same["version"] is None and same["items"] == {"skipped": 3}
+        assert same["version"] is None and same["items"] == {"skipped": 4}
         assert dataset.delta(ITEMS).version() == items_version and len(dataset.versions()) == 1  # nothing written
 
         synthetic.short_video(paths["b"], seconds=2.0, fps=4)  # changed content
         synthetic.short_video(paths["d"], seconds=1.75, fps=4)  # new
         stat = os.stat(paths["a"])
         os.utime(paths["a"], (stat.st_atime, stat.st_mtime + 60))  # touched, same content
-        sources = [str(paths[n]) for n in "abd"]  # c is gone from the source
+        sources = [str(paths[n]) for n in "abd"] + [str(broken)]  # c is gone from the source
         second = refresh_dataset_flow(out=out, source=sources)
-    assert second["version"] == 2 and second["items"] == {"done": 2, "skipped": 1, "removed": 1}
+    assert second["version"] == 2 and second["items"] == {"done": 2, "skipped": 2, "removed": 1}
     assert second["stats"]["counters"]["items_touched"] == 1
     old, new = dataset.read_table("videos", version=1), dataset.read_table("videos", version=2)
     assert {Path(s).stem for s in old["source"].to_pylist()} == {"a", "b", "c"}
@@ -149,7 +153,7 @@ def test_nightly_refresh_processes_only_what_changed(tmp_path, monkeypatch):
     diff = dataset.diff(1, 2)
     assert (diff.added, diff.changed, diff.removed) == ({"clip-and-track": 1}, {"clip-and-track": 1}, {"clip-and-track": 1})
     report = audit(out, sources)
-    assert report.missing == 0 and report.counts == {"done": 3}
+    assert report.missing == 0 and report.counts == {"done": 3, "rejected": 1}
     shutil.copy(paths["a"], folder / "e.mp4")
     report = audit(out, [*sources, str(folder / "e.mp4")])
     assert report.missing == 1 and report.examples == [("clip-and-track", str(folder / "e.mp4"))]
@@ -181,3 +185,24 @@ def test_a_batch_out_of_gpu_memory_is_retried_in_halves():
         halving_on_out_of_memory(always, items[:2], Stats())
     with pytest.raises(ValueError):  # any other fault is not halved
         halving_on_out_of_memory(lambda todo: (_ for _ in ()).throw(ValueError("bad")), items, Stats())
+
+
+def test_fingerprints_of_one_input_and_of_many_agree_and_list_each_folder_once(tmp_path):
+    from engine.planning import Fingerprints, fingerprint
+
+    folders = [tmp_path / f"f{k}" for k in range(6)]
+    for folder in folders:
+        folder.mkdir()
+        for n in range(3):
+            (folder / f"{n}.mp4").write_bytes(b"x" * (n + 1))
+    frames = tmp_path / "f0" / "frames"
+    frames.mkdir()
+    (frames / "0.jpg").write_bytes(b"jpg")
+    # a manifest naming files of six folders in turn: more folders than the listing cache holds
+    sources = [str(folders[k] / f"{n}.mp4") for n in range(3) for k in range(6)] + [str(frames), str(tmp_path / "gone.mp4")]
+    many = Fingerprints()
+    got = many.of_many(sources)
+    assert many.listings == 7  # six folders and the frame folder's parent once each (f0 holds both), the gone file's
+    assert got[:-1] == [fingerprint(s) for s in sources[:-1]]  # the runner's single check (one info call) agrees
+    assert got[-1] is None and fingerprint(sources[-1]) is None
+    assert len(set(got[:-1])) >= 3 and all(g is not None for g in got[:-1])

@@ -55,10 +55,11 @@ def _masklet(expression: str = "a dog", video_id: str = "v") -> MaskletRecord:
     )
 
 
-def _item(key: str, *, pipeline: str = "p", status: str = "done", reason: str | None = None) -> ItemRecord:
+def _item(key: str, *, pipeline: str = "p", status: str = "done", reason: str | None = None,
+          video_id: str | None = None) -> ItemRecord:
     return ItemRecord(
         item_id=stable_id(pipeline, key), pipeline=pipeline, item_key=key, variant="v", source=f"{key}.mp4",
-        status=status, reason=reason, video_id=key, run_hash="h", write_id="", run_id="", engine_version="", committed_at="",
+        status=status, reason=reason, video_id=video_id or key, run_hash="h", write_id="", run_id="", engine_version="", committed_at="",
     )
 
 
@@ -97,8 +98,8 @@ def test_one_commit_holds_many_items_and_a_video_has_one_row(tmp_path):
     ds = Dataset(str(tmp_path / "ds"))
     with TableWriter(ds, "run") as writer:
         for i in range(5):  # five captions of two videos
-            writer.add(_item(f"k{i}"), {"videos": [_video(f"v{i % 2}")], "masklets": [_masklet(f"e{i}")]})
-    _commit(ds, "k0", {"masklets": [_masklet("other")]}, pipeline="two")  # same input, another pipeline
+            writer.add(_item(f"k{i}", video_id=f"v{i % 2}"), {"videos": [_video(f"v{i % 2}")], "masklets": [_masklet(f"e{i}")]})
+    _commit(ds, "k0", {"masklets": [_masklet("other")]}, pipeline="two", video_id="v0")  # same input, another pipeline
     assert ds.delta("videos").version() == 1 and ds.delta(ITEMS).version() == 2  # created, then one append each
     assert sorted(ds.read_table("videos")["video_id"].to_pylist()) == ["v0", "v1"]
     masklets = ds.read_table("masklets")
@@ -189,8 +190,8 @@ def test_compaction_keeps_the_committed_view_as_the_plain_snapshot(tmp_path):
     for key in ("a", "b", "a"):  # a rerun of a leaves superseded rows
         _commit(ds, key, {"videos": [_video(key)], "masklets": [_masklet(key)]})
     with TableWriter(ds, "run") as writer:  # and two captions of one video: one video row
-        writer.add(_item("c1"), {"videos": [_video("c")]})
-        writer.add(_item("c2"), {"videos": [_video("c")]})
+        writer.add(_item("c1", video_id="c"), {"videos": [_video("c")]})
+        writer.add(_item("c2", video_id="c"), {"videos": [_video("c")]})
     before = {t: sorted(map(str, ds.read_table(t).to_pylist())) for t in ("videos", "masklets")}
     counts = ds.compact(retention_hours=0)
     assert counts["masklets"] == (3, 2) and counts["videos"][1] == 3
@@ -198,6 +199,20 @@ def test_compaction_keeps_the_committed_view_as_the_plain_snapshot(tmp_path):
         assert sorted(map(str, ds.read_table(table).to_pylist())) == before[table]  # the same committed view
         plain = ds.arrow_dataset(table).to_table().drop_columns(["item_id", "write_id"])
         assert sorted(map(str, plain.to_pylist())) == before[table]  # the plain snapshot is exactly it
+
+
+def test_a_compacted_video_row_stays_while_any_item_of_its_video_does(tmp_path):
+    ds = Dataset(str(tmp_path / "ds"))
+    with TableWriter(ds, "run") as writer:  # two captions of one video: compaction keeps one row, c1's
+        writer.add(_item("c1", video_id="c"), {"videos": [_video("c")]})
+        writer.add(_item("c2", video_id="c"), {"videos": [_video("c")]})
+    ds.compact(retention_hours=0)
+    assert ds.arrow_dataset("videos").count_rows() == 1
+    _commit(ds, "c1", {}, status="removed", video_id="c")  # the caption that wrote the row leaves the source
+    assert ds.read_table("videos")["video_id"].to_pylist() == ["c"]  # c2 still points at the video
+    assert ds.summary()["tables"]["videos"]["rows"] == 1
+    _commit(ds, "c2", {}, status="removed", video_id="c")
+    assert ds.read_table("videos").num_rows == 0 and ds.summary()["tables"]["videos"]["rows"] == 0
 
 
 def test_an_old_layout_is_refused_with_the_way_out(tmp_path):
