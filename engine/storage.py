@@ -173,9 +173,13 @@ class Dataset:
     def check_layout(self) -> None:
         """Refuse, in one line, a folder written by the engine's earlier layout (commit JSONs per item)."""
         if self.fs.exists(f"{self.root}/{LEGACY_MARKER}") and not self._is_table(ITEMS):
+            # Its rows cannot be carried over: their ids lack the pipeline and run options that now tell the
+            # outputs of two pipelines or two option sets apart, and a converted item would be redone anyway.
+            pipelines = sorted(p.rstrip("/").rpartition("/")[2] for p in self.fs.ls(f"{self.root}/{LEGACY_MARKER}"))
             raise BadInputError(
                 f"{self.url} is in the engine's earlier layout (Parquet shards with a _complete/ commit file per "
-                f"item); rebuild it into a new folder with the command that made it (runs write the Delta layout)"
+                f"item) and cannot be read or appended to; convert it by running what made it into a new folder: "
+                f"engine run {'|'.join(pipelines) or '<pipeline>'} --source <its sources> --out <new folder>"
             )
 
     def require(self) -> None:

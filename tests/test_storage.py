@@ -218,7 +218,7 @@ def test_a_compacted_video_row_stays_while_any_item_of_its_video_does(tmp_path):
 def test_an_old_layout_is_refused_with_the_way_out(tmp_path):
     old = tmp_path / "old"
     (old / "_complete" / "videorefer").mkdir(parents=True)
-    with pytest.raises(BadInputError, match="earlier layout.*rebuild it into a new folder"):
+    with pytest.raises(BadInputError, match=r"earlier layout.*convert it .*engine run videorefer --source <its sources> --out <new folder>"):
         Dataset(str(old)).prepare()
 
 
