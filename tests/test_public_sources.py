@@ -43,7 +43,8 @@ def exact(obj, truth: dict[int, np.ndarray]) -> bool:
 # -- LV-VIS ---------------------------------------------------------------------------------------------------
 
 
-def lvvis_layout(root: Path) -> dict[int, np.ndarray]:
+def lvvis_layout(root: Path, *, inside: bool = False) -> tuple[dict[int, np.ndarray], Path]:
+    """A train split; its instances JSON beside train/ or, as OV2Seg keeps LVVIS/val/val_instances.json, in it."""
     write_frames(root / "train" / "JPEGImages" / "00001", [flat(COLORS[i]) for i in range(3)])
     truth = {0: rect(1, 1, 8, 8), 2: rect(3, 2, 10, 9)}
     data = {
@@ -56,12 +57,14 @@ def lvvis_layout(root: Path) -> dict[int, np.ndarray]:
         ],
         "categories": [{"id": 3, "name": "zebra"}, {"id": 4, "name": "kite"}],
     }
-    (root / "train_instances.json").write_text(json.dumps(data))
-    return truth
+    path = root / "train" / "train_instances.json" if inside else root / "train_instances.json"
+    path.write_text(json.dumps(data))
+    return truth, path
 
 
-def test_lvvis_objects_carry_masks_and_categories(tmp_path: Path) -> None:
-    truth = lvvis_layout(tmp_path)
+@pytest.mark.parametrize("inside", [False, True], ids=["beside-split", "in-split"])
+def test_lvvis_objects_carry_masks_and_categories(tmp_path: Path, inside: bool) -> None:
+    truth, path = lvvis_layout(tmp_path, inside=inside)
     (item,) = list(open_source(str(tmp_path)))
     assert (item.dataset, item.source, item.frame_rate) == ("lv-vis", str(tmp_path / "train" / "JPEGImages" / "00001"), 5)
     assert [(o.object_id, o.category) for o in item.objects] == [("7", "zebra"), ("8", "kite")]
@@ -70,7 +73,7 @@ def test_lvvis_objects_carry_masks_and_categories(tmp_path: Path) -> None:
     assert reasons(item) == {("mask_size_mismatch", "8"), ("frame_count_mismatch", "9")}
     with pytest.raises(BadInputError, match="has no LV-VIS split 'val'"):
         read_lvvis(tmp_path, split="val")
-    (tmp_path / "train_instances.json").write_text(json.dumps({"videos": []}))
+    path.write_text(json.dumps({"videos": []}))
     with pytest.raises(BadInputError, match='must be an object with "videos", "annotations" and "categories"'):
         read_lvvis(tmp_path)
     with pytest.raises(BadInputError, match="is not LV-VIS"):
@@ -86,7 +89,8 @@ def test_sav_masklets_at_every_4th_frame_with_ref_sav_expressions(tmp_path: Path
     a, b = rect(2, 2, 9, 9), rect(10, 5, 20, 15)
     empty = rle(np.zeros((H, W), dtype=bool))
     manual = {
-        "video_id": "sav_000001", "video_frame_count": 8, "video_height": H, "video_width": W,
+        # whole numbers written as floats, as in SAM 2's sav_dataset/example/sav_000001_manual.json
+        "video_id": "sav_000001", "video_frame_count": 8.0, "video_height": float(H), "video_width": float(W),
         "masklet_id": [0, 1],
         "masklet": [[rle(a), empty], [rle(a), rle(b)], [rle(b), {"size": [H, W + 1], "counts": "0"}]],
     }
@@ -102,6 +106,9 @@ def test_sav_masklets_at_every_4th_frame_with_ref_sav_expressions(tmp_path: Path
     assert [(e.expression, e.object_ids) for e in item.expressions] == [("the left square", ["0"])]
     assert reasons(item) == {("frame_out_of_range", "0"), ("mask_size_mismatch", "1"), ("unknown_object", "5")}
     assert next(read_sav(folder)).expressions == []  # no expressions file beside this folder
+    (folder / "sav_000001_manual.json").write_text(json.dumps({**manual, "video_height": H + 0.5}))
+    with pytest.raises(BadInputError, match="needs whole-number video_frame_count, video_height, video_width"):
+        next(read_sav(folder))
     with pytest.raises(BadInputError, match="is not SA-V"):
         read_sav(tmp_path / "nowhere")
 
@@ -109,25 +116,39 @@ def test_sav_masklets_at_every_4th_frame_with_ref_sav_expressions(tmp_path: Path
 # -- VidSTG ---------------------------------------------------------------------------------------------------
 
 
-def test_vidstg_boxes_on_every_4th_frame_of_the_segment(tmp_path: Path) -> None:
-    (tmp_path / "video" / "0001").mkdir(parents=True)
-    (tmp_path / "video" / "0001" / "42.mp4").write_bytes(b"")
+def vidor_box(tid: int, x: float) -> dict:
+    """A VidOR trajectory box."""
+    return {"tid": tid, "bbox": {"xmin": x, "ymin": 2, "xmax": x + 10, "ymax": 12}, "generated": 0, "tracker": "none"}
 
-    def box(tid: int, x: float) -> dict:
-        return {"tid": tid, "bbox": {"xmin": x, "ymin": 2, "xmax": x + 10, "ymax": 12}}
 
-    trajectories = [[box(0, f), box(1, 5)] for f in range(20)]
-    trajectories[10] = [box(0, 10), {"tid": 1, "bbox": {"xmin": 5, "ymin": 8, "xmax": 5, "ymax": 9}}]
-    trajectories[14] = [box(0, -4), box(1, 90)]  # clipped to the frame; wholly outside
-    entry = {
+def vidstg_layout(root: Path) -> dict:
+    """A VidSTG train entry (no boxes, as in Guaranteer/VidSTG-Dataset) beside VidOR's video/ and annotation/,
+    where its boxes are: annotation/training/<folder>/<vid>.json, `trajectories` a list of boxes per frame."""
+    (root / "video" / "0001").mkdir(parents=True)
+    (root / "video" / "0001" / "42.mp4").write_bytes(b"")
+    trajectories = [[vidor_box(0, f), vidor_box(1, 5)] for f in range(20)]
+    trajectories[10] = [vidor_box(0, 10), {"tid": 1, "bbox": {"xmin": 5, "ymin": 8, "xmax": 5, "ymax": 9}}]
+    trajectories[14] = [vidor_box(0, -4), vidor_box(1, 90)]  # clipped to the frame; wholly outside
+    objects = [{"tid": 0, "category": "dog"}, {"tid": 1, "category": "ball"}]
+    vidor = {
+        "version": "VERSION 1.0", "video_id": "42", "video_path": "0001/42.mp4", "frame_count": 20, "fps": 10.0,
+        "width": W, "height": H, "subject/objects": objects, "trajectories": trajectories, "relation_instances": [],
+    }
+    (root / "annotation" / "training" / "0001").mkdir(parents=True)
+    (root / "annotation" / "training" / "0001" / "42.json").write_text(json.dumps(vidor))
+    return {
         "vid": "42", "fps": 10.0, "frame_count": 20, "width": W, "height": H,
         "used_segment": {"begin_fid": 6, "end_fid": 16}, "temporal_gt": {"begin_fid": 6, "end_fid": 16},
-        "subject/objects": [{"tid": 0, "category": "dog"}, {"tid": 1, "category": "ball"}],
-        "trajectories": trajectories,
+        "subject/objects": objects,
+        "used_relation": {"subject_tid": 0, "object_tid": 1, "predicate": "chase", "begin_fid": 6, "end_fid": 16},
         "captions": [{"type": "subject", "target_id": 0, "description": "a dog  runs"},
                      {"type": "object", "target_id": 3, "description": "a cat"}],
-        "questions": [{"target_id": 1, "description": "what does the dog chase?"}],
+        "questions": [{"type": "object", "target_id": 1, "description": "what does the dog chase?"}],
     }
+
+
+def test_vidstg_boxes_on_every_4th_frame_of_the_segment(tmp_path: Path) -> None:
+    entry = vidstg_layout(tmp_path)
     (tmp_path / "train_annotations.json").write_text(json.dumps([entry]))
     (item,) = list(open_source(str(tmp_path)))
     assert (item.dataset, item.source) == ("vidstg", str(tmp_path / "video" / "0001" / "42.mp4"))
@@ -151,6 +172,27 @@ def test_vidstg_boxes_on_every_4th_frame_of_the_segment(tmp_path: Path) -> None:
         read_vidstg(tmp_path)
     with pytest.raises(BadInputError, match="is not VidSTG"):
         read_vidstg(tmp_path / "video")
+
+
+def test_vidstg_missing_or_bad_vidor_annotation_is_a_problem_of_its_item(tmp_path: Path) -> None:
+    entry = vidstg_layout(tmp_path)
+    missing = {**entry, "vid": "43"}  # no annotation/*/*/43.json
+    bad = {**entry, "vid": "44"}
+    (tmp_path / "annotation" / "validation" / "0002").mkdir(parents=True)
+    (tmp_path / "annotation" / "validation" / "0002" / "44.json").write_text("{not json")
+    (tmp_path / "val_annotations.json").write_text(json.dumps([missing, entry, bad]))
+    first, good, third = read_vidstg(tmp_path, split="val")
+    assert first.objects == [] and first.expressions == []
+    assert reasons(first) == {("missing_annotation", None), ("no_annotation", "0"), ("unknown_object", "3")}
+    assert "43.json" in next(p.detail for p in first.problems if p.reason == "missing_annotation")
+    assert [o.object_id for o in good.objects] == ["0", "1"]  # the other items read on
+    assert third.objects == [] and ("bad_annotation", None) in reasons(third)
+    # an entry that carries its own trajectories (a preprocessed copy) needs no VidOR file
+    inline = {**missing, "trajectories": [[vidor_box(0, 1)] for _ in range(20)]}
+    (tmp_path / "val_annotations.json").write_text(json.dumps([inline]))
+    (item,) = read_vidstg(tmp_path, split="val")
+    assert [(o.object_id, sorted(o.boxes)) for o in item.objects] == [("0", [0, 4, 8])]
+    assert item.source == str(tmp_path / "video" / "43.mp4")  # no such video: the runner rejects it
 
 
 # -- A2D-Sentences --------------------------------------------------------------------------------------------

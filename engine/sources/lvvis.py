@@ -1,10 +1,11 @@
 """LV-VIS (large-vocabulary video instance segmentation): YouTube-VIS style instances JSON, one per split.
 
-Layout: `<root>/<split>/JPEGImages/<video>/<frame>.jpg` beside `<root>/<split>_instances.json` ({"videos":
-[{id, file_names: ["<video>/<frame>.jpg", ...], height, width, length}], "annotations": [{id, video_id,
-category_id, segmentations: [RLE or null per file name]}], "categories": [{id, name}]}), for `train` and `val`
-(the test split has no instances file). The release has no referring expressions: SAMA names objects by their
-category, so objects carry `category` and items no expressions.
+Layout: `<root>/<split>/JPEGImages/<video>/<frame>.jpg` with the split's instances JSON beside the split folder,
+`<root>/<split>_instances.json`, or in it, `<root>/<split>/<split>_instances.json` (where OV2Seg's loader keeps
+`LVVIS/val/val_instances.json`) ({"videos": [{id, file_names: ["<video>/<frame>.jpg", ...], height, width,
+length}], "annotations": [{id, video_id, category_id, segmentations: [RLE or null per file name]}], "categories":
+[{id, name}]}), for `train` and `val` (the test split has no instances file). The release has no referring
+expressions: SAMA names objects by their category, so objects carry `category` and items no expressions.
 """
 
 from __future__ import annotations
@@ -14,18 +15,27 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from engine.errors import BadInputError
-from engine.sources._layout import Problems, choose_split, frame_folder, load_json, per_frame_rles
+from engine.sources._layout import Problems, choose_split, frame_folder, load_json, per_frame_rles, subfolders
 from schemas.records import SourceObject, WorkItem
 
 LVVIS_FPS = 5.0  # the rate LV-VIS frames were extracted at, as its loaders assume; a frame_rate given overrides it
+INSTANCES = "_instances.json"
 
 
 def lvvis_splits(path: Path) -> list[str]:
-    """The splits of an LV-VIS root (<split>_instances.json beside <split>/JPEGImages/); empty when it is none."""
-    return sorted(
-        name for p in path.glob("*_instances.json")
-        if (name := p.name[: -len("_instances.json")]) and (path / name / "JPEGImages").is_dir()
-    )
+    """The splits of an LV-VIS root (<split>/JPEGImages/ with <split>_instances.json beside it or in it); empty
+    when it is none."""
+    if not path.is_dir():
+        return []
+    return [f.name for f in subfolders(path) if (f / "JPEGImages").is_dir() and _instances(path, f.name)]
+
+
+def _instances(root: Path, split: str) -> Path | None:
+    """The split's instances JSON: beside its folder, else in it (the layout OV2Seg's loader reads)."""
+    for path in (root / f"{split}{INSTANCES}", root / split / f"{split}{INSTANCES}"):
+        if path.is_file():
+            return path
+    return None
 
 
 def read_lvvis(root: str | Path, *, split: str | None = None, frame_rate: float = LVVIS_FPS) -> Iterator[WorkItem]:
@@ -35,9 +45,11 @@ def read_lvvis(root: str | Path, *, split: str | None = None, frame_rate: float 
     root = Path(root)
     splits = lvvis_splits(root)
     if not splits:
-        raise BadInputError(f"{root} is not LV-VIS: it needs <split>_instances.json beside <split>/JPEGImages/")
+        raise BadInputError(
+            f"{root} is not LV-VIS: it needs <split>/JPEGImages/ with <split>_instances.json beside it or in <split>/"
+        )
     chosen = choose_split(root, "LV-VIS", splits, splits, split, "instances")
-    path = root / f"{chosen}_instances.json"
+    path = _instances(root, chosen) or root / f"{chosen}{INSTANCES}"
     data = load_json(path)
     fields = ("videos", "annotations", "categories")
     if not isinstance(data, dict) or not all(isinstance(data.get(k), list) for k in fields):

@@ -1,8 +1,9 @@
 """SA-V (Segment Anything Video): MP4s at 24 fps with masklets annotated on every 4th frame (6 fps).
 
 Layout: folders (`sav_000/`, `sav_001/`, ... of `sav_train/`, or one of them) of `sav_XXXXXX.mp4` beside
-`sav_XXXXXX_manual.json` ({"video_id", "video_frame_count", "video_height", "video_width", "masklet_id": [...],
-"masklet": [[RLE per object] per annotated frame], ...}); the `_auto.json` masklets are left out (unreviewed).
+`sav_XXXXXX_manual.json` ({"video_id", "video_frame_count", "video_height", "video_width" (whole numbers written
+as floats, 848.0), "masklet_id": [...], "masklet": [[RLE per object] per annotated frame], ...}); the
+`_auto.json` masklets are left out (unreviewed).
 Referring expressions (Sa2VA's Ref-SAV) come from a meta_expressions-style JSON ({"videos": {video_id:
 {"expressions": {eid: {"exp", "obj_id"}}}}}, obj_id naming a masklet_id), given or found beside as
 `meta_expressions.json`.
@@ -60,10 +61,10 @@ def _items(files: list[Path], referring: dict[str, Any], expressions_path: Path 
         video_id = path.name[: -len(MANUAL)]
         data = load_json(path)
         fields = ("video_frame_count", "video_height", "video_width")
-        if not isinstance(data, dict) or not all(isinstance(data.get(k), int) for k in fields) \
-                or not isinstance(data.get("masklet"), list):
-            raise BadInputError(f"{path} needs integer {', '.join(fields)} and a masklet list")
-        count, height, width = (data[k] for k in fields)
+        sizes = [n for k in fields if (n := _whole(data.get(k))) is not None] if isinstance(data, dict) else []
+        if len(sizes) != len(fields) or not isinstance(data.get("masklet"), list):
+            raise BadInputError(f"{path} needs whole-number {', '.join(fields)} and a masklet list")
+        count, height, width = sizes
         problems = Problems()
         rles: dict[str, dict[int, Any]] = {}
         ids = data.get("masklet_id")
@@ -92,6 +93,14 @@ def _items(files: list[Path], referring: dict[str, Any], expressions_path: Path 
                             {str(i) for i in ids or []} | set(rles), problems)
         yield WorkItem(source=str(path.with_name(f"{video_id}.mp4")), dataset="sa-v", objects=objects,
                        expressions=kept, problems=problems.records())
+
+
+def _whole(value: Any) -> int | None:
+    """A whole number as an int: the release writes the sizes as floats (483.0, 848.0; float64 in SAM 2's
+    sav_dataset README and its sav_000001_manual.json), so 848.0 is 848; None for anything else (848.5, "848")."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return None
+    return int(value) if isinstance(value, int) or value.is_integer() else None
 
 
 def _expressions(path: Path | None, video_id: str, video: Any) -> list[Expression]:
