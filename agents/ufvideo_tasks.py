@@ -51,7 +51,10 @@ def _sentence(text: str) -> str:
 
 
 def _lower_first(text: str) -> str:
-    """"Blue monster truck ..." reads as "object_1 blue monster truck ..." inside a question; an acronym stays."""
+    """Box 1 puts each short description mid-sentence, after its object ("If object_1 <region> short
+    description, ...", "What object_1 short description, ... are doing"), while Box 2's answers capitalise it
+    ("object_1: Blue monster truck ..."), so its first letter is lowered: "If object_1 <region> blue monster
+    truck ..." (the paper's own samples read "What is object 1: silver SUV ..."). An acronym ("SUV ...") stays."""
     return text[:1].lower() + text[1:] if text[:2].istitle() else text
 
 

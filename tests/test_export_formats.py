@@ -61,6 +61,7 @@ class Built:
         self.square = self.masklet("the square", range(24), track_fps=0)
         self.disc = self.masklet("the disc", DISC_FRAMES, track_fps=6)
         self.dataset = Dataset(str(root / "ds"))
+        self.samples: dict[str, SampleRecord] = {}  # every sample written, by id
         self.write("videorefer", [self.sample(
             "vr", "videorefer", "detailed_caption", ["<video>\nDescribe <region>.", "A white square."], [self.square],
             [2, 9], VIDEOREFER,
@@ -125,6 +126,7 @@ class Built:
         item = ItemRecord(item_id=pipeline, pipeline=pipeline, item_key=pipeline, variant="v", source=self.video.source,
                           status="done", video_id=self.video.video_id, run_hash="h", write_id="", run_id="",
                           engine_version="", committed_at="")
+        self.samples.update((s.sample_id, s) for s in samples)
         rows = {"videos": [self.video], "samples": samples}
         if masklets:
             rows["masklets"] = [self.square, self.disc]
@@ -134,6 +136,15 @@ class Built:
     def publish(self, run_id: str) -> int:
         return self.dataset.publish(VersionRecord(run_id=run_id, kind="run", published_at="", engine_version="0",
                                                   tables={}, settings=[], counts={}, stats="{}"))
+
+    def check_turns(self, record_id: str, exported: list[dict]) -> None:
+        """An exported record's conversation is its sample's, turn by turn and field by field: the ufvideo and
+        hf formats change no token, they only rename `role` to `from`."""
+        stored = self.samples[record_id].conversation
+        assert len(exported) == len(stored), record_id
+        for turn, want in zip(exported, stored):
+            assert set(turn) == {"from", "value"}, (record_id, turn)
+            assert (turn["from"], turn["value"]) == (want.role, want.value), record_id
 
     def expected(self, masklet_id: str, frame: int) -> np.ndarray | None:
         """The mask an export holds on `frame`: the disc's skipped frames hold the earlier tracked one, within
@@ -221,6 +232,7 @@ def test_ufvideo_records_carry_prompt_and_label_masks_and_temporal_tokens(built,
         assert record["video"] == str(built.truth.path)
         assert (record["height"], record["width"], record["fps"]) == (48, 80, FPS)
         assert turns(record["conversations"])[0].startswith("<video>\n")
+        built.check_turns(record["id"], record["conversations"])
 
     assert [list(m) for m in rqa["prompt_masks"]] == [["5"]] and [list(m) for m in rqa["label_masks"]] == [["4", "8", "12"]]
     assert (rqa["temporal_tokens"], rqa["time_s"]) == ([], []) and "start" not in rqa
@@ -244,6 +256,7 @@ def test_ufvideo_records_carry_prompt_and_label_masks_and_temporal_tokens(built,
     export(built.dataset.url, str(tmp_path / "cut"), fmt="ufvideo", cut_clips=True, video_root=str(tmp_path / "cut"))
     (trqa,) = json.loads((tmp_path / "cut" / "ufvideo" / "pixtrqa.json").read_text())
     assert trqa["video"].startswith("clips/") and (tmp_path / "cut" / trqa["video"]).is_file() and "start" not in trqa
+    built.check_turns(trqa["id"], trqa["conversations"])
     assert [list(m) for m in trqa["prompt_masks"]] == [["2"]]
     assert [list(m) for m in trqa["label_masks"]] == [["1", "4"], ["1", "4", "8"]]
     for by_frame, masklet in zip(trqa["label_masks"], (built.disc, built.square)):
@@ -272,7 +285,9 @@ def test_hf_export_loads_with_datasets_and_its_card_counts_the_samples(built, tm
     assert json.loads(dialogue["labels"])["tags"] == "obj0,obj1" and dialogue["frames"] == SIXTEEN
     assert len(dialogue["masks"]) == 5  # one per token
     assert by_id[stable_id("hqa")]["refers_to"] == ["mask", "timestamp"] and dialogue["refers_to"] == ["mask"]
+    assert set(by_id) == {i for i, s in built.samples.items() if s.kept}
     for row in rows:
+        built.check_turns(row["id"], row["conversations"])
         assert len(row["masks"]) == len(row["masklet_ids"]) and row["kept"]
         for masklet_id, frames in zip(row["masklet_ids"], row["masks"]):
             # frames=sample (the default) does not hold masks: the disc is on its tracked frames only
@@ -301,6 +316,7 @@ def test_version_picks_what_is_exported(built, tmp_path):
     export(built.dataset.url, str(tmp_path), fmt="hf", version=built.first)
     (row,) = load(tmp_path, split="train")
     assert row["id"] == stable_id("vr")
+    built.check_turns(row["id"], row["conversations"])
     assert f"dataset version {built.first} " in (tmp_path / "hf" / "README.md").read_text()
 
 
