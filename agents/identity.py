@@ -13,7 +13,10 @@ has:
 - the detector's boxes: which detection the track holds, and whether another track holds it too;
 - where these disagree, the grounder, asked again on that frame which box the track's expression means.
 A failing track is cut at the last frame it passed (at the motion break where there is one), and the object it
-lost is handed back to be prompted anew; the grounder's assignment then joins the pieces, as across exits.
+lost is handed back to be prompted anew; the grounder's assignment then joins the pieces, as across exits. Every
+cut is kept on the track that was cut (`Cut`: the frame it was cut after, the check that failed and the signals
+that failed it), whether or not its lost object is prompted again, and its masklet carries it
+(`MaskletRecord.cuts`).
 """
 
 from __future__ import annotations
@@ -36,10 +39,29 @@ DRIFT = 6.0  # taken off each frame's innovation in the CUSUM (a consistent filt
 EMBED_CHUNK = 256  # crops per embedder call: bounds the crops held at once (SigLIP so400m: 384 px each)
 
 
+Signal = Literal["motion", "appearance", "detector", "grounder"]
+
+
+@dataclass(frozen=True)
+class Cut:
+    """One identity cut of a track, in store positions: its frames beyond `after` (in the walk's direction from its
+    prompt frame) were dropped. `after` is the last frame it kept on that side (its prompt frame where it kept
+    none); `found` the check frame where it failed; `signals` what spoke against it there, in a fixed order:
+    motion (the prediction from before a break lands elsewhere), appearance (another detection looks more like
+    it), detector (another track holds its detection, or its mask sits on another noun's), and grounder last
+    where the others disagreed and the grounder named another box (without it, motion and appearance agreed)."""
+
+    after: int
+    found: int
+    forward: bool
+    signals: tuple[Signal, ...]
+
+
 class TrackLike(Protocol):
     obj_id: int
     label: str
     frames: MutableMapping[int, tuple[Rle, list[float]]]  # store position -> (mask, its box)
+    cuts: list[Cut]  # the identity cuts made on it, in the order they were made
 
     @property
     def position(self) -> int: ...
@@ -227,6 +249,18 @@ def judge(held: int | None, motion: int | None, appearance: int | None, doubt: b
     return "ask", None
 
 
+def spoke_against(held: int | None, motion: int | None, appearance: int | None, doubt: bool) -> tuple[Signal, ...]:
+    """The signals (judge's inputs) that speak against the track at one check, in a fixed order."""
+    out: list[Signal] = []
+    if motion not in (None, held):
+        out.append("motion")
+    if appearance not in (None, held):
+        out.append("appearance")
+    if doubt:
+        out.append("detector")
+    return tuple(out)
+
+
 def best_iou(box: Box, boxes: Sequence[Box], at_least: float) -> int | None:
     """Index of the box overlapping `box` most, if that IoU reaches `at_least`."""
     if not boxes:
@@ -286,7 +320,8 @@ class IdentityChecker:
 
     def check(self, tracks: Sequence[TrackLike], live: Sequence[TrackLike]) -> list[Lost]:
         """Check `tracks` (new ones) in both directions from their prompt frames; `live` are all tracks of the
-        shot, for which detections are held. Failing tracks are cut in place. Returns the objects they lost."""
+        shot, for which detections are held. Failing tracks are cut in place, and each cut is appended to its
+        track's `cuts`. Returns the objects they lost (none where the right detection was not found)."""
         with self.stats.timer("masklets.identity"):
             regions = self._embed(tracks)
             lost: list[Lost] = []
@@ -373,10 +408,12 @@ class IdentityChecker:
             doubt = self._doubt(track, p, box, held, dets, live)
             self.stats.count("identity_checks")
             verdict, pick = judge(held, motion, appearance, doubt)
+            signals = spoke_against(held, motion, appearance, doubt)
             confirmed = False
             if verdict == "ask":
                 verdict, pick = self._ask(track, p, dets, held, box)
                 confirmed = verdict == "pass"
+                signals += ("grounder",)
             if verdict in ("pass", "unsure"):
                 # After a break, a track that merely sits where its object should be (an occluder in front of
                 # it does too) has not shown it still holds the object: the break stays open until it does.
@@ -384,7 +421,8 @@ class IdentityChecker:
                     anchor = p
                     recent.append(own)
                 continue
-            self._cut(track, trace, anchor, brk)
+            after = self._cut(track, trace, anchor, brk)
+            track.cuts.append(Cut(after=after, found=p, forward=forward, signals=signals))
             self.stats.count("identity_cuts")
             return Lost(p, dets[pick]) if pick is not None and pick >= 0 else None
         return None
@@ -439,9 +477,15 @@ class IdentityChecker:
         return self._answers[key]
 
     @staticmethod
-    def _cut(track: TrackLike, trace: MotionTrace, anchor: int, brk: int | None) -> None:
+    def _cut(track: TrackLike, trace: MotionTrace, anchor: int, brk: int | None) -> int:
         """Drop the track's frames beyond the last check it passed: from the motion break on where there is one
-        (the switch happened there), else every frame beyond `anchor`."""
+        (the switch happened there), else every frame beyond `anchor`. Returns the frame it was cut after: the
+        last it kept on that side of its prompt frame (the prompt frame itself where it kept none there)."""
         for p in [p for p in track.frames if trace.beyond(p, anchor)]:
             if brk is None or not trace.beyond(brk, p):
                 del track.frames[p]
+        p0 = track.position
+        kept = [p for p in track.frames if p == p0 or trace.beyond(p, p0)]
+        if not kept:
+            return p0
+        return max(kept) if trace.forward else min(kept)

@@ -13,7 +13,9 @@ and one that leaves for longer than SAM 2's memory. Here every sampled frame is 
 no live track explains prompt new sessions (as DEVA does); duplicates are merged, and the grounder assigns
 expressions over every candidate. With re-detection, identity checks (`identity_checks`, agents.identity)
 catch the tracker's identity switches at every re-detection frame: a track that follows another object after
-a crossing is cut where it switched, and the object it lost gets a new track. Either way no track crosses a
+a crossing is cut where it switched, and the object it lost gets a new track. Every cut is recorded in the cut
+track's masklet (`MaskletRecord.cuts`: the frame it was cut after, the failing frame, the signals), every
+re-prompt in the new track's (`prompts`, reason "identity"). Either way no track crosses a
 hard cut: each shot is tracked on its own, and only the grounder links an entity's tracks across a cut.
 """
 
@@ -26,7 +28,7 @@ from typing import Literal, Sequence
 
 import numpy as np
 
-from agents.identity import CHI2_99_4DOF, IdentityChecker, Lost, best_iou
+from agents.identity import CHI2_99_4DOF, Cut, IdentityChecker, Lost, best_iou
 from agents.tracking import Prompt, Track, frame_masks, track_objects
 from engine import masks
 from engine.frame_store import FrameStore, TrackFrames
@@ -34,6 +36,7 @@ from engine.ids import stable_id
 from engine.models.interfaces import BoxSegmenter, Detection, Detector, Embedder, Grounder, Tracker
 from engine.stats import Stats
 from schemas import Assignment, EntityRef, MaskletRecord, Provenance, RejectionRecord, TrackPrompt
+from schemas.records import TrackCut
 
 Method = Literal["strefer", "grounded-sam2"]
 
@@ -51,7 +54,9 @@ class MaskletConfig:
     max_candidates_per_noun: int = 8  # boxes of one noun prompted per session, best scores first
     redetect: bool = True  # False: Algorithm 1 as published (one start frame, detection stops at it)
     redetect_iou: float = 0.3  # a detection overlapping no live track of its noun this much starts a new one
-    merge_iou: float = 0.5  # tracks holding each other's prompt box whose masks overlap this much are one object
+    # Two tracks are one object when, on every prompt frame of either that the other covers (at least one), the
+    # other's mask box overlaps that prompt box this much, and their masks overlap this much (mean over shared frames).
+    merge_iou: float = 0.5
     max_sessions_per_shot: int = 8  # tracking sessions per shot: the start frame's, then re-detections
     # Identity checks (with re-detection; agents.identity): every live track is checked at every re-detection
     # frame for the tracker's identity switch; a failing track is cut and its lost object prompted anew.
@@ -167,14 +172,15 @@ def box_iou(a: np.ndarray, b: np.ndarray) -> np.ndarray:
 
 @dataclass
 class _Track:
-    """One object's track in one session: its prompt(s) and the stored positions where its mask is not empty.
-    A track lives inside one shot; merged duplicates add their prompts."""
+    """One object's track in one session: its prompt(s), the stored positions where its mask is not empty, and
+    the identity cuts made on it. A track lives inside one shot; merged duplicates add their prompts and cuts."""
 
     obj_id: int
     label: str  # the noun (the phrase, for the baseline)
     shot: int
     prompts: list[tuple[int, Detection, str]]  # (store position, detection, reason); the first is its own
     frames: Track = field(default_factory=dict)
+    cuts: list[Cut] = field(default_factory=list)  # agents.identity appends one per cut
 
     @property
     def position(self) -> int:
@@ -417,8 +423,9 @@ class MaskletPass:
         that carries prompts as absent there); duplicates of one object are merged afterwards.
 
         With identity checks, every new track is checked at the shot's sampled frames first (agents.identity);
-        a track that switched to another object is cut there, and the object it lost is prompted in a session
-        of its own ("identity") before any re-detection, within the same `max_sessions_per_shot`."""
+        a track that switched to another object is cut there (each cut recorded on it, see `_Track.cuts`), and
+        the object it lost, where a detection of it was found and no track holds it, is prompted in a session of
+        its own ("identity") before any re-detection, within the same `max_sessions_per_shot`."""
         order = middle_first([p for p in samples if shot[0] <= p < shot[1]])
         if not order:
             return []
@@ -490,9 +497,10 @@ class MaskletPass:
         return out
 
     def _merge(self, tracks: list[_Track]) -> list[_Track]:
-        """Join tracks of one object found from two prompt frames: same label, both on one object where it was
-        prompted (see `_same_object`), and masks overlapping by at least `merge_iou` (mean over the frames both
-        cover). On a frame both cover, the mask of the track prompted nearer in time is kept."""
+        """Join tracks of one object found from two prompt frames: same label and `_same_object` (the prompt boxes
+        held where covered, masks overlapping by at least `merge_iou`). A track joins the first earlier one that
+        qualifies, adding its frames, prompts and cuts; on a frame both cover, the mask of the track prompted
+        nearer in time is kept."""
         merged: list[_Track] = []
         for track in tracks:
             twin = next((m for m in merged if m.label == track.label and self._same_object(m, track)), None)
@@ -505,12 +513,17 @@ class MaskletPass:
                 if position not in twin.frames or abs(position - track.position) < mine:
                     twin.frames[position] = value
             twin.prompts += track.prompts
+            twin.cuts += track.cuts
         return merged
 
     def _same_object(self, a: _Track, b: _Track) -> bool:
-        """Masks that overlap are not enough: after an identity switch two tracks cover one object, and at a
-        crossing two objects' masks touch. Each track must also hold the other's prompt box on the prompt
-        frames it covers (at least one), where the detector gave the object its identity."""
+        """Whether two tracks follow one object. Masks that overlap are not enough: after an identity switch two
+        tracks cover one object, and at a crossing two objects' masks touch. So their prompts must vouch for it,
+        where the detector gave the object its identity: on every prompt frame of either track that the other
+        track covers, the other's mask box must overlap that prompt's box by `merge_iou` (box IoU), and there
+        must be at least one such frame. One direction can suffice: where `b` has no mask on `a`'s prompt
+        frames, `a` holding `b`'s prompt box on `b`'s is enough. Then their masks must overlap by `merge_iou`
+        on average (mask IoU, mean over the frames both cover; none shared, never one object)."""
         shared = sorted(set(a.frames) & set(b.frames))
         held = [
             box_iou(np.array([det.box]), np.array([other.frames[p][1]]))[0, 0] >= self.cfg.merge_iou
@@ -668,6 +681,14 @@ class MaskletPass:
             for k, t in enumerate(chain)
             for p, det, reason in t.prompts
         ]
+        cuts = [
+            TrackCut(
+                frame_index=index[c.after], timestamp=round(times[c.after], 6), found_frame_index=index[c.found],
+                direction="forward" if c.forward else "backward", reason="identity", signals=list(c.signals), track=k,
+            )
+            for k, t in enumerate(chain)
+            for c in t.cuts
+        ]
         first = chain[0]
         self.stats.count(f"masklets_{method}")
         return MaskletRecord(
@@ -684,6 +705,7 @@ class MaskletPass:
             num_frames_tracked=sum(hi - lo for lo, hi in {shots[t.shot] for t in chain}),
             track_fps=self.cfg.track_fps,
             prompts=prompts,
+            cuts=cuts,
             frames=frame_masks(self.frames, track),
             provenance=self.provenance,
         )

@@ -96,10 +96,34 @@ class TrackPrompt(Record):
     reason: Literal["start", "redetect", "identity", "first-frame"] = Field(
         description="start: the frame the method starts from (Strefer's Algorithm 1, in each shot between hard cuts; "
         "the Segmentor's best box); redetect: a detection at another sampled frame that matched no live masklet; "
-        "identity: a detection of an object a track had lost at an identity switch (that track was cut at the last "
-        "frame its identity check passed); first-frame: the Grounded-SAM-2 baseline's prompt"
+        "identity: a detection of an object a track had lost at an identity switch (that track's cut is in its own "
+        "masklet's `cuts`); first-frame: the Grounded-SAM-2 baseline's prompt"
     )
     track: int = Field(description="index of the track within the masklet; a track never crosses a hard cut")
+
+
+class TrackCut(Record):
+    """Where a track of a masklet was cut, and why: its frames beyond `frame_index`, on the side of its prompt
+    frame given by `direction`, were dropped. Every cut is recorded, whether or not the object the track lost was
+    prompted again (an `identity` prompt, on the masklet that object went to)."""
+
+    frame_index: int = Field(
+        description="the frame the track was cut after: the last it kept on that side (it keeps its frames up to the "
+        "last check it passed, or up to the motion break where the switch began, where there is one); its prompt "
+        "frame where it kept none"
+    )
+    timestamp: float
+    found_frame_index: int = Field(description="the re-detection frame whose check failed")
+    direction: Literal["forward", "backward"] = Field(description="which side of the track's prompt frame was cut")
+    reason: Literal["identity"] = Field(description="identity: the track had switched to another object")
+    signals: list[Literal["motion", "appearance", "detector", "grounder"]] = Field(
+        description="what spoke against the track on the failing frame: motion (the Kalman prediction from before "
+        "a break lands on another detection, or on none), appearance (another detection looks more like it), "
+        "detector (another track holds its detection, or its mask sits on another noun's); grounder last where "
+        "the others disagreed and the grounder, asked again, named another box (without it, motion and "
+        "appearance named the same one)"
+    )
+    track: int = Field(description="index of the cut track within the masklet, as in `prompts`")
 
 
 class MaskletRecord(Record):
@@ -123,6 +147,10 @@ class MaskletRecord(Record):
         "here (exporters can hold the nearest one). None for masks read from a source dataset",
     )
     prompts: list[TrackPrompt] = Field(default_factory=list, description="every prompt of every track joined here")
+    cuts: list[TrackCut] = Field(
+        default_factory=list,
+        description="every identity cut of every track joined here (track by track, in the order made)",
+    )
     frames: list[FrameMask]
     provenance: Provenance
 
@@ -298,6 +326,7 @@ class RunSettings(Record):
     sources: list[str]
     sources_are_videos: bool = Field(default=False, description="each source is one video file, taken as it is")
     frame_rate: Optional[float] = None
+    split: Optional[str] = Field(default=None, description="the split of a dataset release with several (--split)")
 
 
 class VersionRecord(Record):

@@ -16,9 +16,12 @@ from agents.identity import (
     judge,
     motion_trace,
     region_crop,
+    spoke_against,
 )
 from agents.masklet_generator import MaskletConfig, ReferringMaskletGenerator
+from engine.masks import decode
 from engine.models.interfaces import GroundingAnswer
+from schemas import MaskletRecord, from_table, to_table
 from tests.fakes import FakeColorGrounder, FakeColorTracker, FakeEmbedder, FakeRegionEmbedder, SceneTruth
 from tests.scenarios import BRICK, CLAY, GREY, RUST, SCENARIOS, SWITCH_SCENES, SWITCH_SHARE, ScenarioRun, run_scenario
 
@@ -77,6 +80,48 @@ def test_a_cut_is_recorded_and_the_grounder_joins_the_pieces(switched):
     assert frames == sorted(set(frames))  # the pieces never share a frame
     front = run.masklets["strefer"]["person walking left"]
     assert [p.reason for p in front.prompts] == ["start"]  # the track that kept its object is never cut
+    assert front.cuts == []
+    # the cut itself is on the masklet of the track that was cut: the start track, forward, before the switch
+    cut = next(c for c in behind.cuts if c.track == 0)
+    assert cut.reason == "identity" and cut.direction == "forward"
+    assert cut.frame_index < min(p for p, _, _ in run.tracker.switches) <= identity.frame_index <= cut.found_frame_index
+    assert cut.signals[-1] == "grounder" and "motion" in cut.signals  # motion broke; the grounder decided
+    assert from_table(MaskletRecord, to_table(MaskletRecord, [behind])) == [behind]  # through its Arrow schema
+
+
+@pytest.mark.parametrize("name", SWITCH_SCENES)
+def test_every_cut_is_recorded_where_the_track_last_held_its_object(switched, name):
+    """Cuts with no re-prompt too (no right detection found, the object held by another track, the session cap,
+    a re-prompted track's own cut): the masklets carry exactly the run's `identity_cuts`, each at a frame the
+    masklet keeps, on the cut side of its track's prompt frame and short of the failing check, where the mask
+    still covers its own entity."""
+    run, truth = switched[name, "strefer"], switched[name, "strefer"].truth
+    masklets = run.masklets["strefer"]
+    assert sum(len(m.cuts) for m in masklets.values()) == run.counters["identity_cuts"] >= 1
+    shapes = {e.expression: e.shape for e in BY_NAME[name].entities}
+    for expression, m in masklets.items():
+        by_frame = {f.frame_index: f.rle for f in m.frames}
+        for cut in m.cuts:
+            assert cut.frame_index in by_frame, (name, expression, cut)
+            prompted = next(p.frame_index for p in m.prompts if p.track == cut.track)
+            if cut.direction == "forward":
+                assert prompted <= cut.frame_index < cut.found_frame_index, (name, expression, cut)
+            else:
+                assert cut.found_frame_index < cut.frame_index <= prompted, (name, expression, cut)
+            pred, gt = decode(by_frame[cut.frame_index]), truth.mask(shapes[expression], cut.frame_index)
+            assert (pred & gt).sum() / max((pred | gt).sum(), 1) >= 0.5, (name, expression, cut)
+            assert cut.signals and set(cut.signals) <= {"motion", "appearance", "detector", "grounder"}
+    # more cuts than re-prompts: a cut is recorded whether or not its lost object was prompted again
+    prompts = sum(p.reason == "identity" for m in masklets.values() for p in m.prompts)
+    assert run.counters["identity_cuts"] >= prompts
+
+
+@pytest.mark.parametrize("mode", ["strefer-no-identity", "strefer-paper"])
+def test_without_identity_checks_nothing_is_cut(switched, mode):
+    for name in SWITCH_SCENES:
+        run = switched[name, mode]
+        assert run.counters.get("identity_cuts", 0) == 0
+        assert all(m.cuts == [] for m in run.masklets[mode].values())
 
 
 def test_two_tracks_on_one_object_are_resolved_not_merged(switched):
@@ -166,6 +211,13 @@ def test_a_switch_onto_a_neighbour_breaks_where_it_began_though_no_single_step_i
     kf.predict()
     assert kf.distance(runner[0][1]) < CHI2_99_4DOF
     assert motion_trace(still + runner, CHI2_99_4DOF, forward=True).breaks == [37]
+
+
+def test_a_cut_records_the_signals_that_spoke_against_the_track():
+    assert spoke_against(held=0, motion=1, appearance=1, doubt=False) == ("motion", "appearance")  # judge's cut
+    assert spoke_against(held=0, motion=0, appearance=None, doubt=True) == ("detector",)  # broke, still on it
+    assert spoke_against(held=None, motion=ELSEWHERE, appearance=None, doubt=False) == ("motion",)
+    assert spoke_against(held=0, motion=None, appearance=None, doubt=False) == ()
 
 
 def test_judge_passes_cuts_or_asks():

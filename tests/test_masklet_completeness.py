@@ -38,6 +38,7 @@ def test_with_redetection_every_entity_gets_a_masklet_covering_it(runs, name):
     # a tracker that never switches identity is never cut, though every track was checked
     assert run.counters["identity_checks"] > 0 and run.counters.get("identity_cuts", 0) == 0
     assert all(p.reason != "identity" for m in run.masklets["strefer"].values() for p in m.prompts)
+    assert all(m.cuts == [] for mode in run.masklets for m in run.masklets[mode].values())
 
 
 def test_the_paper_mode_loses_what_its_start_frame_cannot_see(runs):
