@@ -237,6 +237,7 @@ class Dataset:
         """Every row of the table's files at a Delta version (committed or not), one file and one row group at a
         time: a reader of any size holds about a row group (pyarrow's dataset scanner held several hundred MB
         more on masklet tables). The file list is read now: delta-rs cannot open a table inside its own write."""
+        import pyarrow as pa
         import pyarrow.fs as pafs
         import pyarrow.parquet as pq
 
@@ -246,10 +247,17 @@ class Dataset:
         except (ValueError, OSError):  # no pyarrow filesystem for this scheme: its dataset scanner then
             return self.arrow_dataset(table, version).to_batches(columns=columns, batch_size=batch_rows)
 
+        schema = table_schema(table)
+        wanted = pa.schema([schema.field(c) for c in columns])
+
         def read() -> Iterator[Any]:
             for fs, path in located:
                 with fs.open_input_file(path) as handle:
-                    yield from pq.ParquetFile(handle).iter_batches(batch_size=batch_rows, columns=columns, use_threads=False)
+                    parquet = pq.ParquetFile(handle)
+                    present = [c for c in columns if c in parquet.schema_arrow.names]
+                    for batch in parquet.iter_batches(batch_size=batch_rows, columns=present, use_threads=False):
+                        # a file written before a column was added, or by another writer: the table's schema
+                        yield batch if batch.schema.equals(wanted) else _conformed(batch, wanted)
 
         return read()
 
@@ -527,6 +535,22 @@ def _committed_batches(table: str, source: Iterator[Any], live: LiveView) -> Ite
             batch = batch.filter(_bools([i not in seen and not seen.add(i) for i in batch["video_id"].to_pylist()]))
         if batch.num_rows:
             yield batch
+
+
+def _conformed(batch: Any, schema: Any) -> Any:
+    """`batch` in `schema`: columns a file lacks (written before they were added) filled in, empty lists or
+    nulls; the others cast (a file written with other nullability flags)."""
+    import pyarrow as pa
+
+    arrays = []
+    for field in schema:
+        if field.name in batch.schema.names:
+            arrays.append(batch.column(field.name).cast(field.type))
+        elif pa.types.is_list(field.type) or pa.types.is_large_list(field.type):
+            arrays.append(pa.array([[]] * batch.num_rows, field.type))
+        else:
+            arrays.append(pa.nulls(batch.num_rows, field.type))
+    return pa.RecordBatch.from_arrays(arrays, schema=schema)
 
 
 def _bools(values: list[bool]) -> Any:

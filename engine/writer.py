@@ -123,9 +123,9 @@ class TableWriter:
         for name, parts in self._combined.items():  # the data first...
             combined = pa.concat_tables(parts)
             combined = combined.append_column("write_id", pa.array([write_id] * combined.num_rows, pa.string()))
-            write_deltalake(
+            write_deltalake(  # merge: a column a later engine version added joins a table written before it
                 self.dataset.uri(name), combined, mode="append", storage_options=self.dataset.storage_options,
-                writer_properties=writer_properties(),
+                writer_properties=writer_properties(), schema_mode="merge",
             )
         stamp = now_iso()
         update: dict[str, Any] = {"committed_at": stamp, "engine_version": __version__}

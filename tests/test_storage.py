@@ -215,6 +215,18 @@ def test_a_compacted_video_row_stays_while_any_item_of_its_video_does(tmp_path):
     assert ds.read_table("videos").num_rows == 0 and ds.summary()["tables"]["videos"]["rows"] == 0
 
 
+def test_a_table_written_before_a_column_was_added_takes_new_rows(tmp_path):
+    from deltalake import write_deltalake
+
+    ds = Dataset(str(tmp_path / "ds"))
+    _commit(ds, "a", {"masklets": [_masklet("a")]})
+    before = ds.arrow_dataset("masklets").to_table().drop_columns(["cuts"])  # as an earlier version wrote it
+    write_deltalake(ds.uri("masklets"), before, mode="overwrite", schema_mode="overwrite")
+    _commit(ds, "b", {"masklets": [_masklet("b")]})  # rows with the new column
+    rows = {r["expression"]: r for r in ds.read_table("masklets").to_pylist()}
+    assert set(rows) == {"a", "b"} and rows["b"]["cuts"] == [] and not rows["a"]["cuts"]
+
+
 def test_an_old_layout_is_refused_with_the_way_out(tmp_path):
     old = tmp_path / "old"
     (old / "_complete" / "videorefer").mkdir(parents=True)
