@@ -40,10 +40,12 @@ from tests.test_videorefer_pipeline import PROMPT_KINDS
 PLURAL = "Two dogs chase each other around a bed."
 TWO_NOUNS = "A man throws a ball."
 PEOPLE = "Two people walk past each other."
+ONE_PERSON = "A person walks across the room."
 ANALYSIS = {  # caption -> (detailed nouns as (noun, subject, count), short subject, plural)
     PLURAL: ([("dog", True, 2), ("bed", False, 1)], "dog", True),
     TWO_NOUNS: ([("man", True, 1), ("ball", False, 1)], "man", False),
     PEOPLE: ([("person", True, 2)], "person", True),
+    ONE_PERSON: ([("person", True, 1)], "person", False),
 }
 _OBJECT = re.compile(r'(?:Watch|Look at) (?:the object described as "(.+?)"|the (.+?)) in this video')
 
@@ -322,6 +324,41 @@ def test_each_instance_of_a_counted_plural_follows_its_own_person(tmp_path):
         assert shown and set(shown) <= {f.frame_index for f in masklet.frames}
     assert [(r.stage, r.reason) for r in rejections] == [("analyzer", "plural_subject")]  # the short caption
     assert stats.counters["funnel.segmentor.out"] == 2 and stats.counters["funnel.annotator.out"] == 2
+
+
+class _LosesEverything(FakeColorTracker):
+    """Fake tracker that follows no prompted object on any frame (the color it looks for is nowhere)."""
+
+    def start(self, frames, *, height, width):
+        session = super().start(frames, height=height, width=width)
+        nowhere = np.array([255.0, 0.0, 255.0])  # magenta: in no frame of the video
+        session.add_box = lambda position, obj_id, box: session.colors.__setitem__(obj_id, nowhere)
+        session.add_mask = lambda position, obj_id, mask: session.colors.__setitem__(obj_id, nowhere)
+        return session
+
+
+def test_a_track_with_no_mask_on_any_frame_is_rejected_not_a_masklet(tmp_path):
+    synthetic.entities_video(tmp_path / "a.mp4")
+    (tmp_path / "m.jsonl").write_text(json.dumps({"video": "a.mp4", "caption": ONE_PERSON}) + "\n")
+
+    def answer(request: ChatRequest) -> str:  # a singular subject is described without an outline
+        kind = kind_of(" ".join(p for p in request.messages[0].content if isinstance(p, str)))
+        if kind == "dynamic":
+            return json.dumps({"moves_or_acts": True, "description": "The person walks."})
+        return "The person wears red." if kind == "static" else fake_answer(request)
+
+    chat = FakeChat(fn=answer)
+    backends = {"llm": chat, "vlm": chat, "region_captioner": chat, "refiner": chat,
+                "box_segmenter": FakeColorBoxSegmenter(), "detector": FakeColorDetector({"person": [RED]}),
+                "tracker": _LosesEverything(image_size=160)}
+    dataset, stats = Dataset(str(tmp_path / "ds")), Stats()
+    pipeline = videorefer.build(load_config("tiny"), backends, stats=stats, dataset=dataset,
+                                data_types=["detailed_caption"])
+    (outcome,) = Runner(pipeline, dataset, stats=stats).run(read_manifest(str(tmp_path / "m.jsonl")))
+    assert outcome.status == "done"
+    (rejection,) = dataset.read_records("rejections")
+    assert (rejection.stage, rejection.reason, rejection.expression) == ("segmentor", "empty_masklet", "person")
+    assert dataset.read_table("masklets").num_rows == 0 and dataset.read_table("samples").num_rows == 0
 
 
 def test_a_plural_without_the_boxes_it_counts_is_rejected(tmp_path):
