@@ -57,6 +57,13 @@ FORMATS = {
     "ufvideo": "engine.export_ufvideo",
     "hf": "engine.export_hf",
 }
+# Format name -> what it writes, in a line (the command's help).
+FORMAT_HELP = {
+    "videorefer": "VideoRefer-700K JSON, OUT/<data type>.json",
+    "sama": "SAMA-239K style JSON and its mask dictionary, OUT/sama/",
+    "ufvideo": "UFVideo JSON, OUT/ufvideo/",
+    "hf": 'Parquet and a dataset card that datasets.load_dataset("OUT/hf") reads, OUT/hf/',
+}
 FRAME_CHOICES = ("sample", "tracked", "all")
 TIME_FORMATS = ("timestamp", "tokens")
 TOKENS = re.compile(r"<region>|\[SEG\]")  # the tokens `masklet_ids` answers, in order over the conversation

@@ -11,6 +11,7 @@ from typing import Sequence
 from engine.errors import BadInputError
 from engine.planning import chunked, item_id
 from engine.storage import Dataset
+from flows import registry
 from flows.pipelines import iter_items, recorded_settings
 
 
@@ -40,7 +41,9 @@ def audit(
     report = AuditReport()
     for s in settings:
         rate = frame_rate if frame_rate is not None else s.frame_rate
-        for batch in chunked(iter_items(sources, frame_rate=rate, split=split, videos=s.sources_are_videos), chunk):
+        read = iter_items(sources, frame_rate=rate, split=split if split is not None else s.split,
+                          videos=s.sources_are_videos, engine_samples=registry.spec(s.pipeline).engine_samples)
+        for batch in chunked(read, chunk):
             report.inputs += len(batch)
             ids = [item_id(s.pipeline, i, s.variant) for i in batch]
             found = items.filter(pc.is_in(items["item_id"], value_set=pa.array(ids, pa.string())))

@@ -11,7 +11,7 @@ import typer
 from rich.console import Console
 
 app = typer.Typer(
-    help="Turn raw videos into masklet-grounded instruction data (VideoRefer, Strefer, SAMA, UFVideo pipelines).",
+    help="Turn raw videos into masklet-grounded instruction data (`engine run --help` lists the pipelines).",
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
@@ -22,7 +22,14 @@ app.add_typer(dataset_app, name="dataset")
 console = Console()
 err = Console(stderr=True)
 
-ProfileOpt = Annotated[str, typer.Option("--profile", "-p", help="Model profile: default, paper-videorefer, paper-strefer, tiny (or one from --config).")]
+
+def _profiles_help() -> str:
+    from engine.config import profile_names
+
+    return f"Model profile: {', '.join(profile_names())} (or one from --config)."
+
+
+ProfileOpt = Annotated[str, typer.Option("--profile", "-p", help=_profiles_help())]
 ConfigOpt = Annotated[
     Optional[Path], typer.Option("--config", "-c", help="YAML merged over the bundled profiles.yaml.", dir_okay=False)
 ]
@@ -192,6 +199,8 @@ def _run_command(spec) -> Any:
     def option(name: str, annotation: Any, default: Any, *flags: str, help: str) -> Parameter:
         return Parameter(name, Parameter.KEYWORD_ONLY, default=default, annotation=Annotated[annotation, typer.Option(*flags, help=help)])
 
+    from flows.runners import RunnerSettings
+
     params = [
         option("source", list[str], ..., "--source", "-s", help=(
             "Repeatable. Video files, each taken as it is." if spec.sources_are_videos else
@@ -211,7 +220,7 @@ def _run_command(spec) -> Any:
         ]
     params.append(option("runner", Optional[str], None, "--runner", help=(
         "Where batches run: local (threads here; the default), ray (a Ray cluster: pipeline.orchestration.ray_address) "
-        "or deployment (shards as child flow runs of pipeline-shard/gpu on the GPU pool's workers).")))
+        f"or deployment (shards as child flow runs of {RunnerSettings().shard_deployment} on the GPU pool's workers).")))
     params.append(option("force", bool, False, "--force", help=(
         "Redo items already complete with these settings; where an input holds outputs made with other options, "
         "replace them instead of adding beside them.")))
@@ -253,7 +262,8 @@ def _run(spec, values: dict[str, Any]) -> None:
         raise ValueError("--limit must be >= 1")
     sources = list(values["source"])
     # every source opened and checked: one line if bad
-    iter_items(sources, frame_rate=values.get("frame_rate"), split=values.get("split"), videos=spec.sources_are_videos)
+    iter_items(sources, frame_rate=values.get("frame_rate"), split=values.get("split"), videos=spec.sources_are_videos,
+               engine_samples=spec.engine_samples)
     Dataset(values["out"]).check_layout()
     from flows.runners import settings as runner_settings
 
@@ -341,6 +351,26 @@ def _export_formats() -> type[Enum]:
 ExportFormat = _export_formats()
 
 
+def _default_export_format() -> Enum:
+    from flows.registry import default_export_format
+
+    return ExportFormat(default_export_format())
+
+
+def _formats_help() -> str:
+    """Every format a pipeline declares, with what it writes."""
+    from engine.export import FORMAT_HELP
+
+    described = (f"{f.value} ({FORMAT_HELP.get(f.value, 'see engine/export.py')})" for f in ExportFormat)
+    return "Training format: " + "; ".join(described) + "."
+
+
+def _pipelines_help() -> str:
+    from flows.registry import specs
+
+    return f"Only this pipeline ({', '.join(s.name for s in specs())})."
+
+
 class FrameChoice(str, Enum):
     sample = "sample"
     tracked = "tracked"
@@ -356,9 +386,7 @@ class TimeFormat(str, Enum):
 def export(
     path: Annotated[str, typer.Argument(help="Dataset folder or fsspec URL.")],
     out: Annotated[str, typer.Option("--out", "-o", help="Folder for the exported files.")],
-    fmt: Annotated[
-        ExportFormat, typer.Option("--format", "-f", help="Training format (those the pipelines declare).")
-    ] = ExportFormat.videorefer,
+    fmt: Annotated[ExportFormat, typer.Option("--format", "-f", help=_formats_help())] = _default_export_format(),
     include_dropped: Annotated[bool, typer.Option(help="Also export samples the Reviewer dropped.")] = False,
     frames: Annotated[
         FrameChoice,
@@ -388,9 +416,7 @@ def export(
         Optional[int], typer.Option("--version", "-V", help="The dataset version to export (default: the latest published).")
     ] = None,
 ) -> None:
-    """Write a dataset's samples in a training format: videorefer (VideoRefer-700K JSON, OUT/<data type>.json),
-    sama (SAMA-239K style JSON and its mask dictionary, OUT/sama/), ufvideo (UFVideo JSON, OUT/ufvideo/) or hf
-    (Parquet and a dataset card that datasets.load_dataset("OUT/hf") reads)."""
+    """Write a dataset's samples in a training format, one of those the pipelines declare (--format)."""
     _run_guarded(
         _export, path, out, fmt.value, include_dropped, frames.value, cut_clips, video_root, time_format.value, version
     )
@@ -461,7 +487,7 @@ def models(
     profile: Annotated[Optional[str], typer.Option("--profile", "-p", help="Only this profile.")] = None,
     config: ConfigOpt = None,
     offline: Annotated[bool, typer.Option(help="Do not probe the hub; report only local weights.")] = False,
-    pipeline: Annotated[Optional[str], typer.Option(help="Only this pipeline (clip-and-track, videorefer).")] = None,
+    pipeline: Annotated[Optional[str], typer.Option(help=_pipelines_help())] = None,
 ) -> None:
     """Per profile and pipeline: each model role, its backend and model, and whether its weights are here."""
     _run_guarded(_models, profile, config, offline, pipeline)

@@ -27,28 +27,6 @@ ENTITIES = Option(
     "a noun the expression itself prompts the detector; none: each video's entities are found (Strefer's Entity "
     "Recognizer and Referring Parser)", repeatable=True, flag="--entity", short="-e",
 )
-SPEC = PipelineSpec(
-    name=NAME,
-    flow="clip-and-track",
-    entrypoint="clip_and_track_flow",
-    summary="Video Clipper + Referring Masklet Generator (Strefer §2.1.3-2.1.4) over video files: clips and one "
-    "masklet per referring expression.",
-    roles={"detector": "detector", "tracker": "tracker", "grounder": "chat", "embedder": "embedder",
-           "box_segmenter": "box_segmenter", "vlm": "chat", "llm": "chat"},
-    options=(
-        ENTITIES,
-        Option("baseline", bool, False, "Also run the Grounded-SAM-2 baseline on the same decode (masklets.method)."),
-        Option("render", bool, False, "Also write renders/<video_id>.mp4 with the masklets drawn.", shapes_output=False),
-    ),
-    export_formats=("videorefer", "hf"),
-    deployments=(
-        Deployment("gpu", "default", "gpu", 8, "Video Clipper + Referring Masklet Generator (Strefer) on GPU workers.", 4),
-        Deployment("tiny-wiring-check", "tiny", "cpu", 4, "The same flow with random tiny models on CPU; outputs are meaningless."),
-    ),
-    source_param="videos",
-    sources_are_videos=True,
-    batched_sources=False,
-)
 
 
 @dataclass(frozen=True)
@@ -69,6 +47,30 @@ SETTINGS = {
     "recognizer": RecognizerConfig,
     "parser": ParserConfig,
 }
+
+SPEC = PipelineSpec(
+    name=NAME,
+    flow="clip-and-track",
+    entrypoint="clip_and_track_flow",
+    summary="Video Clipper + Referring Masklet Generator (Strefer §2.1.3-2.1.4) over video files: clips and one "
+    "masklet per referring expression.",
+    roles={"detector": "detector", "tracker": "tracker", "grounder": "chat", "embedder": "embedder",
+           "box_segmenter": "box_segmenter", "vlm": "chat", "llm": "chat"},
+    settings=SETTINGS,
+    options=(
+        ENTITIES,
+        Option("baseline", bool, False, "Also run the Grounded-SAM-2 baseline on the same decode (masklets.method)."),
+        Option("render", bool, False, "Also write renders/<video_id>.mp4 with the masklets drawn.", shapes_output=False),
+    ),
+    export_formats=("videorefer", "hf"),
+    deployments=(
+        Deployment("gpu", "default", "gpu", 8, "Video Clipper + Referring Masklet Generator (Strefer) on GPU workers.", 4),
+        Deployment("tiny-wiring-check", "tiny", "cpu", 4, "The same flow with random tiny models on CPU; outputs are meaningless."),
+    ),
+    source_param="videos",
+    sources_are_videos=True,
+    batched_sources=False,
+)
 
 
 def roles(config: EngineConfig, *, entities: Sequence[Any] = (), **_: Any) -> dict[str, str]:

@@ -1,8 +1,8 @@
 """Every pipeline the engine runs, and the one way to run any of them over work items into a dataset.
 
-The CLI and the Prefect tasks both call `run_items`; a pipeline module (flows.registry) declares its `SPEC`,
-its settings sections, the roles it needs, the prompts it renders, and a `build(config, backends, stats=...,
-**options) -> Pipeline`. `run_identity` hashes what shapes a pipeline's rows (its own roles, prompts, settings and run
+The CLI and the Prefect tasks both call `run_items`; a pipeline module (flows.registry) declares its `SPEC`
+(its settings sections included), the roles it needs, the prompts it renders, and a `build(config, backends,
+stats=..., **options) -> Pipeline`. Helpers every pipeline's stages share (`funnel`, `item_window`) live here too. `run_identity` hashes what shapes a pipeline's rows (its own roles, prompts, settings and run
 options, nothing of the other pipelines'), so changing the Refiner's prompt redoes VideoRefer items and no
 clip-and-track item.
 """
@@ -10,18 +10,23 @@ clip-and-track item.
 from __future__ import annotations
 
 import json
+from collections import Counter
 from types import ModuleType
-from typing import Any, Iterator, Sequence
+from typing import TYPE_CHECKING, Any, Iterator, Sequence
 
 from engine.config import EngineConfig, load_config
+from engine.decode import DecodeResult
 from engine.models.chat_queue import ChatQueueConfig
 from engine.planning import Plan, variant_id
-from engine.runner import DecodeProgress, ItemOutcome, Runner, RunnerConfig
+from engine.runner import DecodeProgress, ItemOutcome, Runner, RunnerConfig, VideoContext
 from engine.stats import Stats
 from engine.storage import Dataset
 from engine.writer import TableWriter
 from flows import registry
-from schemas import RunSettings, VersionRecord, WorkItem
+from schemas import RunSettings, VersionRecord, Window, WorkItem
+
+if TYPE_CHECKING:
+    from engine.sources import EngineSamples
 
 
 def pipeline_names() -> list[str]:
@@ -39,8 +44,8 @@ def settings_sections() -> dict[str, type]:
 
     # how many items run at once, how chat requests are batched, where batches run: every pipeline's
     sections: dict[str, type] = {"runner": RunnerConfig, "chat_queue": ChatQueueConfig, "orchestration": RunnerSettings}
-    for name in pipeline_names():
-        sections.update(pipeline_module(name).SETTINGS)
+    for spec in registry.specs():
+        sections.update(spec.settings)
     return sections
 
 
@@ -84,7 +89,7 @@ def run_identity(name: str, config: EngineConfig, options: dict[str, Any]) -> tu
         name,
         {role: config.roles[role].model_dump() for role in sorted(roles) if role in config.roles},
         {p: template_hash(p) for p in module.prompt_names(config, **options)},
-        {section: config.pipeline.get(section, {}) for section in sorted(module.SETTINGS)},
+        {section: config.pipeline.get(section, {}) for section in sorted(registry.spec(name).settings)},
         config.pipeline.get("dtype"),
         chosen,
         length=12,
@@ -126,11 +131,13 @@ def iter_items(
     frame_rate: float | None = None,
     split: str | None = None,
     videos: bool = False,
+    engine_samples: EngineSamples | None = None,
 ) -> Iterator[WorkItem]:
     """Work items of every source in turn, read lazily, at most `limit` of them. Every source is opened (and
     so checked, with a one-line error) before the first item is read. With `videos`, each source is one video
     taken as it is (one that cannot be read becomes a rejection when its turn comes, as `engine clip-and-track`
-    promises for the files it is given)."""
+    promises for the files it is given). `engine_samples`: which samples of a dataset the engine wrote give its
+    objects (the reading pipeline's `SPEC.engine_samples`; default: every pipeline's kept samples)."""
     from itertools import islice
 
     from engine.sources import open_source
@@ -139,7 +146,7 @@ def iter_items(
     if videos:
         opened = [iter([WorkItem(source=v, frame_rate=frame_rate)]) for v in sources]
     else:
-        opened = [open_source(spec, frame_rate=frame_rate, **extra) for spec in sources]
+        opened = [open_source(spec, frame_rate=frame_rate, engine_samples=engine_samples, **extra) for spec in sources]
 
     def chain() -> Iterator[WorkItem]:
         for items in opened:
@@ -149,7 +156,13 @@ def iter_items(
 
 
 def run_settings(
-    name: str, config: EngineConfig, options: dict[str, Any], *, sources: Sequence[str], frame_rate: float | None = None
+    name: str,
+    config: EngineConfig,
+    options: dict[str, Any],
+    *,
+    sources: Sequence[str],
+    frame_rate: float | None = None,
+    split: str | None = None,
 ) -> RunSettings:
     """What a refresh needs to run this pipeline again exactly so."""
     run_hash, variant = run_identity(name, config, options)
@@ -162,6 +175,28 @@ def run_settings(
         sources=list(sources),
         sources_are_videos=registry.spec(name).sources_are_videos,
         frame_rate=frame_rate,
+        split=split,
+    )
+
+
+def funnel(stats: Stats, agent: str, n_in: int, n_out: int, dropped: Counter | None = None) -> None:
+    """Items in and out of an agent and why the others left (printed at the end of a run)."""
+    stats.count(f"funnel.{agent}.in", n_in)
+    stats.count(f"funnel.{agent}.out", n_out)
+    for reason, n in (dropped or {}).items():
+        stats.count(f"funnel.{agent}.dropped.{reason}", n)
+
+
+def item_window(ctx: VideoContext, decoded: DecodeResult) -> Window | None:
+    """The frames and times the item covers where it is a window of its video (a caption manifest row with
+    start/end, such as Panda-70M's clips), counted from the file's first frame; None for a whole video."""
+    if ctx.item.start_s is None and ctx.item.end_s is None:
+        return None
+    return Window(
+        start_frame=decoded.first_index,
+        end_frame=decoded.frames_decoded,
+        start_s=round(decoded.first_time, 6),
+        end_s=round(decoded.end_time, 6),
     )
 
 

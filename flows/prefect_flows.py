@@ -133,8 +133,9 @@ def run_pipeline(
     run_hash, variant = run_identity(pipeline, config, options)
     planner = Planner(dataset, pipeline=pipeline, variant=variant, run_hash=run_hash, force=force)
     writer = shared_writer(dataset, run_id)
-    videos = registry.spec(pipeline).sources_are_videos
-    items = iter_items(sources, limit=limit, frame_rate=frame_rate, split=split, videos=videos)
+    spec = registry.spec(pipeline)
+    items = iter_items(sources, limit=limit, frame_rate=frame_rate, split=split, videos=spec.sources_are_videos,
+                       engine_samples=spec.engine_samples)
     seen: list[Any] = []  # item ids of the sources, as Arrow chunks (for removals)
     dispatcher = _dispatcher(pipeline, out, config, options, run_id, force, batch_size, max_batches_in_flight, orchestration)
 
@@ -150,8 +151,9 @@ def run_pipeline(
             writer.keep(ItemRecord.model_validate({**item_row(row), "status": "replaced", "run_id": run_id}))
             stats.count("items_replaced")
         for batch in chunked(plan.todo, batch_size):
-            previous = {i: plan.previous[i] for i in (item_id(pipeline, w, variant) for w in batch) if i in plan.previous}
-            dispatcher.add([w.model_dump() for w in batch], previous)
+            ids = [item_id(pipeline, w, variant) for w in batch]
+            previous = {i: plan.previous[i] for i in ids if i in plan.previous}
+            dispatcher.add([w.model_dump() for w in batch], previous, ids)
     dispatcher.finish()
     counts.update(dispatcher.counts)
     stats.merge(dispatcher.stats)
@@ -184,9 +186,13 @@ def _dispatcher(
                       "batch_size": batch_size}
         return runners.ShardDispatcher(Dataset(out), parameters=parameters, settings=orchestration, log=logger)
     on_ray = orchestration.runner == "ray"
+    if on_ray:
+        gpus = runners.ray_gpus(orchestration, str(config.pipeline.get("device") or "auto"))
+        logger.info("each batch asks Ray for %g GPU(s) (pipeline.orchestration.ray_gpus_per_batch: %s)", gpus,
+                    orchestration.ray_gpus_per_batch)
 
     def submit(payload: list[dict], previous: dict[str, dict], commit: bool) -> Any:
-        with runners.ray_options(orchestration) if on_ray else nullcontext():
+        with runners.ray_options(gpus) if on_ray else nullcontext():
             return run_batch.submit(pipeline, payload, out, dump, run_id, force, options, previous, commit)
 
     return runners.BatchDispatcher(submit, in_flight=max_batches_in_flight, commit_each=on_ray, log=logger)
@@ -225,7 +231,8 @@ def run_and_publish(
     finally:
         flush_writers(out, run_id)  # what finished is committed, even when a batch failed
         runners.forget_shard_results(Dataset(out), run_id)
-    return _publish(out, stats, config, counts, run_id, "run", [run_settings(pipeline, config, options, sources=sources, frame_rate=frame_rate)])
+    settings = run_settings(pipeline, config, options, sources=sources, frame_rate=frame_rate, split=split)
+    return _publish(out, stats, config, counts, run_id, "run", [settings])
 
 
 def _publish(out: str, stats: Stats, config: EngineConfig, counts: Counter, run_id: str, kind: str, settings: list[RunSettings]) -> dict:
@@ -338,6 +345,22 @@ for _spec in registry.specs():
     globals()[_spec.entrypoint] = make_flow(_spec)
 
 
+def refresh_orchestration(pipeline: str, config: EngineConfig, runner: Optional[str]) -> runners.RunnerSettings:
+    """Where a refresh runs a recorded pipeline's batches: `runner`, else the recorded config's; a recorded
+    `ray` runs locally instead (the refresh flow has one task runner for all its pipelines), with a log line."""
+    from dataclasses import replace
+
+    orchestration = runners.settings(config.section("orchestration"), runner)
+    if orchestration.runner == "ray":
+        get_run_logger().warning(
+            "%s: runner ray is not one the refresh runs on (its flow has one task runner for every pipeline): its "
+            "batches run here, with runner local; pass runner=deployment to spread them over the GPU pool's workers, "
+            "or run the pipeline's own flow with runner ray", pipeline,
+        )
+        orchestration = replace(orchestration, runner="local")
+    return orchestration
+
+
 @flow(name="refresh-dataset", log_prints=True)
 def refresh_dataset_flow(
     out: str,
@@ -349,7 +372,8 @@ def refresh_dataset_flow(
     """Bring a dataset up to date with its sources: run every pipeline (with the options and settings it was
     published with) over only the inputs that are new or changed, retry rejections whose reason was
     transient, mark inputs gone from the source as removed, and publish one version; nothing changed, nothing
-    written. `source` overrides the sources the dataset recorded."""
+    written. `source` overrides the sources the dataset recorded (the recorded split and frame rate still apply).
+    `runner` overrides the recorded one (`ray` runs locally here: see `refresh_orchestration`)."""
     from engine.storage import Dataset
     from engine.writer import flush_writers
 
@@ -366,13 +390,11 @@ def refresh_dataset_flow(
             sources = _as_list(source) if source is not None else s.sources
             options = json.loads(s.options)
             config = EngineConfig.model_validate_json(s.config)
-            orchestration = runners.settings(config.section("orchestration"), runner)
-            if orchestration.runner == "ray":
-                raise BadInputError("the refresh runs with runner local or deployment (ray: run the pipeline's flow)")
             run_pipeline(
                 s.pipeline, sources, out, config=config, options=options, batch_size=batch_size,
-                frame_rate=s.frame_rate, max_batches_in_flight=max_batches_in_flight, run_id=run_id, stats=stats,
-                counts=counts, orchestration=orchestration, mark_removed=True,
+                frame_rate=s.frame_rate, split=s.split, max_batches_in_flight=max_batches_in_flight, run_id=run_id,
+                stats=stats, counts=counts, orchestration=refresh_orchestration(s.pipeline, config, runner),
+                mark_removed=True,
             )
             used.append(s.model_copy(update={"sources": sources}))
     finally:

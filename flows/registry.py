@@ -1,8 +1,8 @@
 """One typed registry of pipelines: each pipeline module declares a `SPEC` once, and the CLI (`engine run
 <pipeline>`), the Prefect flows, the export formats and the deployments in prefect.yaml derive from it.
 
-Adding a pipeline: its agents in `agents/`, its prompts in `prompts/`, one module under `flows/` with `SPEC`,
-`SETTINGS`, `roles`, `prompt_names` and `build`, and one line in `MODULES` below.
+Adding a pipeline: its agents in `agents/`, its prompts in `prompts/`, one module under `flows/` with `SPEC` (its
+settings sections included), `roles`, `prompt_names` and `build`, and one line in `MODULES` below.
 """
 
 from __future__ import annotations
@@ -12,6 +12,8 @@ from functools import cache
 from importlib import import_module
 from types import ModuleType
 from typing import Any
+
+from engine.sources.engine_dataset import EngineSamples
 
 # The registration line of every pipeline: the modules that declare one.
 MODULES = ("flows.clip_and_track", "flows.videorefer", "flows.strefer", "flows.sama", "flows.ufvideo")
@@ -46,6 +48,22 @@ class Deployment:
     batch_size: int
     description: str
     concurrency_limit: int | None = None
+    runner: str | None = None  # a `runner` parameter; None: the config's (`pipeline.orchestration.runner`)
+
+    @property
+    def parameters(self) -> dict[str, Any]:
+        """The deployment's parameters in prefect.yaml."""
+        return {"profile": self.profile, "batch_size": self.batch_size, **({"runner": self.runner} if self.runner else {})}
+
+
+# Every pipeline's flow also has this deployment: a run with runner `deployment` whose parent flow run plans on a
+# CPU worker, so that it never holds the slot of a GPU worker that its own shards (pipeline-shard/gpu) wait for.
+SHARDS = Deployment(
+    "shards", "default", "cpu", 8,
+    "Runner deployment: this flow run plans on a CPU worker and runs its shards as pipeline-shard/gpu flow runs on the "
+    "GPU workers, holding no GPU worker's slot itself.",
+    runner="deployment",
+)
 
 
 @dataclass(frozen=True)
@@ -55,14 +73,22 @@ class PipelineSpec:
     entrypoint: str  # the flow's attribute in flows/prefect_flows.py
     summary: str  # the flow's docstring and the command's help
     roles: dict[str, str]  # every role the pipeline may use -> the interface it must provide
+    # the config sections it reads (`pipeline.<section>`) -> their dataclass: validated, and in its run hash
+    settings: dict[str, type] = field(default_factory=dict)
     options: tuple[Option, ...] = ()
     data_types: tuple[str, ...] = ()  # what its samples' `data_type` can be
-    export_formats: tuple[str, ...] = ("videorefer",)
-    deployments: tuple[Deployment, ...] = ()
+    export_formats: tuple[str, ...] = ()  # the training formats its samples export to (engine/export.py's FORMATS)
+    deployments: tuple[Deployment, ...] = ()  # besides SHARDS, which every pipeline has (`all_deployments`)
     source_param: str = "source"  # the flow parameter that takes the sources
     sources_are_videos: bool = False  # each source is one video file as given (not a manifest or dataset)
     batched_sources: bool = True  # whether the flow takes limit/frame_rate/split (sources read through adapters)
     funnel: tuple[str, ...] = field(default=())  # agents whose funnel `engine run` prints, in order
+    # which kept samples of a dataset the engine wrote, given as a source, it reads (None: every pipeline's)
+    engine_samples: EngineSamples | None = None
+
+    @property
+    def all_deployments(self) -> tuple[Deployment, ...]:
+        return (*self.deployments, SHARDS)
 
     def option(self, name: str) -> Option:
         return next(o for o in self.options if o.name == name)
@@ -98,4 +124,10 @@ def module(name: str) -> ModuleType:
 
 
 def export_formats() -> list[str]:
-    return sorted({f for s in specs() for f in s.export_formats})
+    """Every format a pipeline declares, in the order of MODULES and of each declaration."""
+    return list(dict.fromkeys(f for s in specs() for f in s.export_formats))
+
+
+def default_export_format() -> str:
+    """`engine export`'s default: the first format a registered pipeline declares."""
+    return export_formats()[0]

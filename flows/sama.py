@@ -28,30 +28,13 @@ from engine.ids import stable_id
 from engine.runner import FunctionPass, Outputs, Pipeline, VideoContext
 from engine.stats import Stats
 from engine.storage import Dataset
+from flows.pipelines import funnel, item_window
 from flows.registry import Deployment, PipelineSpec
 from flows.source_objects import annotated_positions, keyed_rejection, object_names, source_masklets, spread
-from flows.videorefer import funnel, item_window
 from schemas import MaskletRecord, SampleRecord, SourceObject, Turn
 
 NAME = "sama"
 DATA_TYPES = ("object_description", "grounded_dialogue")
-SPEC = PipelineSpec(
-    name=NAME,
-    flow="build-sama",
-    entrypoint="build_sama_flow",
-    summary="SAMA's data engine (§3.1, A.3): objects of a mask or box dataset (MeViS, Ref-YouTube-VOS, LV-VIS, SA-V, "
-    "VidSTG with pseudo masks) boxed in color with tags on 16 frames; a VLM writes object descriptions and grounded "
-    "multi-turn dialogues.",
-    roles={"vlm": "chat", "box_segmenter": "box_segmenter"},
-    data_types=DATA_TYPES,
-    export_formats=("sama", "hf"),
-    deployments=(
-        Deployment("default", "default", "gpu", 8, "SAMA's engine (Set-of-Mark frames, object descriptions, grounded "
-                   "dialogues) on GPU workers.", 4),
-        Deployment("tiny", "tiny", "cpu", 4, "The SAMA flow with random tiny models on CPU; outputs are meaningless."),
-    ),
-    funnel=("sama_annotator",),
-)
 
 # Human turns of the description samples; one is picked per sample by its id, so reruns agree.
 DESCRIBE_QUESTIONS = (
@@ -74,6 +57,25 @@ class SamaPipelineConfig:
 
 
 SETTINGS = {"decode": DecodeLimits, "sama": SamaPipelineConfig, "sama_annotator": SamaConfig}
+
+SPEC = PipelineSpec(
+    name=NAME,
+    flow="build-sama",
+    entrypoint="build_sama_flow",
+    summary="SAMA's data engine (§3.1, A.3): objects of a mask or box dataset (MeViS, Ref-YouTube-VOS, LV-VIS, SA-V, "
+    "VidSTG with pseudo masks) boxed in color with tags on 16 frames; a VLM writes object descriptions and grounded "
+    "multi-turn dialogues.",
+    roles={"vlm": "chat", "box_segmenter": "box_segmenter"},
+    settings=SETTINGS,
+    data_types=DATA_TYPES,
+    export_formats=("sama", "hf"),
+    deployments=(
+        Deployment("default", "default", "gpu", 8, "SAMA's engine (Set-of-Mark frames, object descriptions, grounded "
+                   "dialogues) on GPU workers.", 4),
+        Deployment("tiny", "tiny", "cpu", 4, "The SAMA flow with random tiny models on CPU; outputs are meaningless."),
+    ),
+    funnel=("sama_annotator",),
+)
 
 
 def roles(config: EngineConfig, **_: Any) -> dict[str, str]:

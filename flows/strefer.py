@@ -38,22 +38,6 @@ from flows.registry import Deployment, PipelineSpec
 from schemas import ClipRecord, MaskletRecord
 
 NAME = "strefer"
-SPEC = PipelineSpec(
-    name=NAME,
-    flow="build-strefer",
-    entrypoint="build_strefer_flow",
-    summary="Strefer's instruction engine (§2.1-2.2): entities (found unless given), clips, masklets, transcripts "
-    "and instructions of the 11 task types of Table 7 over videos, folders of videos, manifests or frame folders.",
-    roles={**clip_and_track.SPEC.roles, "vlm": "chat", "llm": "chat"},
-    options=(clip_and_track.ENTITIES,),
-    data_types=("strefer",),
-    export_formats=("videorefer", "hf"),
-    deployments=(
-        Deployment("default", "default", "gpu", 8, "Strefer's instruction engine (entities, clips, masklets, transcripts, "
-                   "11 task types) on GPU workers.", 4),
-        Deployment("tiny", "tiny", "cpu", 4, "The Strefer flow with random tiny models on CPU; outputs are meaningless."),
-    ),
-)
 
 
 @dataclass(frozen=True)
@@ -88,6 +72,24 @@ SETTINGS = {
     "transcriber": TranscriberConfig,
     "instructions": InstructionConfig,
 }
+
+SPEC = PipelineSpec(
+    name=NAME,
+    flow="build-strefer",
+    entrypoint="build_strefer_flow",
+    summary="Strefer's instruction engine (§2.1-2.2): entities (found unless given), clips, masklets, transcripts "
+    "and instructions of the 11 task types of Table 7 over videos, folders of videos, manifests or frame folders.",
+    roles={**clip_and_track.SPEC.roles, "vlm": "chat", "llm": "chat"},
+    settings=SETTINGS,
+    options=(clip_and_track.ENTITIES,),
+    data_types=("strefer",),
+    export_formats=("videorefer", "hf"),
+    deployments=(
+        Deployment("default", "default", "gpu", 8, "Strefer's instruction engine (entities, clips, masklets, transcripts, "
+                   "11 task types) on GPU workers.", 4),
+        Deployment("tiny", "tiny", "cpu", 4, "The Strefer flow with random tiny models on CPU; outputs are meaningless."),
+    ),
+)
 
 
 def _from_item_start(clips: Sequence[ClipRecord], masklets: Sequence[MaskletRecord], t0: float):

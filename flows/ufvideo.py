@@ -43,35 +43,16 @@ from engine.config import EngineConfig
 from engine.decode import DecodeLimits, DecodeResult
 from engine.ids import stable_id
 from engine.runner import FunctionPass, Outputs, Pipeline, VideoContext
+from engine.sources import EngineSamples
 from engine.stats import Stats
 from engine.storage import Dataset
+from flows.pipelines import funnel, item_window
 from flows.registry import Deployment, Option, PipelineSpec
 from flows.source_objects import annotated_positions, source_masklets, spread
-from flows.videorefer import funnel, item_window
 from schemas import MaskletRecord, SampleRecord, Turn
 
 NAME = "ufvideo"
 DATA_TYPES = ("pixrqa", "pixhqa", "pixtrqa")
-SPEC = PipelineSpec(
-    name=NAME,
-    flow="build-ufvideo",
-    entrypoint="build_ufvideo_flow",
-    summary="UFVideo's data construction (§3.3, Appendix B): masklet data (the engine's VideoRefer object QA, ReVOS, "
-    "any mask dataset) restructured into PixRQA, PixHQA and PixTRQA samples with <region>, [SEG] and <Temp-x> "
-    "tokens, their texts from Box 2's annotation prompt.",
-    roles={"vlm": "chat", "box_segmenter": "box_segmenter"},
-    options=(
-        Option("data_types", str, DATA_TYPES, "Tasks to make, repeatable; default: all three.", repeatable=True,
-               choices=DATA_TYPES, flag="--data-type", short="-t"),
-    ),
-    data_types=DATA_TYPES,
-    export_formats=("ufvideo", "hf"),
-    deployments=(
-        Deployment("default", "default", "gpu", 8, "UFVideo's PixRQA, PixHQA and PixTRQA construction on GPU workers.", 4),
-        Deployment("tiny", "tiny", "cpu", 4, "The UFVideo flow with random tiny models on CPU; outputs are meaningless."),
-    ),
-    funnel=("ufvideo_annotator",),
-)
 
 
 @dataclass(frozen=True)
@@ -92,6 +73,31 @@ class UFVideoConfig:
 
 
 SETTINGS = {"decode": DecodeLimits, "ufvideo": UFVideoConfig, "ufvideo_annotator": UFVideoAnnotatorConfig}
+
+SPEC = PipelineSpec(
+    name=NAME,
+    flow="build-ufvideo",
+    entrypoint="build_ufvideo_flow",
+    summary="UFVideo's data construction (§3.3, Appendix B): masklet data (the engine's VideoRefer object QA, ReVOS, "
+    "any mask dataset) restructured into PixRQA, PixHQA and PixTRQA samples with <region>, [SEG] and <Temp-x> "
+    "tokens, their texts from Box 2's annotation prompt.",
+    roles={"vlm": "chat", "box_segmenter": "box_segmenter"},
+    settings=SETTINGS,
+    options=(
+        Option("data_types", str, DATA_TYPES, "Tasks to make, repeatable; default: all three.", repeatable=True,
+               choices=DATA_TYPES, flag="--data-type", short="-t"),
+    ),
+    data_types=DATA_TYPES,
+    export_formats=("ufvideo", "hf"),
+    deployments=(
+        Deployment("default", "default", "gpu", 8, "UFVideo's PixRQA, PixHQA and PixTRQA construction on GPU workers.", 4),
+        Deployment("tiny", "tiny", "cpu", 4, "The UFVideo flow with random tiny models on CPU; outputs are meaningless."),
+    ),
+    funnel=("ufvideo_annotator",),
+    # from a dataset the engine wrote: the masklets of its object QA (UFVideo built PixRQA and PixHQA from
+    # VideoRefer-700K's)
+    engine_samples=EngineSamples(data_types=("object_qa",)),
+)
 
 
 def roles(config: EngineConfig, **_: Any) -> dict[str, str]:

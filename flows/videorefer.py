@@ -43,33 +43,13 @@ from engine.models.interfaces import ChatVideo
 from engine.runner import FunctionPass, Outputs, Pipeline, VideoContext
 from engine.stats import Stats
 from engine.storage import Dataset
+from flows.pipelines import funnel, item_window
 from flows.registry import Deployment, Option, PipelineSpec
 from flows.source_objects import keyed_rejection, source_masklets
 from schemas import MaskletRecord, Review, SampleRecord, Turn, Window, WorkItem
 
 NAME = "videorefer"
 DATA_TYPES = ("detailed_caption", "short_caption", "object_qa")
-SPEC = PipelineSpec(
-    name=NAME,
-    flow="build-videorefer-700k",
-    entrypoint="build_videorefer_flow",
-    summary="VideoRefer's multi-agent engine (§3.1: Analyzer, Annotator, Segmentor, Reviewer, Refiner) over caption "
-    "manifests (detailed and short captions) and mask datasets in the MeViS or Ref-YouTube-VOS layout (object-level QA).",
-    roles={"llm": "chat", "vlm": "chat", "region_captioner": "chat", "refiner": "chat", "detector": "detector",
-           "box_segmenter": "box_segmenter", "tracker": "tracker"},
-    options=(
-        Option("data_types", str, DATA_TYPES, "Data types to make, repeatable; default: all three.", repeatable=True,
-               choices=DATA_TYPES, flag="--data-type", short="-t"),
-    ),
-    data_types=DATA_TYPES,
-    export_formats=("videorefer", "hf"),
-    deployments=(
-        Deployment("default", "default", "gpu", 8, "VideoRefer's multi-agent engine (Analyzer, Annotator, Segmentor, "
-                   "Reviewer, Refiner) on GPU workers.", 4),
-        Deployment("tiny", "tiny", "cpu", 4, "The VideoRefer flow with random tiny models on CPU; outputs are meaningless."),
-    ),
-    funnel=("analyzer", "annotator", "segmentor", "reviewer", "refiner"),
-)
 # Faults of the model server, not of an item: never retried item by item (the orchestrator retries the batch).
 REVIEWER_DROP_CODES = (INVALID_JUDGE, "empty_mask", "empty_region_caption")  # see agents/reviewer.py
 
@@ -109,6 +89,29 @@ SETTINGS = {
     "videorefer": VideoReferConfig,
 }
 
+SPEC = PipelineSpec(
+    name=NAME,
+    flow="build-videorefer-700k",
+    entrypoint="build_videorefer_flow",
+    summary="VideoRefer's multi-agent engine (§3.1: Analyzer, Annotator, Segmentor, Reviewer, Refiner) over caption "
+    "manifests (detailed and short captions) and mask datasets in the MeViS or Ref-YouTube-VOS layout (object-level QA).",
+    roles={"llm": "chat", "vlm": "chat", "region_captioner": "chat", "refiner": "chat", "detector": "detector",
+           "box_segmenter": "box_segmenter", "tracker": "tracker"},
+    settings=SETTINGS,
+    options=(
+        Option("data_types", str, DATA_TYPES, "Data types to make, repeatable; default: all three.", repeatable=True,
+               choices=DATA_TYPES, flag="--data-type", short="-t"),
+    ),
+    data_types=DATA_TYPES,
+    export_formats=("videorefer", "hf"),
+    deployments=(
+        Deployment("default", "default", "gpu", 8, "VideoRefer's multi-agent engine (Analyzer, Annotator, Segmentor, "
+                   "Reviewer, Refiner) on GPU workers.", 4),
+        Deployment("tiny", "tiny", "cpu", 4, "The VideoRefer flow with random tiny models on CPU; outputs are meaningless."),
+    ),
+    funnel=("analyzer", "annotator", "segmentor", "reviewer", "refiner"),
+)
+
 
 def roles(config: EngineConfig, **_: Any) -> dict[str, str]:
     return {
@@ -131,14 +134,6 @@ def check_data_types(data_types: Sequence[str]) -> None:
     unknown = sorted(set(data_types) - set(DATA_TYPES))
     if unknown or not data_types:
         raise ValueError(f"data types must be among {', '.join(DATA_TYPES)}; got {list(data_types)}")
-
-
-def funnel(stats: Stats, agent: str, n_in: int, n_out: int, dropped: Counter | None = None) -> None:
-    """Items in and out of an agent and why the others left (printed at the end of a run)."""
-    stats.count(f"funnel.{agent}.in", n_in)
-    stats.count(f"funnel.{agent}.out", n_out)
-    for reason, n in (dropped or {}).items():
-        stats.count(f"funnel.{agent}.dropped.{reason}", n)
 
 
 @dataclass
@@ -596,19 +591,6 @@ class RefinerStage:
 
 def work_frames(ctx: VideoContext) -> list[int]:
     return _work(ctx).frames_shown
-
-
-def item_window(ctx: VideoContext, decoded: DecodeResult) -> Window | None:
-    """The frames and times the item covers where it is a window of its video (a caption manifest row with
-    start/end, such as Panda-70M's clips), counted from the file's first frame; None for a whole video."""
-    if ctx.item.start_s is None and ctx.item.end_s is None:
-        return None
-    return Window(
-        start_frame=decoded.first_index,
-        end_frame=decoded.frames_decoded,
-        start_s=round(decoded.first_time, 6),
-        end_s=round(decoded.end_time, 6),
-    )
 
 
 def _with_region_tokens(text: str, objects: list[list[MaskletRecord]]) -> tuple[str, list[MaskletRecord]]:

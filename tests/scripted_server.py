@@ -75,7 +75,7 @@ class ScriptedServer:
 
 
 def scripted_config(path: Path, base_url: str, *, chat_roles: tuple[str, ...], settings: dict | None = None) -> Path:
-    """A config file with a `scripted` profile: the bundled tiny profile's vision models (SAM 2 at 128 px) and
+    """A config file with a `scripted` profile: the bundled tiny profile's vision models (at 128 px) and
     its pipeline settings (merged with `settings`), and every role of `chat_roles` on the server at
     `base_url`."""
     from engine.config import raw_config
@@ -86,7 +86,8 @@ def scripted_config(path: Path, base_url: str, *, chat_roles: tuple[str, ...], s
     # SAM 2 at 128 px, the box segmenter in float32 (its bfloat16 default is several times slower on a CPU):
     # tracking is most of a tiny run's time
     profile["tracker"] = {**tiny["tracker"], "options": {"image_size": 128}}
-    profile["box_segmenter"] = {**tiny["box_segmenter"], "options": {"dtype": "float32", "image_size": 128}}
+    segmenter_size = {"image_size": 128} if tiny["box_segmenter"]["backend"] == "sam2-image" else {}  # HQ-SAM tiny: 128
+    profile["box_segmenter"] = {**tiny["box_segmenter"], "options": {"dtype": "float32", **segmenter_size}}
     chat = {"backend": "openai", "model": "scripted", "options": {"base_url": base_url, "max_retries": 0}}
     profile.update({role: chat for role in chat_roles})
     merged = dict(bundled["profile_pipeline"]["tiny"])

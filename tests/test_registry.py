@@ -16,27 +16,74 @@ NOT_PIPELINES = {("refresh-dataset", "nightly"), ("pipeline-shard", "gpu")}  # f
 
 
 def _yaml_deployments() -> dict[tuple[str, str], dict]:
-    """(flow name, deployment name) -> the prefect.yaml entry."""
+    """(flow name, deployment name) -> the prefect.yaml entry; no (flow, name) twice."""
     import flows.prefect_flows as prefect_flows
 
     out = {}
     for entry in yaml.safe_load((ROOT / "prefect.yaml").read_text())["deployments"]:
         path, _, attr = entry["entrypoint"].partition(":")
         assert path == "flows/prefect_flows.py", entry["entrypoint"]
-        out[(getattr(prefect_flows, attr).name, entry["name"])] = entry
+        key = (getattr(prefect_flows, attr).name, entry["name"])
+        assert key not in out, f"prefect.yaml declares {'/'.join(key)} twice"
+        out[key] = entry
     return out
 
 
 def test_prefect_yaml_holds_exactly_the_registrys_deployments():
     entries = _yaml_deployments()
-    expected = {(spec.flow, d.name): (spec, d) for spec in registry.specs() for d in spec.deployments}
+    expected = {(spec.flow, d.name): (spec, d) for spec in registry.specs() for d in spec.all_deployments}
     assert set(entries) - NOT_PIPELINES == set(expected)
     for key, (spec, d) in expected.items():
         entry = entries[key]
         assert entry["entrypoint"] == f"flows/prefect_flows.py:{spec.entrypoint}"
-        assert entry["parameters"] == {"profile": d.profile, "batch_size": d.batch_size}, key
+        assert entry["parameters"] == d.parameters, key
         assert entry["work_pool"]["name"] == d.pool and entry.get("concurrency_limit") == d.concurrency_limit, key
         assert entry["description"] == d.description, key
+
+
+def test_runner_deployment_parents_take_no_gpu_slot_and_the_shard_deployment_is_runner_settings():
+    """A run with runner deployment starts from a cpu-pool deployment (its parent must not hold the slot of a GPU
+    worker its shards wait for), and its shards go to the one deployment RunnerSettings names, on the gpu pool."""
+    import flows.prefect_flows as prefect_flows
+    from flows.runners import RunnerSettings
+
+    entries = _yaml_deployments()
+    shard_flow, shard_name = RunnerSettings().shard_deployment.split("/")
+    shard = entries[(shard_flow, shard_name)]
+    assert shard_flow == prefect_flows.pipeline_shard_flow.name
+    assert shard["entrypoint"] == "flows/prefect_flows.py:pipeline_shard_flow" and shard["work_pool"]["name"] == "gpu"
+    sharded = [(spec.flow, d) for spec in registry.specs() for d in spec.all_deployments if d.runner == "deployment"]
+    assert {flow for flow, _ in sharded} == {spec.flow for spec in registry.specs()}  # every pipeline has one
+    for flow, d in sharded:
+        assert d.pool != shard["work_pool"]["name"], (flow, d.name)
+        assert entries[(flow, d.name)]["parameters"]["runner"] == "deployment"
+
+
+def test_settings_formats_and_engine_samples_are_declared_in_the_specs():
+    """Every module's settings sections are its SPEC's; every declared export format has an exporter and every
+    exporter a pipeline that declares it; the default format is one declared; what a pipeline reads of an engine
+    dataset names pipelines and data types that exist."""
+    from engine.export import FORMAT_HELP, FORMATS
+    from flows.cli import ExportFormat, export
+    from flows.pipelines import settings_sections
+
+    for spec in registry.specs():
+        module = registry.module(spec.name)
+        assert spec.settings and spec.settings == getattr(module, "SETTINGS", spec.settings), spec.name
+        assert set(spec.settings) <= set(settings_sections())
+    declared = registry.export_formats()
+    assert set(declared) == set(FORMATS) == set(FORMAT_HELP)
+    assert {f.value for f in ExportFormat} == set(declared)
+    import inspect
+
+    default = inspect.signature(export).parameters["fmt"].default
+    assert default.value == registry.default_export_format() == registry.specs()[0].export_formats[0]
+    data_types = {t for spec in registry.specs() for t in spec.data_types}
+    for spec in registry.specs():
+        if spec.engine_samples is None:
+            continue
+        assert spec.engine_samples.pipeline in (None, *(s.name for s in registry.specs())), spec.name
+        assert set(spec.engine_samples.data_types or ()) <= data_types, spec.name
 
 
 def test_every_pipeline_has_its_flow_command_and_roles():

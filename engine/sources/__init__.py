@@ -14,7 +14,7 @@ from typing import Iterator
 from engine.errors import BadInputError
 from engine.probe import list_frame_images, natural_key, one_line
 from engine.sources.a2d_sentences import is_a2d_sentences, read_a2d_sentences
-from engine.sources.engine_dataset import is_engine_dataset, read_engine_dataset
+from engine.sources.engine_dataset import EngineSamples, is_engine_dataset, read_engine_dataset
 from engine.sources.lvvis import LVVIS_FPS, lvvis_splits, read_lvvis
 from engine.sources.manifest import MANIFEST_SUFFIXES, read_manifest
 from engine.sources.mevis import MEVIS_FPS, mevis_split, read_mevis
@@ -26,7 +26,7 @@ from engine.sources.vidstg import read_vidstg, vidstg_splits
 from schemas.records import WorkItem
 
 __all__ = [
-    "describe_sources", "open_source", "read_a2d_sentences", "read_engine_dataset", "read_lvvis", "read_manifest",
+    "EngineSamples", "describe_sources", "open_source", "read_a2d_sentences", "read_engine_dataset", "read_lvvis", "read_manifest",
     "read_mevis", "read_objects", "read_ref_youtube_vos", "read_revos", "read_sav", "read_vidstg",
 ]
 
@@ -43,22 +43,25 @@ _ACCEPTED = (
 )
 
 
-def open_source(spec: str, *, frame_rate: float | None = None, split: str | None = None) -> Iterator[WorkItem]:
+def open_source(
+    spec: str, *, frame_rate: float | None = None, split: str | None = None, engine_samples: EngineSamples | None = None
+) -> Iterator[WorkItem]:
     """WorkItems from `spec`: a manifest file, a MeViS or Ref-YouTube-VOS release (its root and a `split`, or
     one split folder), a video file or URL, or a folder of frames. `frame_rate` is required for a folder of
-    frames and overrides the datasets' defaults (MeViS and Ref-YouTube-VOS: 6 fps).
+    frames and overrides the datasets' defaults (MeViS and Ref-YouTube-VOS: 6 fps). `engine_samples`: which kept
+    samples of a dataset the engine wrote give its objects (default: every pipeline's).
 
     What `spec` is, and whether it can be read, is checked now with a one-line BadInputError, so every source
     of a run can be checked before any work starts; a bad row or video inside it raises when it is reached."""
     if frame_rate is not None and not (math.isfinite(frame_rate) and frame_rate > 0):
         raise BadInputError(f"frame rate must be a positive number of frames per second, got {frame_rate}")
     try:
-        return _open(spec, frame_rate, split)
+        return _open(spec, frame_rate, split, engine_samples)
     except OSError as exc:  # an unreadable folder or file (permissions, a broken mount)
         raise BadInputError(f"{spec} cannot be read: {one_line(exc)}") from exc
 
 
-def _open(spec: str, frame_rate: float | None, split: str | None) -> Iterator[WorkItem]:
+def _open(spec: str, frame_rate: float | None, split: str | None, engine_samples: EngineSamples | None) -> Iterator[WorkItem]:
     lower = spec.lower()
     if lower.endswith(".jsonl") and is_objects_jsonl(Path(spec)):
         _no_splits(spec, split)
@@ -93,7 +96,7 @@ def _open(spec: str, frame_rate: float | None, split: str | None) -> Iterator[Wo
         return read_a2d_sentences(path, split=split)
     _no_splits(spec, split)
     if is_engine_dataset(path):
-        return read_engine_dataset(path)
+        return read_engine_dataset(path, samples=engine_samples)
     if (path / OBJECTS_FILE).is_file():
         return read_objects(path, frame_rate=frame_rate)
     if sav_annotations(path):
@@ -139,7 +142,8 @@ def describe_sources() -> str:
         "every 4th frame, its captions as expressions); an A2D-Sentences root (Release/clips320H/, "
         "Release/videoset.csv, text_annotations/; split train or test); an objects JSONL (one object per line: "
         "video, object_id, masks or boxes by frame index, optional expression and category), or a folder with "
-        f"{OBJECTS_FILE}; or a dataset the engine wrote (the masklets its kept videorefer object_qa samples name). "
+        f"{OBJECTS_FILE}; or a dataset the engine wrote (the masklets its kept samples name; a pipeline may read only some pipelines' "
+        "or data types' samples, as UFVideo reads the object QA). "
         "The datasets bring their objects' masks (or boxes) and referring expressions, annotations that cannot "
         "be used travel with their item as problems; a manifest brings captions and time windows."
     )

@@ -1,5 +1,6 @@
-"""The engine's own output as a source: the masklets that kept samples name, back as objects of their video (UFVideo
-builds from VideoRefer-700K's object QA this way).
+"""The engine's own output as a source: the masklets that kept samples name, back as objects of their video. Every
+pipeline's kept samples count, unless the reading pipeline declares which (`EngineSamples`: UFVideo reads the object
+QA, as it built from VideoRefer-700K's).
 
 A dataset folder written by the engine (its `items` table marks it). Rows are streamed: a first pass over
 `samples` collects the masklet ids to read, a second over `masklets` puts those masklets into a temporary SQLite
@@ -12,6 +13,7 @@ import json
 import math
 import sqlite3
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -23,23 +25,35 @@ from schemas.records import Rle, SourceExpression, SourceObject, WorkItem
 _VIDEO_COLUMNS = ["video_id", "source", "start_s", "end_s", "fps", "num_frames", "width", "height", "codec"]
 
 
+@dataclass(frozen=True)
+class EngineSamples:
+    """Which kept samples of a dataset the engine wrote name the masklets read back: those of `pipeline` and of
+    `data_types` (None: any). A pipeline's spec declares it; the default reads every pipeline's."""
+
+    pipeline: str | None = None
+    data_types: tuple[str, ...] | None = None
+
+
 def is_engine_dataset(path: Path) -> bool:
     return (path / "items" / "_delta_log").is_dir()
 
 
 def read_engine_dataset(
-    path: str | Path, *, pipeline: str = "videorefer", data_types: tuple[str, ...] | None = ("object_qa",),
-    version: int | None = None,
+    path: str | Path, *, samples: EngineSamples | None = None, version: int | None = None
 ) -> Iterator[WorkItem]:
-    """One WorkItem per video (its source and window, from its `videos` row) whose kept samples of `pipeline` and
-    `data_types` (None: any) name masklets: one object per masklet (object_id = masklet_id, masks at frame_index
-    less the window's first frame, at the video's size) and one expression per masklet. A mask outside the
-    window is a problem of its item."""
+    """One WorkItem per video (its source and window, from its `videos` row) whose kept samples (of the pipeline
+    and data types `samples` names; default: every pipeline's) name masklets: one object per masklet (object_id =
+    masklet_id, masks at frame_index less the window's first frame, at the video's size) and one expression per
+    masklet. A mask outside the window is a problem of its item."""
+    samples = samples or EngineSamples()
     dataset = Dataset(str(path))
-    return _items(dataset, pipeline, data_types, dataset.reading(version))  # default: the latest published version
+    # default: the latest published version
+    return _items(dataset, samples.pipeline, samples.data_types, dataset.reading(version))
 
 
-def _items(dataset: Dataset, pipeline: str, data_types: tuple[str, ...] | None, version: int | None) -> Iterator[WorkItem]:
+def _items(
+    dataset: Dataset, pipeline: str | None, data_types: tuple[str, ...] | None, version: int | None
+) -> Iterator[WorkItem]:
     import pyarrow.compute as pc
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -51,7 +65,9 @@ def _items(dataset: Dataset, pipeline: str, data_types: tuple[str, ...] | None, 
         )
         columns = ["masklet_ids", "kept", "pipeline", "data_type"]
         for batch in dataset.scan("samples", columns, version=version):
-            keep = pc.and_(batch.column("kept"), pc.equal(batch.column("pipeline"), pipeline))
+            keep = batch.column("kept")
+            if pipeline is not None:
+                keep = pc.and_(keep, pc.equal(batch.column("pipeline"), pipeline))
             if data_types is not None:
                 keep = pc.and_(keep, pc.is_in(batch.column("data_type"), value_set=_strings(data_types)))
             ids = pc.list_flatten(batch.column("masklet_ids").filter(keep)).to_pylist()
