@@ -34,11 +34,18 @@ ENTITIES = ["square:box"]
 
 
 def make_videos(folder: Path, n: int) -> Path:
+    """`n` one-second videos (4 frames at 4 fps), each with its own background: distinct contents."""
     from tests import synthetic
 
     folder.mkdir(parents=True, exist_ok=True)
-    for i in range(n):  # distinct lengths: distinct contents
-        synthetic.short_video(folder / f"{i:04d}.mp4", seconds=1.0 + 0.05 * i, fps=4)
+    for i in range(n):
+        background = (40 + i % 200, 180 - (7 * i) % 150, 60 + (13 * i) % 190)
+        synthetic.make_video(
+            folder / f"{i:04d}.mp4", width=96, height=64, fps=4, num_frames=4,
+            scenes=[synthetic.SceneSpec(0, background)],
+            shapes=[synthetic.ShapeSpec("square", "box", (230, 30, 200), "rect", (12, 12),
+                                        synthetic._linear((10, 32), (86, 32), 4))],
+        )
     return folder
 
 

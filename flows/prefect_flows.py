@@ -60,7 +60,7 @@ def run_batch(
 
     stats = Stats()
     engine_config = EngineConfig.model_validate(config)
-    writer = shared_writer(Dataset(out), run_id)
+    writer = shared_writer(Dataset(out), run_id, **runners.settings(engine_config.section("orchestration"), None).flush)
 
     def run(todo: list[WorkItem]) -> list[Any]:
         return run_items(
@@ -132,7 +132,7 @@ def run_pipeline(
     dataset = Dataset(out)
     run_hash, variant = run_identity(pipeline, config, options)
     planner = Planner(dataset, pipeline=pipeline, variant=variant, run_hash=run_hash, force=force)
-    writer = shared_writer(dataset, run_id)
+    writer = shared_writer(dataset, run_id, **orchestration.flush)
     spec = registry.spec(pipeline)
     items = iter_items(sources, limit=limit, frame_rate=frame_rate, split=split, videos=spec.sources_are_videos,
                        engine_samples=spec.engine_samples)

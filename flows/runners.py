@@ -42,15 +42,26 @@ class RunnerSettings:
     max_shards_in_flight: int = 8
     shard_deployment: str = "pipeline-shard/gpu"
     shard_start_warning_s: float = 300  # the parent warns when no shard has started this long after the first
+    # A process's writer commits when its buffer holds `flush_mb` of Arrow data (its memory bound; zstd Parquet on
+    # disk is several times smaller) or its oldest item is `flush_minutes` old (what a crash can lose).
+    flush_mb: float = 256
+    flush_minutes: float = 10
 
     def __post_init__(self) -> None:
         if self.runner not in RUNNERS:
             raise ValueError(f"runner must be one of {', '.join(RUNNERS)}, got {self.runner!r}")
         if self.shard_size < 1 or self.max_shards_in_flight < 1 or self.shard_start_warning_s < 0:
             raise ValueError("shard_size and max_shards_in_flight must be >= 1, shard_start_warning_s >= 0")
+        if not self.flush_mb > 0 or not self.flush_minutes > 0:
+            raise ValueError(f"flush_mb and flush_minutes must be > 0, got {self.flush_mb}, {self.flush_minutes}")
         gpus = self.ray_gpus_per_batch
         if gpus != "auto" and (isinstance(gpus, (str, bool)) or not isinstance(gpus, (int, float)) or gpus < 0):
             raise ValueError(f"ray_gpus_per_batch must be auto or a number >= 0, got {gpus!r}")
+
+    @property
+    def flush(self) -> dict[str, float]:
+        """The writer's flush settings (`shared_writer(..., **flush)`)."""
+        return {"flush_mb": self.flush_mb, "flush_minutes": self.flush_minutes}
 
 
 def settings(section: dict[str, Any], runner: str | None) -> RunnerSettings:

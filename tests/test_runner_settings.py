@@ -180,3 +180,11 @@ def test_a_run_records_its_split(tmp_path):
     assert run_settings("sama", config, {}, sources=["/data/mevis"], split="valid_u").split == "valid_u"
     assert run_settings("sama", config, {}, sources=["/data/mevis"]).split is None
     assert json.loads(run_settings("sama", config, {}, sources=["x"]).model_dump_json())["split"] is None
+
+
+def test_flush_settings_come_from_the_orchestration_section():
+    settings = runners.settings
+    assert settings({"flush_mb": 64, "flush_minutes": 2}, None).flush == {"flush_mb": 64, "flush_minutes": 2}
+    assert RunnerSettings().flush == {"flush_mb": 256, "flush_minutes": 10}
+    with pytest.raises(ConfigError, match="flush_mb and flush_minutes must be > 0"):
+        settings({"flush_minutes": 0}, None)
