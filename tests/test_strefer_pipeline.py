@@ -598,7 +598,7 @@ def test_export_writes_strefer_json(built, video, tmp_path):
     unique = {json.dumps({k: v for k, v in e.items() if k != "id"}, sort_keys=True) for e in entries}
     assert len(unique) == len(entries)  # no entry twice, word for word
     for entry, sample in zip(entries, samples):  # every sample, in the table's order
-        assert set(entry) - {"start", "end"} == {"id", "video", "conversations", "annotation", "height", "width"}
+        assert set(entry) - {"start", "end"} == {"id", "video", "conversations", "annotation", "height", "width", "refers_to"}
         if sample.window is not None:  # a clip's sample says which seconds of the video it is about
             assert (entry["start"], entry["end"]) == pytest.approx((sample.window.start_s, sample.window.end_s))
         assert entry["id"] == sample.sample_id

@@ -494,7 +494,7 @@ def test_export_writes_videorefer_json(built, mevis, manifest, tmp_path):
     for name in files:
         entries = json.loads((tmp_path / "json" / name).read_text())
         for entry in entries:
-            assert set(entry) == {"id", "video", "conversations", "annotation", "height", "width"}
+            assert set(entry) == {"id", "video", "conversations", "annotation", "height", "width", "refers_to"}
             sample = samples[entry["id"]]
             seen.add(entry["id"])
             assert sample.kept and f"{sample.data_type}.json" == name
