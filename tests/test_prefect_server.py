@@ -162,8 +162,9 @@ def _check_refresh(tmp: Path, params: dict[str, Any]) -> None:
 
 
 def _videorefer_shards_params(tmp: Path) -> dict[str, Any]:
-    """Four captions, one shard each (`orchestration.shard_size: 1`), run as child flow runs of
-    pipeline-shard/gpu on the GPU pool's two workers."""
+    """Four captions, one shard each (`orchestration.shard_size: 1`), run from the `shards` deployment (its
+    parent on the cpu pool, runner deployment) as child flow runs of pipeline-shard/gpu on the GPU pool's two
+    workers; the tiny models."""
     videos = [tmp / f"clip{i}.mp4" for i in range(2)]
     for i, video in enumerate(videos):
         synthetic.short_video(video, seconds=1.5 + 0.5 * i, fps=4)
@@ -172,13 +173,17 @@ def _videorefer_shards_params(tmp: Path) -> dict[str, Any]:
     manifest.write_text("".join(json.dumps(r) + "\n" for r in rows))
     config = tmp / "shards.yaml"
     config.write_text("pipeline:\n  orchestration:\n    shard_size: 1\n")
-    return {"source": str(manifest), "out": str(tmp / "dataset"), "runner": "deployment", "config_file": str(config),
-            "data_types": ["short_caption"]}
+    return {"source": str(manifest), "out": str(tmp / "dataset"), "profile": "tiny", "batch_size": 4,
+            "config_file": str(config), "data_types": ["short_caption"]}
 
 
 def _check_videorefer_shards(tmp: Path, params: dict[str, Any], stack: "PrefectStack") -> None:
     from engine.storage import Dataset
 
+    parent = stack.request("GET", "/deployments/name/build-videorefer-700k/shards")
+    parents = stack.request("POST", "/flow_runs/filter", {"flow_runs": {"deployment_id": {"any_": [parent["id"]]}}})
+    assert [p["work_pool_name"] for p in parents] == ["cpu"]  # the parent held no GPU worker's slot
+    assert parent["parameters"]["runner"] == "deployment"
     shard = stack.request("GET", "/deployments/name/pipeline-shard/gpu")
     runs = stack.request("POST", "/flow_runs/filter", {"flow_runs": {"deployment_id": {"any_": [shard["id"]]}}})
     done = [r["id"] for r in runs if r["state_type"] == "COMPLETED"]
@@ -228,7 +233,7 @@ DEPLOYMENTS = [
     DeploymentCase("build-sama/tiny", _mevis_params, _check_annotated("sama_annotator", 2)),
     DeploymentCase("build-ufvideo/tiny", _mevis_params, _check_annotated("ufvideo_annotator", 3)),
     DeploymentCase("refresh-dataset/nightly", _refresh_params, _check_refresh),
-    DeploymentCase("build-videorefer-700k/tiny", _videorefer_shards_params, _check_videorefer_shards, needs_stack=True),
+    DeploymentCase("build-videorefer-700k/shards", _videorefer_shards_params, _check_videorefer_shards, needs_stack=True),
 ]
 
 
@@ -391,7 +396,7 @@ def prefect_stack(tmp_path_factory) -> Iterator[PrefectStack]:
         # prefect.yaml deploys to pools `gpu` and `cpu`; `deploy --all` needs both. No worker polls `gpu` here.
         for pool in ("cpu", "gpu"):
             stack.cli("work-pool", "create", pool, "--type", "process")
-        stack.cli("deploy", "--all")
+        stack.cli("deploy", "--all", timeout=300)  # about 20 deployments, each its own API round trips
         # the calls that answered 422 with fastapi>=0.151
         pools = stack.cli("work-pool", "ls")
         assert "cpu" in pools and "gpu" in pools, pools
