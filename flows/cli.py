@@ -594,18 +594,27 @@ def _dataset_show(path, only, n, version) -> None:
 
 
 @dataset_app.command("versions")
-def dataset_versions(path: Annotated[str, typer.Argument(help="Dataset folder or URL.")]) -> None:
-    """Every published version: when, what ran (pipeline, kind) and what it did (items per status)."""
-    _run_guarded(_dataset_versions, path)
+def dataset_versions(
+    path: Annotated[str, typer.Argument(help="Dataset folder or URL.")],
+    version: Annotated[
+        Optional[int], typer.Option("--version", "-V", help="Show this version's run: its counters and each agent's funnel.")
+    ] = None,
+) -> None:
+    """Every published version: when, what ran (pipeline, kind) and what it did (items per status); with
+    --version, that run's counters and funnel, kept with its version."""
+    _run_guarded(_dataset_versions, path, version)
 
 
-def _dataset_versions(path) -> None:
+def _dataset_versions(path, number: int | None = None) -> None:
     from rich.table import Table
 
     from engine.storage import Dataset
 
     dataset = Dataset(path)
     dataset.require()
+    if number is not None:
+        _version_run(dataset, number)
+        return
     table = Table("version", "published", "kind", "pipelines", "items")
     for v in dataset.versions():
         pipelines = ", ".join(sorted({s.pipeline for s in v.record.settings})) or "-"
@@ -615,6 +624,32 @@ def _dataset_versions(path) -> None:
         console.print("no published version yet")
         return
     console.print(table)
+
+
+def _version_run(dataset: Any, number: int) -> None:
+    """One version's run: what it did per status, its counters, and each recorded pipeline's funnel."""
+    import json
+
+    from rich.table import Table
+
+    from flows import registry
+
+    found = next((v for v in dataset.versions() if v.number == number), None)
+    if found is None:
+        dataset.table_versions(number)  # the one-line error that names the published versions
+    record = found.record
+    counters = json.loads(record.stats or "{}").get("counters", {})
+    console.print(f"version {number}: {record.kind}, published {record.published_at[:19]}; items "
+                  + (", ".join(f"{k} {c}" for k, c in sorted(record.counts.items()) if c) or "-"))
+    table = Table("counter", "value")
+    for name, value in sorted(counters.items()):
+        if not name.startswith(("funnel.", "samples.")):
+            table.add_row(name, str(value))
+    if table.row_count:
+        console.print(table)
+    known = {spec.name: spec for spec in registry.specs()}
+    for pipeline in sorted({s.pipeline for s in record.settings}):
+        _print_funnel(counters, known[pipeline].funnel if pipeline in known else ())
 
 
 @dataset_app.command("diff")

@@ -75,6 +75,10 @@ def test_versions_diff_show_audit_and_compact(tmp_path):
     ds, folder = _dataset(tmp_path)
     out = runner.invoke(app, ["dataset", "versions", ds.url])
     assert out.exit_code == 0 and out.output.count("fake") == 2 and "done 2" in out.output
+    out = runner.invoke(app, ["dataset", "versions", ds.url, "--version", "1"])  # that run's counters, kept
+    assert out.exit_code == 0 and "version 1: run" in out.output and _cells(out.output)["items_done"][1] == "2", out.output
+    out = runner.invoke(app, ["dataset", "versions", ds.url, "--version", "9"])
+    assert out.exit_code == 2 and "no version 9" in out.output
     out = runner.invoke(app, ["dataset", "diff", ds.url, "1", "2"])
     assert out.exit_code == 0, out.output
     lines = _cells(out.output)
