@@ -42,9 +42,9 @@ def audit(
     for s in settings:
         rate = frame_rate if frame_rate is not None else s.frame_rate
         # a pipeline this engine does not know (a dataset written by another version) reads sources the default way
-        known = {spec.name: spec for spec in registry.specs()}.get(s.pipeline)
+        spec = registry.known(s.pipeline)
         read = iter_items(sources, frame_rate=rate, split=split if split is not None else s.split,
-                          videos=s.sources_are_videos, engine_samples=known.engine_samples if known else None)
+                          videos=s.sources_are_videos, engine_samples=spec.engine_samples if spec else None)
         for batch in chunked(read, chunk):
             report.inputs += len(batch)
             ids = [item_id(s.pipeline, i, s.variant) for i in batch]

@@ -647,9 +647,9 @@ def _version_run(dataset: Any, number: int) -> None:
             table.add_row(name, str(value))
     if table.row_count:
         console.print(table)
-    known = {spec.name: spec for spec in registry.specs()}
     for pipeline in sorted({s.pipeline for s in record.settings}):
-        _print_funnel(counters, known[pipeline].funnel if pipeline in known else ())
+        spec = registry.known(pipeline)
+        _print_funnel(counters, spec.funnel if spec else ())
 
 
 @dataset_app.command("diff")

@@ -118,6 +118,12 @@ def spec(name: str) -> PipelineSpec:
     return loaded[name][0]
 
 
+def known(name: str) -> PipelineSpec | None:
+    """The spec of a pipeline, or None for one this engine does not know (a dataset another version wrote)."""
+    loaded = _loaded().get(name)
+    return loaded[0] if loaded else None
+
+
 def module(name: str) -> ModuleType:
     spec(name)
     return _loaded()[name][1]

@@ -326,6 +326,21 @@ def test_each_instance_of_a_counted_plural_follows_its_own_person(tmp_path):
     assert stats.counters["funnel.segmentor.out"] == 2 and stats.counters["funnel.annotator.out"] == 2
 
 
+def _detailed_run_of_one_red_person(tmp_path, answer, tracker) -> Dataset:
+    """The detailed-caption path over tmp_path/m.jsonl, every chat role answered by `answer`, a detector that
+    sees one red person; the item must finish (its rejections are the test's)."""
+    chat = FakeChat(fn=answer)
+    backends = {"llm": chat, "vlm": chat, "region_captioner": chat, "refiner": chat,
+                "box_segmenter": FakeColorBoxSegmenter(), "detector": FakeColorDetector({"person": [RED]}),
+                "tracker": tracker}
+    dataset, stats = Dataset(str(tmp_path / "ds")), Stats()
+    pipeline = videorefer.build(load_config("tiny"), backends, stats=stats, dataset=dataset,
+                                data_types=["detailed_caption"])
+    (outcome,) = Runner(pipeline, dataset, stats=stats).run(read_manifest(str(tmp_path / "m.jsonl")))
+    assert outcome.status == "done", outcome.detail
+    return dataset
+
+
 class _LosesEverything(FakeColorTracker):
     """Fake tracker that follows no prompted object on any frame (the color it looks for is nowhere)."""
 
@@ -347,15 +362,7 @@ def test_a_track_with_no_mask_on_any_frame_is_rejected_not_a_masklet(tmp_path):
             return json.dumps({"moves_or_acts": True, "description": "The person walks."})
         return "The person wears red." if kind == "static" else fake_answer(request)
 
-    chat = FakeChat(fn=answer)
-    backends = {"llm": chat, "vlm": chat, "region_captioner": chat, "refiner": chat,
-                "box_segmenter": FakeColorBoxSegmenter(), "detector": FakeColorDetector({"person": [RED]}),
-                "tracker": _LosesEverything(image_size=160)}
-    dataset, stats = Dataset(str(tmp_path / "ds")), Stats()
-    pipeline = videorefer.build(load_config("tiny"), backends, stats=stats, dataset=dataset,
-                                data_types=["detailed_caption"])
-    (outcome,) = Runner(pipeline, dataset, stats=stats).run(read_manifest(str(tmp_path / "m.jsonl")))
-    assert outcome.status == "done"
+    dataset = _detailed_run_of_one_red_person(tmp_path, answer, _LosesEverything(image_size=160))
     (rejection,) = dataset.read_records("rejections")
     assert (rejection.stage, rejection.reason, rejection.expression) == ("segmentor", "empty_masklet", "person")
     assert dataset.read_table("masklets").num_rows == 0 and dataset.read_table("samples").num_rows == 0
@@ -365,15 +372,7 @@ def test_a_plural_without_the_boxes_it_counts_is_rejected(tmp_path):
     """The caption counts two people; the detector only ever sees one: no instance is made up or lost."""
     synthetic.entities_video(tmp_path / "a.mp4")
     (tmp_path / "m.jsonl").write_text(json.dumps({"video": "a.mp4", "caption": PEOPLE}) + "\n")
-    chat = FakeChat(fn=fake_answer)
-    backends = {"llm": chat, "vlm": chat, "region_captioner": chat, "refiner": chat,
-                "box_segmenter": FakeColorBoxSegmenter(), "detector": FakeColorDetector({"person": [RED]}),
-                "tracker": FakeColorTracker(image_size=160)}
-    dataset, stats = Dataset(str(tmp_path / "ds")), Stats()
-    pipeline = videorefer.build(load_config("tiny"), backends, stats=stats, dataset=dataset,
-                                data_types=["detailed_caption"])
-    (outcome,) = Runner(pipeline, dataset, stats=stats).run(read_manifest(str(tmp_path / "m.jsonl")))
-    assert outcome.status == "done"
+    dataset = _detailed_run_of_one_red_person(tmp_path, fake_answer, FakeColorTracker(image_size=160))
     (rejection,) = dataset.read_records("rejections")
     assert (rejection.stage, rejection.reason, rejection.expression) == ("segmentor", "missing_instances", "person")
     assert "counts 2 'person'" in rejection.detail and "at most 1" in rejection.detail
